@@ -1,0 +1,15 @@
+"""
+iddpm_fast: Improved Denoising Diffusion Probabilistic Models (Nichol &
+Dhariwal, ICLR 2021), a drop-in replacement for openai/improved-diffusion.
+
+Replace ``improved_diffusion`` by ``iddpm_fast`` in your imports: the modules
+(``gaussian_diffusion``, ``respace``, ``resample``, ``losses``, ``nn``,
+``unet``, ``script_util``, ``fp16_util``) keep their names, signatures and
+numbers. The math runs through :mod:`iddpm_fast.ops`, which picks a fused
+kernel when one is available and the pure-PyTorch spec
+(:mod:`iddpm_fast.reference`) otherwise.
+
+Importing the package changes no process-wide setting.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,169 @@
+"""
+Small neural-network building blocks shared by the UNet and the diffusion code.
+
+The numerics deliberately follow openai/improved-diffusion exactly (same ops in
+the same order, same dtypes) so that models and losses produce the same
+numbers as the reference implementation.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint as _torch_checkpoint
+
+_CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_AVG_POOL_CLASSES = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+
+
+def _pick_by_dims(table, dims, what):
+    try:
+        return table[dims]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"{what}: unsupported number of spatial dimensions {dims!r} "
+            f"(expected one of {sorted(table)})"
+        ) from None
+
+
+class SiLU(nn.Module):
+    """Sigmoid-weighted linear unit, computed as ``x * sigmoid(x)``.
+
+    Kept as an explicit product (rather than ``F.silu``) so the rounding is
+    the same as the reference implementation.
+    """
+
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm that always normalises in float32 and casts back."""
+
+    def forward(self, x):
+        out = super().forward(x.float())
+        return out.type(x.dtype)
+
+
+def conv_nd(dims, *args, **kwargs):
+    """Build an ``nn.ConvNd`` for ``dims`` in {1, 2, 3}."""
+    return _pick_by_dims(_CONV_CLASSES, dims, "conv_nd")(*args, **kwargs)
+
+
+def linear(*args, **kwargs):
+    """Build an ``nn.Linear``."""
+    return nn.Linear(*args, **kwargs)
+
+
+def avg_pool_nd(dims, *args, **kwargs):
+    """Build an ``nn.AvgPoolNd`` for ``dims`` in {1, 2, 3}."""
+    return _pick_by_dims(_AVG_POOL_CLASSES, dims, "avg_pool_nd")(*args, **kwargs)
+
+
+def update_ema(target_params, source_params, rate=0.99):
+    """In place: ``target = rate * target + (1 - rate) * source`` per pair.
+
+    ``rate`` close to 1 means the target moves slowly.
+    """
+    for target, source in zip(target_params, source_params):
+        target.detach().mul_(rate).add_(source, alpha=1 - rate)
+
+
+def zero_module(module):
+    """Set every parameter of ``module`` to zero; returns ``module``."""
+    for param in module.parameters():
+        param.detach().zero_()
+    return module
+
+
+def scale_module(module, scale):
+    """Multiply every parameter of ``module`` by ``scale``; returns ``module``."""
+    for param in module.parameters():
+        param.detach().mul_(scale)
+    return module
+
+
+def mean_flat(tensor):
+    """Mean over every dimension except the first (batch) one."""
+    return tensor.mean(dim=list(range(1, tensor.dim())))
+
+
+def normalization(channels):
+    """The standard normalisation layer: 32-group GroupNorm in float32."""
+    return GroupNorm32(32, channels)
+
+
+def timestep_embedding(timesteps, dim, max_period=10000):
+    """Sinusoidal embedding of a 1-D tensor of (possibly fractional) timesteps.
+
+    Returns an ``[N, dim]`` float32 tensor whose first half holds cosines and
+    second half sines of ``t * f_i`` with geometrically spaced frequencies
+    ``f_i = max_period ** (-i / half)``.  An odd ``dim`` gets a trailing zero
+    column.
+    """
+    half = dim // 2
+    # The frequencies are built on the CPU and then moved, exactly as the
+    # reference does, so the exp() rounding does not depend on the device.
+    exponent = -math.log(max_period) * torch.arange(0, half, dtype=torch.float32)
+    freqs = torch.exp(exponent / half).to(device=timesteps.device)
+    phases = timesteps[:, None].float() * freqs[None]
+    parts = [torch.cos(phases), torch.sin(phases)]
+    embedding = torch.cat(parts, dim=-1)
+    if dim % 2 == 1:
+        # Built from the batch size, so dim=1 gives [N, 1] (the reference's
+        # zeros_like(embedding[:, :1]) yielded an [N, 0] tensor there).
+        pad = embedding.new_zeros(embedding.shape[0], 1)
+        embedding = torch.cat([embedding, pad], dim=-1)
+    return embedding
+
+
+def checkpoint(func, inputs, params, flag):
+    """Call ``func(*inputs)``, optionally with gradient checkpointing.
+
+    When ``flag`` is true and autograd is recording, activations inside
+    ``func`` are not stored; they are recomputed during the backward pass.
+    ``params`` (the parameters ``func`` closes over) is accepted for
+    compatibility; PyTorch's non-reentrant checkpoint finds them on its own.
+    The RNG state is restored for the recomputation, so dropout masks in the
+    recomputed pass match the forward pass.
+    """
+    if flag and torch.is_grad_enabled():
+        return _torch_checkpoint.checkpoint(
+            func, *inputs, use_reentrant=False, preserve_rng_state=True
+        )
+    return func(*inputs)
+
+
+class CheckpointFunction(torch.autograd.Function):
+    """Legacy autograd function for manual activation checkpointing.
+
+    Usage: ``CheckpointFunction.apply(func, n_inputs, *inputs, *params)``.
+    Kept for code that imports it directly; :func:`checkpoint` itself relies
+    on ``torch.utils.checkpoint``.
+    """
+
+    @staticmethod
+    def forward(ctx, run_function, length, *args):
+        ctx.run_function = run_function
+        ctx.input_tensors = list(args[:length])
+        ctx.input_params = list(args[length:])
+        with torch.no_grad():
+            outputs = run_function(*ctx.input_tensors)
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *output_grads):
+        detached = [t.detach().requires_grad_(True) for t in ctx.input_tensors]
+        with torch.enable_grad():
+            # view_as gives fresh tensors, so an in-place first op in
+            # run_function does not touch the detached leaves' storage.
+            outputs = ctx.run_function(*[t.view_as(t) for t in detached])
+        grads = torch.autograd.grad(
+            outputs,
+            detached + ctx.input_params,
+            output_grads,
+            allow_unused=True,
+        )
+        ctx.input_tensors = None
+        ctx.input_params = None
+        return (None, None) + tuple(grads)

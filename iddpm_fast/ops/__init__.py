@@ -1,0 +1,239 @@
+"""
+The op seam: one function per fusable op.
+
+Every call site in the library goes through these functions. Each checks its
+inputs (shapes, dtypes, devices; never values, so no device sync), then runs
+the implementation chosen by :mod:`iddpm_fast.ops._backend` for the input's
+device: a Triton kernel, the C++ extension, or the pure-PyTorch twin in
+:mod:`iddpm_fast.reference`, which has the same signature and is the spec.
+
+Select with ``IDDPM_FAST_BACKEND=auto|triton|cpp|reference`` or
+``with iddpm_fast.ops.use_backend("reference"): ...``.
+"""
+
+from .. import reference as ref
+from . import _checks
+from ._backend import (
+    BACKENDS,
+    BackendUnavailableError,
+    declare,
+    declared_ops,
+    register,
+    registered_kinds,
+    requested_backend,
+    resolve,
+    resolve_name,
+    use_backend,
+)
+
+_DIFFUSION_KINDS = ("triton", "reference")
+_NORM_KINDS = ("cpp", "reference")
+
+_DIFFUSION_OPS = (
+    "q_sample",
+    "q_posterior_mean_variance",
+    "p_mean_variance",
+    "p_sample_step",
+    "ddim_step",
+    "discretized_gaussian_log_likelihood",
+    "discretized_gaussian_nll_bpd",
+    "vb_terms_bpd",
+    "training_loss",
+)
+_NORM_OPS = ("group_norm_silu", "group_norm_scale_shift_silu")
+
+for _name in _DIFFUSION_OPS:
+    declare(_name, _DIFFUSION_KINDS)
+    register(_name, "reference", getattr(ref, _name))
+for _name in _NORM_OPS:
+    declare(_name, _NORM_KINDS)
+    register(_name, "reference", getattr(ref, _name))
+
+
+def _types(model_mean_type=None, model_var_type=None, loss_type=None):
+    if model_mean_type is not None:
+        _checks.check_choice("model_mean_type", model_mean_type, ref.MEAN_TYPES)
+    if model_var_type is not None:
+        _checks.check_choice("model_var_type", model_var_type, ref.VAR_TYPES)
+    if loss_type is not None:
+        _checks.check_choice("loss_type", loss_type, ref.LOSS_TYPES)
+
+
+def q_sample(x_start, t, noise, tables):
+    """x_t ~ q(x_t | x_0); see :func:`iddpm_fast.reference.q_sample`."""
+    _checks.check_float("x_start", x_start)
+    _checks.check_like("noise", noise, "x_start", x_start)
+    _checks.check_t(t, x_start, tables)
+    return resolve("q_sample", x_start.device)(x_start, t, noise, tables)
+
+
+def q_posterior_mean_variance(x_start, x_t, t, tables):
+    """q(x_{t-1} | x_t, x_0); see :func:`iddpm_fast.reference.q_posterior_mean_variance`."""
+    _checks.check_float("x_t", x_t)
+    _checks.check_like("x_start", x_start, "x_t", x_t)
+    _checks.check_t(t, x_t, tables)
+    return resolve("q_posterior_mean_variance", x_t.device)(x_start, x_t, t, tables)
+
+
+def p_mean_variance(model_output, x_t, t, tables, *, model_mean_type, model_var_type, clip_denoised):
+    """p(x_{t-1} | x_t) from a model output; see :func:`iddpm_fast.reference.p_mean_variance`."""
+    _types(model_mean_type, model_var_type)
+    _checks.check_float("x_t", x_t)
+    _checks.check_model_output(model_output, x_t, model_var_type)
+    _checks.check_t(t, x_t, tables)
+    return resolve("p_mean_variance", x_t.device)(
+        model_output,
+        x_t,
+        t,
+        tables,
+        model_mean_type=model_mean_type,
+        model_var_type=model_var_type,
+        clip_denoised=bool(clip_denoised),
+    )
+
+
+def p_sample_step(model_output, x_t, t, noise, tables, *, model_mean_type, model_var_type, clip_denoised):
+    """One ancestral step; see :func:`iddpm_fast.reference.p_sample_step`."""
+    _types(model_mean_type, model_var_type)
+    _checks.check_float("x_t", x_t)
+    _checks.check_model_output(model_output, x_t, model_var_type)
+    _checks.check_like("noise", noise, "x_t", x_t)
+    _checks.check_t(t, x_t, tables)
+    return resolve("p_sample_step", x_t.device)(
+        model_output,
+        x_t,
+        t,
+        noise,
+        tables,
+        model_mean_type=model_mean_type,
+        model_var_type=model_var_type,
+        clip_denoised=bool(clip_denoised),
+    )
+
+
+def ddim_step(model_output, x_t, t, noise, tables, *, eta, model_mean_type, model_var_type, clip_denoised):
+    """One DDIM step; see :func:`iddpm_fast.reference.ddim_step`."""
+    _types(model_mean_type, model_var_type)
+    _checks.check_float("x_t", x_t)
+    _checks.check_model_output(model_output, x_t, model_var_type)
+    _checks.check_like("noise", noise, "x_t", x_t)
+    _checks.check_t(t, x_t, tables)
+    eta = float(eta)
+    if not eta >= 0.0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    return resolve("ddim_step", x_t.device)(
+        model_output,
+        x_t,
+        t,
+        noise,
+        tables,
+        eta=eta,
+        model_mean_type=model_mean_type,
+        model_var_type=model_var_type,
+        clip_denoised=bool(clip_denoised),
+    )
+
+
+def _check_likelihood_args(x, means, log_scales, min_dim):
+    _checks.check_float("x", x, min_dim=min_dim)
+    _checks.check_like("means", means, "x", x)
+    _checks.check_float("log_scales", log_scales, min_dim=0)
+    try:
+        ok = log_scales.shape == x.shape or log_scales.expand_as(x) is not None
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"log_scales of shape {tuple(log_scales.shape)} cannot broadcast to x's shape {tuple(x.shape)}")
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """Elementwise log p (nats); see :func:`iddpm_fast.reference.discretized_gaussian_log_likelihood`."""
+    _check_likelihood_args(x, means, log_scales, min_dim=0)
+    return resolve("discretized_gaussian_log_likelihood", x.device)(x, means, log_scales)
+
+
+def discretized_gaussian_nll_bpd(x, means, log_scales):
+    """Per-sample decoder NLL in bits/dim; see :func:`iddpm_fast.reference.discretized_gaussian_nll_bpd`."""
+    _check_likelihood_args(x, means, log_scales, min_dim=2)
+    return resolve("discretized_gaussian_nll_bpd", x.device)(x, means, log_scales)
+
+
+def vb_terms_bpd(model_output, x_start, x_t, t, tables, *, model_mean_type, model_var_type, clip_denoised):
+    """Per-sample bound terms in bits/dim; see :func:`iddpm_fast.reference.vb_terms_bpd`."""
+    _types(model_mean_type, model_var_type)
+    _checks.check_float("x_t", x_t)
+    _checks.check_like("x_start", x_start, "x_t", x_t)
+    _checks.check_model_output(model_output, x_t, model_var_type)
+    _checks.check_t(t, x_t, tables)
+    return resolve("vb_terms_bpd", x_t.device)(
+        model_output,
+        x_start,
+        x_t,
+        t,
+        tables,
+        model_mean_type=model_mean_type,
+        model_var_type=model_var_type,
+        clip_denoised=bool(clip_denoised),
+    )
+
+
+def training_loss(
+    model_output, x_start, noise, t, tables, *, model_mean_type, model_var_type, loss_type, num_timesteps
+):
+    """Per-sample (loss, mse, vb); see :func:`iddpm_fast.reference.training_loss`."""
+    _types(model_mean_type, model_var_type, loss_type)
+    _checks.check_float("x_start", x_start)
+    _checks.check_like("noise", noise, "x_start", x_start)
+    _checks.check_model_output(model_output, x_start, model_var_type)
+    _checks.check_t(t, x_start, tables)
+    return resolve("training_loss", x_start.device)(
+        model_output,
+        x_start,
+        noise,
+        t,
+        tables,
+        model_mean_type=model_mean_type,
+        model_var_type=model_var_type,
+        loss_type=loss_type,
+        num_timesteps=int(num_timesteps),
+    )
+
+
+def _check_norm(x, weight, bias, num_groups):
+    _checks.check_float("x", x)
+    C = x.shape[1]
+    if num_groups <= 0 or C % num_groups:
+        raise ValueError(f"GroupNorm: {C} channels cannot be split into {num_groups} groups")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(p.shape) != (C,):
+            raise ValueError(f"GroupNorm {name} must have shape ({C},), got {tuple(p.shape)}")
+
+
+def group_norm_silu(x, weight, bias, num_groups, eps=1e-5):
+    """SiLU(GroupNorm(x)); see :func:`iddpm_fast.reference.group_norm_silu`."""
+    _check_norm(x, weight, bias, num_groups)
+    return resolve("group_norm_silu", x.device)(x, weight, bias, num_groups, eps)
+
+
+def group_norm_scale_shift_silu(x, weight, bias, scale, shift, num_groups, eps=1e-5):
+    """SiLU(GroupNorm(x) * (1 + scale) + shift); see :func:`iddpm_fast.reference.group_norm_scale_shift_silu`."""
+    _check_norm(x, weight, bias, num_groups)
+    want = tuple(x.shape[:2])
+    for name, v in (("scale", scale), ("shift", shift)):
+        if tuple(v.shape) != want:
+            raise ValueError(f"{name} must have shape [N x C] = {want}, got {tuple(v.shape)}")
+    return resolve("group_norm_scale_shift_silu", x.device)(x, weight, bias, scale, shift, num_groups, eps)
+
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "declared_ops",
+    "register",
+    "registered_kinds",
+    "requested_backend",
+    "resolve_name",
+    "use_backend",
+    *_DIFFUSION_OPS,
+    *_NORM_OPS,
+]

@@ -1,0 +1,607 @@
+"""
+The specification: a pure-PyTorch twin of every op that iddpm_fast fuses.
+
+Every function here has the signature its fused kernel has (Triton for the
+diffusion math, the C++ extension for GroupNorm-SiLU), and the tests hold each
+kernel to the function of the same name in this module. `GaussianDiffusion`
+computes through these functions (via :mod:`iddpm_fast.ops`) when no fused
+implementation is selected, so this module also defines what the drop-in
+classes return.
+
+Conventions
+-----------
+- ``x`` tensors are ``[N x C x ...]``; ``t`` is a 1-D int64 tensor of N
+  timestep indices into the (possibly respaced) diffusion.
+- ``tables`` is the ``[len(TABLE_ROWS) x T]`` float32 tensor built once per
+  diffusion object by :func:`build_tables` (float64 math, stored as float32).
+  Ops gather their per-timestep coefficients from it by ``t``, exactly as
+  improved-diffusion's ``_extract_into_tensor`` gathered float64 numpy values
+  and cast them to float32.
+- Math runs in float32 whatever the input dtype (``upcast``); tensor outputs
+  come back in the dtype of the main input, per-sample losses in float32.
+- Mean/variance types are passed as the lower-case names of
+  :class:`~iddpm_fast.gaussian_diffusion.ModelMeanType` /
+  :class:`~iddpm_fast.gaussian_diffusion.ModelVarType` /
+  :class:`~iddpm_fast.gaussian_diffusion.LossType` members (``"epsilon"``,
+  ``"learned_range"``, ``"rescaled_mse"``...), so that the fused ops can be
+  registered with plain schemas.
+- Operation order follows improved-diffusion, so float32 results agree with
+  it to the last bit on the same device.
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Rows of the coefficient table, in order. Kernels index rows by position.
+TABLE_ROWS = (
+    "betas",
+    "log_betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "alphas_cumprod_next",
+    "one_minus_alphas_cumprod",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "recip_posterior_mean_coef1",
+    "posterior_mean_coef2_over_coef1",
+    "fixed_large_variance",
+    "fixed_large_log_variance",
+)
+ROW = {name: i for i, name in enumerate(TABLE_ROWS)}
+
+MEAN_TYPES = ("previous_x", "start_x", "epsilon")
+VAR_TYPES = ("learned", "fixed_small", "fixed_large", "learned_range")
+LOSS_TYPES = ("mse", "rescaled_mse", "kl", "rescaled_kl")
+LEARNED_VAR_TYPES = ("learned", "learned_range")
+
+_LN2 = math.log(2.0)
+
+
+def diffusion_arrays(betas):
+    """
+    Every per-timestep coefficient of a diffusion with the given betas.
+
+    :param betas: a 1-D array of T betas (T >= 2), each in (0, 1].
+    :return: a dict name -> float64 numpy array [T], one per TABLE_ROWS entry.
+    """
+    betas = np.asarray(betas, dtype=np.float64)
+    alphas = 1.0 - betas
+    ac = np.cumprod(alphas, axis=0)
+    ac_prev = np.append(1.0, ac[:-1])
+    ac_next = np.append(ac[1:], 0.0)
+    post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+    coef1 = betas * np.sqrt(ac_prev) / (1.0 - ac)
+    coef2 = (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)
+    # The posterior variance is 0 at t=0; its log is clipped to the t=1 value.
+    # FIXED_LARGE uses the same value at t=0 for a better decoder likelihood.
+    fixed_large = np.append(post_var[1], betas[1:])
+    arrays = {
+        "betas": betas,
+        "log_betas": np.log(betas),
+        "alphas_cumprod": ac,
+        "alphas_cumprod_prev": ac_prev,
+        "alphas_cumprod_next": ac_next,
+        "one_minus_alphas_cumprod": 1.0 - ac,
+        "sqrt_alphas_cumprod": np.sqrt(ac),
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
+        "log_one_minus_alphas_cumprod": np.log(1.0 - ac),
+        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1),
+        "posterior_variance": post_var,
+        "posterior_log_variance_clipped": np.log(np.append(post_var[1], post_var[1:])),
+        "posterior_mean_coef1": coef1,
+        "posterior_mean_coef2": coef2,
+        "recip_posterior_mean_coef1": 1.0 / coef1,
+        "posterior_mean_coef2_over_coef1": coef2 / coef1,
+        "fixed_large_variance": fixed_large,
+        "fixed_large_log_variance": np.log(fixed_large),
+    }
+    assert tuple(arrays) == TABLE_ROWS
+    return arrays
+
+
+def build_tables(arrays, device=None):
+    """
+    Stack the float64 coefficient arrays into one float32 device tensor.
+
+    :param arrays: a dict from :func:`diffusion_arrays`.
+    :return: a [len(TABLE_ROWS) x T] float32 tensor on `device`.
+    """
+    stacked = np.stack([np.asarray(arrays[name], dtype=np.float64) for name in TABLE_ROWS])
+    return torch.from_numpy(stacked).to(device=device, dtype=torch.float32).contiguous()
+
+
+def gather(tables, row, t, ndim):
+    """
+    Coefficients of one table row at timesteps t, shaped [N, 1, ..., 1].
+
+    :param ndim: the number of dimensions of the tensor it will broadcast to.
+    """
+    return tables[ROW[row]][t].view(-1, *([1] * (ndim - 1)))
+
+
+def _nonzero_mask(t, ndim):
+    return (t != 0).float().view(-1, *([1] * (ndim - 1)))
+
+
+def mean_flat(x):
+    """Mean over all non-batch dimensions: [N x ...] -> [N]."""
+    return x.mean(dim=list(range(1, x.dim())))
+
+
+# --------------------------------------------------------------------------
+# Elementwise likelihood helpers (improved-diffusion's losses.py semantics).
+# --------------------------------------------------------------------------
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """
+    KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) in nats, elementwise
+    with broadcasting. Scalars are accepted for any argument but one.
+    """
+    ref = next((v for v in (mean1, logvar1, mean2, logvar2) if isinstance(v, torch.Tensor)), None)
+    if ref is None:
+        raise ValueError("normal_kl needs at least one Tensor argument")
+    logvar1, logvar2 = [
+        v if isinstance(v, torch.Tensor) else torch.tensor(v).to(ref) for v in (logvar1, logvar2)
+    ]
+    return 0.5 * (
+        -1.0
+        + logvar2
+        - logvar1
+        + torch.exp(logvar1 - logvar2)
+        + ((mean1 - mean2) ** 2) * torch.exp(-logvar2)
+    )
+
+
+def approx_standard_normal_cdf(x):
+    """The tanh approximation of the standard normal CDF used by the original."""
+    return 0.5 * (1.0 + torch.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * torch.pow(x, 3))))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """
+    Log-likelihood (nats) of 8-bit data under a Gaussian discretised into the
+    256 bins of width 2/255 that tile [-1, 1]; the two edge bins extend to
+    -inf / +inf (decided by x < -0.999 / x > 0.999), probabilities clamped at 1e-12.
+
+    :param x: [N x ...] targets, uint8 values rescaled to [-1, 1].
+    :param means: the Gaussian means, x's shape.
+    :param log_scales: log standard deviations, broadcastable to x's shape.
+    :return: log-probabilities of x's shape, in x's dtype (float32 math).
+    """
+    out_dtype = x.dtype
+    x, means, log_scales = x.float(), means.float(), log_scales.float()
+    log_scales = log_scales.expand_as(x)
+    centered_x = x - means
+    inv_stdv = torch.exp(-log_scales)
+    plus_in = inv_stdv * (centered_x + 1.0 / 255.0)
+    cdf_plus = approx_standard_normal_cdf(plus_in)
+    min_in = inv_stdv * (centered_x - 1.0 / 255.0)
+    cdf_min = approx_standard_normal_cdf(min_in)
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    cdf_delta = cdf_plus - cdf_min
+    log_probs = torch.where(
+        x < -0.999,
+        log_cdf_plus,
+        torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))),
+    )
+    return log_probs.to(out_dtype)
+
+
+def discretized_gaussian_nll_bpd(x, means, log_scales):
+    """
+    Per-sample negative log-likelihood of the discretised Gaussian decoder.
+
+    :return: an [N] float32 tensor in bits per dimension.
+    """
+    ll = discretized_gaussian_log_likelihood(x.float(), means.float(), log_scales.float())
+    return mean_flat(-ll) / _LN2
+
+
+# --------------------------------------------------------------------------
+# The forward process and its posterior.
+# --------------------------------------------------------------------------
+
+
+def q_sample(x_start, t, noise, tables):
+    """
+    Sample x_t ~ q(x_t | x_0): sqrt(abar_t) * x_0 + sqrt(1 - abar_t) * noise.
+
+    :param x_start: [N x C x ...] clean data.
+    :param t: [N] int64 timesteps.
+    :param noise: standard normal noise, x_start's shape.
+    :return: x_t, x_start's shape and dtype.
+    """
+    nd = x_start.dim()
+    out = (
+        gather(tables, "sqrt_alphas_cumprod", t, nd) * x_start.float()
+        + gather(tables, "sqrt_one_minus_alphas_cumprod", t, nd) * noise.float()
+    )
+    return out.to(x_start.dtype)
+
+
+def q_posterior_mean_variance(x_start, x_t, t, tables):
+    """
+    The Gaussian posterior q(x_{t-1} | x_t, x_0).
+
+    :return: (mean [x's shape, x_t's dtype], variance [N,1,..] float32,
+              clipped log-variance [N,1,..] float32).
+    """
+    nd = x_t.dim()
+    mean = (
+        gather(tables, "posterior_mean_coef1", t, nd) * x_start.float()
+        + gather(tables, "posterior_mean_coef2", t, nd) * x_t.float()
+    )
+    return (
+        mean.to(x_t.dtype),
+        gather(tables, "posterior_variance", t, nd),
+        gather(tables, "posterior_log_variance_clipped", t, nd),
+    )
+
+
+# --------------------------------------------------------------------------
+# The model's distribution p(x_{t-1} | x_t) from a raw model output.
+# --------------------------------------------------------------------------
+
+
+def split_model_output(model_output, x_t, model_var_type):
+    """
+    Split a raw model output into its mean half and (for learned variances)
+    its variance half.
+
+    :return: (mean_part [N x C x ...], var_values or None).
+    """
+    C = x_t.shape[1]
+    if model_var_type in LEARNED_VAR_TYPES:
+        return model_output[:, :C], model_output[:, C:]
+    return model_output, None
+
+
+def model_log_variance(var_values, t, tables, model_var_type, ndim):
+    """
+    The model's (variance, log-variance) at timesteps t.
+
+    For "learned_range", var_values v in [-1, 1] interpolate the log-variance
+    between the clipped posterior log-variance (v=-1) and log beta_t (v=+1):
+    frac = (v + 1) / 2, log sigma^2 = frac * log beta_t + (1 - frac) * log beta~_t.
+    Fixed types return [N,1,..] tensors; learned types return var_values' shape.
+    """
+    if model_var_type == "learned":
+        log_var = var_values.float()
+        return torch.exp(log_var), log_var
+    if model_var_type == "learned_range":
+        min_log = gather(tables, "posterior_log_variance_clipped", t, ndim)
+        max_log = gather(tables, "log_betas", t, ndim)
+        frac = (var_values.float() + 1) / 2
+        log_var = frac * max_log + (1 - frac) * min_log
+        return torch.exp(log_var), log_var
+    if model_var_type == "fixed_large":
+        return (
+            gather(tables, "fixed_large_variance", t, ndim),
+            gather(tables, "fixed_large_log_variance", t, ndim),
+        )
+    if model_var_type == "fixed_small":
+        return (
+            gather(tables, "posterior_variance", t, ndim),
+            gather(tables, "posterior_log_variance_clipped", t, ndim),
+        )
+    raise ValueError(f"unknown model_var_type {model_var_type!r}; expected one of {VAR_TYPES}")
+
+
+def predict_xstart_from_eps(x_t, t, eps, tables):
+    """x_0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps (float32)."""
+    nd = x_t.dim()
+    return (
+        gather(tables, "sqrt_recip_alphas_cumprod", t, nd) * x_t.float()
+        - gather(tables, "sqrt_recipm1_alphas_cumprod", t, nd) * eps.float()
+    )
+
+
+def predict_xstart_from_xprev(x_t, t, xprev, tables):
+    """x_0 = (x_{t-1} - coef2 x_t) / coef1 (float32)."""
+    nd = x_t.dim()
+    return (
+        gather(tables, "recip_posterior_mean_coef1", t, nd) * xprev.float()
+        - gather(tables, "posterior_mean_coef2_over_coef1", t, nd) * x_t.float()
+    )
+
+
+def predict_eps_from_xstart(x_t, t, pred_xstart, tables):
+    """eps = (sqrt(1/abar_t) x_t - x_0) / sqrt(1/abar_t - 1) (float32)."""
+    nd = x_t.dim()
+    return (
+        gather(tables, "sqrt_recip_alphas_cumprod", t, nd) * x_t.float() - pred_xstart.float()
+    ) / gather(tables, "sqrt_recipm1_alphas_cumprod", t, nd)
+
+
+def p_mean_variance_unfused(
+    model_output, x_t, t, tables, *, model_mean_type, model_var_type, clip_denoised, denoised_fn=None
+):
+    """
+    :func:`p_mean_variance` with an optional user `denoised_fn` applied to the
+    x_0 prediction before clipping (which no fused kernel can run); all math
+    in float32, results float32.
+    """
+    nd = x_t.dim()
+    mean_part, var_values = split_model_output(model_output, x_t, model_var_type)
+    variance, log_variance = model_log_variance(var_values, t, tables, model_var_type, nd)
+
+    def process_xstart(x):
+        if denoised_fn is not None:
+            x = denoised_fn(x)
+        return x.clamp(-1, 1) if clip_denoised else x
+
+    if model_mean_type == "previous_x":
+        pred_xstart = process_xstart(predict_xstart_from_xprev(x_t, t, mean_part, tables))
+        mean = mean_part.float()
+    elif model_mean_type in ("start_x", "epsilon"):
+        if model_mean_type == "start_x":
+            pred_xstart = process_xstart(mean_part.float())
+        else:
+            pred_xstart = process_xstart(predict_xstart_from_eps(x_t, t, mean_part, tables))
+        mean = (
+            gather(tables, "posterior_mean_coef1", t, nd) * pred_xstart
+            + gather(tables, "posterior_mean_coef2", t, nd) * x_t.float()
+        )
+    else:
+        raise ValueError(f"unknown model_mean_type {model_mean_type!r}; expected one of {MEAN_TYPES}")
+    return mean, variance, log_variance, pred_xstart
+
+
+def p_mean_variance(model_output, x_t, t, tables, *, model_mean_type, model_var_type, clip_denoised):
+    """
+    The model's Gaussian p(x_{t-1} | x_t) and its x_0 prediction.
+
+    :param model_output: [N x C' x ...] raw model output, C' = 2C for learned
+                         variances (mean half first), else C.
+    :param x_t: [N x C x ...] the noisy input the model saw.
+    :param clip_denoised: clamp the x_0 prediction to [-1, 1] before using it.
+    :return: (mean, variance, log_variance, pred_xstart), in x_t's dtype; the
+             variances are [N,1,..] for fixed variance types.
+    """
+    outs = p_mean_variance_unfused(
+        model_output,
+        x_t,
+        t,
+        tables,
+        model_mean_type=model_mean_type,
+        model_var_type=model_var_type,
+        clip_denoised=clip_denoised,
+    )
+    return tuple(o.to(x_t.dtype) for o in outs)
+
+
+# --------------------------------------------------------------------------
+# Sampling steps.
+# --------------------------------------------------------------------------
+
+
+def p_sample_step(model_output, x_t, t, noise, tables, *, model_mean_type, model_var_type, clip_denoised):
+    """
+    One ancestral step: x_{t-1} = mean + exp(0.5 log_var) * noise (no noise at t=0).
+
+    :param noise: standard normal noise, x_t's shape.
+    :return: (sample, pred_xstart), x_t's dtype.
+    """
+    mean, _, log_variance, pred_xstart = p_mean_variance_unfused(
+        model_output,
+        x_t,
+        t,
+        tables,
+        model_mean_type=model_mean_type,
+        model_var_type=model_var_type,
+        clip_denoised=clip_denoised,
+    )
+    sample = mean + _nonzero_mask(t, x_t.dim()) * torch.exp(0.5 * log_variance) * noise.float()
+    return sample.to(x_t.dtype), pred_xstart.to(x_t.dtype)
+
+
+def ddim_step_from_xstart(x_t, t, pred_xstart, noise, tables, eta):
+    """DDIM's update (its eq. 12) given the x_0 prediction; float32."""
+    nd = x_t.dim()
+    eps = predict_eps_from_xstart(x_t, t, pred_xstart, tables)
+    alpha_bar = gather(tables, "alphas_cumprod", t, nd)
+    alpha_bar_prev = gather(tables, "alphas_cumprod_prev", t, nd)
+    sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+    mean_pred = pred_xstart.float() * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+    return mean_pred + _nonzero_mask(t, nd) * sigma * noise.float()
+
+
+def ddim_step(model_output, x_t, t, noise, tables, *, eta, model_mean_type, model_var_type, clip_denoised):
+    """
+    One DDIM step with stochasticity eta (eta=0: deterministic).
+
+    :param noise: standard normal noise, x_t's shape (unused when eta == 0,
+                  but drawn by the caller to keep the random stream aligned
+                  with improved-diffusion).
+    :return: (sample, pred_xstart), x_t's dtype.
+    """
+    _, _, _, pred_xstart = p_mean_variance_unfused(
+        model_output,
+        x_t,
+        t,
+        tables,
+        model_mean_type=model_mean_type,
+        model_var_type=model_var_type,
+        clip_denoised=clip_denoised,
+    )
+    sample = ddim_step_from_xstart(x_t, t, pred_xstart, noise, tables, eta)
+    return sample.to(x_t.dtype), pred_xstart.to(x_t.dtype)
+
+
+def ddim_reverse_from_xstart(x_t, t, pred_xstart, tables):
+    """The deterministic DDIM step from x_t to x_{t+1}; float32."""
+    nd = x_t.dim()
+    eps = predict_eps_from_xstart(x_t, t, pred_xstart, tables)
+    alpha_bar_next = gather(tables, "alphas_cumprod_next", t, nd)
+    return pred_xstart.float() * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
+
+
+# --------------------------------------------------------------------------
+# Variational bound and training loss.
+# --------------------------------------------------------------------------
+
+
+def vb_terms_bpd(model_output, x_start, x_t, t, tables, *, model_mean_type, model_var_type, clip_denoised):
+    """
+    One term of the variational bound per sample, in bits per dimension:
+    KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) for t > 0 and the discretised
+    decoder NLL -log p(x_0|x_1) at t = 0.
+
+    :return: (terms [N] float32, pred_xstart in x_t's dtype).
+    """
+    mean, _, log_variance, pred_xstart = p_mean_variance_unfused(
+        model_output,
+        x_t,
+        t,
+        tables,
+        model_mean_type=model_mean_type,
+        model_var_type=model_var_type,
+        clip_denoised=clip_denoised,
+    )
+    return vb_terms_from_distribution(x_start, x_t, t, tables, mean, log_variance), pred_xstart.to(x_t.dtype)
+
+
+def vb_terms_from_distribution(x_start, x_t, t, tables, mean, log_variance):
+    """
+    The bound terms of :func:`vb_terms_bpd` given the model's Gaussian
+    (mean, log_variance) rather than its raw output: [N] float32, bits/dim.
+    """
+    nd = x_t.dim()
+    true_mean = (
+        gather(tables, "posterior_mean_coef1", t, nd) * x_start.float()
+        + gather(tables, "posterior_mean_coef2", t, nd) * x_t.float()
+    )
+    true_log_var = gather(tables, "posterior_log_variance_clipped", t, nd)
+    mean, log_variance = mean.float(), log_variance.float()
+    kl = mean_flat(normal_kl(true_mean, true_log_var, mean, log_variance)) / _LN2
+    decoder_nll = discretized_gaussian_nll_bpd(x_start, mean, 0.5 * log_variance)
+    return torch.where(t == 0, decoder_nll, kl)
+
+
+def training_loss(
+    model_output, x_start, noise, t, tables, *, model_mean_type, model_var_type, loss_type, num_timesteps
+):
+    """
+    Per-sample training losses of improved-diffusion's ``training_losses``.
+
+    x_t is recomputed from (x_start, noise, t) with :func:`q_sample`, so the
+    caller passes what the model saw without storing x_t.
+
+    - "kl" / "rescaled_kl": loss = vb (times T when rescaled), gradients flow
+      through the whole output.
+    - "mse" / "rescaled_mse": mse = mean((target - mean_part)^2) with the
+      target chosen by the mean type; with a learned variance also
+      vb = the bound term computed from the *detached* mean half (it trains
+      only the variance), scaled by T/1000 for "rescaled_mse"; loss = mse + vb.
+
+    :param model_output: [N x C' x ...] raw model output (C' = 2C when learned).
+    :return: (loss, mse, vb), three [N] float32 tensors; a term the loss type
+             does not define (mse for KL losses, vb for fixed variances) is 0.
+    """
+    x_t = q_sample(x_start, t, noise, tables)
+    zeros = torch.zeros(x_start.shape[0], device=x_start.device, dtype=torch.float32)
+    if loss_type in ("kl", "rescaled_kl"):
+        vb, _ = vb_terms_bpd(
+            model_output,
+            x_start,
+            x_t,
+            t,
+            tables,
+            model_mean_type=model_mean_type,
+            model_var_type=model_var_type,
+            clip_denoised=False,
+        )
+        loss = vb * num_timesteps if loss_type == "rescaled_kl" else vb
+        return loss, zeros, vb
+    if loss_type not in ("mse", "rescaled_mse"):
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    mean_part, var_values = split_model_output(model_output, x_t, model_var_type)
+    if var_values is not None:
+        frozen = torch.cat([mean_part.detach(), var_values], dim=1)
+        vb, _ = vb_terms_bpd(
+            frozen,
+            x_start,
+            x_t,
+            t,
+            tables,
+            model_mean_type=model_mean_type,
+            model_var_type=model_var_type,
+            clip_denoised=False,
+        )
+        if loss_type == "rescaled_mse":
+            # Keeps the bound term on the scale of the original 1000-step runs.
+            vb = vb * (num_timesteps / 1000.0)
+    else:
+        vb = zeros
+    if model_mean_type == "previous_x":
+        nd = x_t.dim()
+        target = (
+            gather(tables, "posterior_mean_coef1", t, nd) * x_start.float()
+            + gather(tables, "posterior_mean_coef2", t, nd) * x_t.float()
+        )
+    elif model_mean_type == "start_x":
+        target = x_start.float()
+    elif model_mean_type == "epsilon":
+        target = noise.float()
+    else:
+        raise ValueError(f"unknown model_mean_type {model_mean_type!r}; expected one of {MEAN_TYPES}")
+    mse = mean_flat((target - mean_part.float()) ** 2)
+    loss = mse + vb if var_values is not None else mse
+    return loss, mse, vb
+
+
+def prior_bpd(x_start, tables):
+    """
+    KL(q(x_T | x_0) || N(0, I)) per sample in bits per dimension ([N] float32).
+    """
+    n = x_start.shape[0]
+    t = torch.full((n,), tables.shape[1] - 1, device=x_start.device, dtype=torch.long)
+    nd = x_start.dim()
+    mean = gather(tables, "sqrt_alphas_cumprod", t, nd) * x_start.float()
+    log_var = gather(tables, "log_one_minus_alphas_cumprod", t, nd)
+    return mean_flat(normal_kl(mean, log_var, 0.0, 0.0)) / _LN2
+
+
+# --------------------------------------------------------------------------
+# UNet normalisation + activation.
+# --------------------------------------------------------------------------
+
+
+def group_norm_silu(x, weight, bias, num_groups, eps=1e-5):
+    """
+    SiLU(GroupNorm(x)) with float32 statistics, as the original's
+    GroupNorm32 followed by x * sigmoid(x).
+
+    :param x: [N x C x ...], C divisible by num_groups.
+    :param weight, bias: [C] affine parameters.
+    :return: x's shape and dtype.
+    """
+    h = F.group_norm(x.float(), num_groups, weight, bias, eps).to(x.dtype)
+    return h * torch.sigmoid(h)
+
+
+def group_norm_scale_shift_silu(x, weight, bias, scale, shift, num_groups, eps=1e-5):
+    """
+    SiLU(GroupNorm(x) * (1 + scale) + shift), the ResBlock's out_layers with
+    use_scale_shift_norm.
+
+    :param scale, shift: [N x C] per-sample, per-channel modulation.
+    :return: x's shape and dtype.
+    """
+    extra = [1] * (x.dim() - 2)
+    h = F.group_norm(x.float(), num_groups, weight, bias, eps).to(x.dtype)
+    h = h * (1 + scale.to(x.dtype).view(*scale.shape, *extra)) + shift.to(x.dtype).view(*shift.shape, *extra)
+    return h * torch.sigmoid(h)

@@ -1,0 +1,226 @@
+"""Behaviour of GaussianDiffusion / SpacedDiffusion beyond the golden numbers."""
+
+import numpy as np
+import pytest
+import torch
+
+from iddpm_fast import gaussian_diffusion as gd
+from iddpm_fast.respace import SpacedDiffusion, space_timesteps
+from iddpm_fast.script_util import create_gaussian_diffusion
+
+
+class TinyNet(torch.nn.Module):
+    """A 1-conv 'model' whose output depends on x and t; out_ch = C or 2C."""
+
+    def __init__(self, channels=3, learned=True):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, channels * (2 if learned else 1), 3, padding=1)
+        self.seen_t = []
+
+    def forward(self, x, t):
+        self.seen_t.append(t.detach().clone())
+        return torch.tanh(self.conv(x) + 0.001 * t.float().view(-1, 1, 1, 1))
+
+
+def _diffusion(learn_sigma=True, steps=50, **kw):
+    return create_gaussian_diffusion(steps=steps, learn_sigma=learn_sigma, noise_schedule="cosine",
+                                     rescale_learned_sigmas=True, **kw)
+
+
+def test_same_seed_same_samples_and_nll():
+    d, net = _diffusion(timestep_respacing="10"), TinyNet()
+    x0 = torch.rand(2, 3, 8, 8) * 2 - 1
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        runs.append((d.p_sample_loop(net, (2, 3, 8, 8)), d.calc_bpd_loop(net, x0)["total_bpd"]))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    torch.manual_seed(124)
+    assert not torch.equal(d.p_sample_loop(net, (2, 3, 8, 8)), runs[0][0])
+
+
+def test_training_losses_keys_follow_the_loss_type():
+    x0, t = torch.rand(2, 3, 8, 8) * 2 - 1, torch.tensor([0, 49])
+    assert set(_diffusion().training_losses(TinyNet(), x0, t)) == {"loss", "mse", "vb"}
+    assert set(_diffusion(learn_sigma=False).training_losses(TinyNet(learned=False), x0, t)) == {"loss", "mse"}
+    assert set(_diffusion(use_kl=True).training_losses(TinyNet(), x0, t)) == {"loss"}
+
+
+def test_hybrid_loss_stops_the_mean_gradient_in_the_vb_term():
+    d = _diffusion(steps=50)
+    x0, t = torch.rand(4, 3, 8, 8) * 2 - 1, torch.tensor([0, 1, 25, 49])
+    out = torch.randn(4, 6, 8, 8, requires_grad=True)
+    terms = d.training_losses(lambda x, ts: out, x0, t)
+    (g_vb,) = torch.autograd.grad(terms["vb"].sum(), out, retain_graph=True)
+    assert g_vb[:, :3].abs().max() == 0, "vb must not train the mean"
+    assert g_vb[:, 3:].abs().max() > 0, "vb trains the variance"
+    (g_mse,) = torch.autograd.grad(terms["mse"].sum(), out)
+    assert g_mse[:, 3:].abs().max() == 0 and g_mse[:, :3].abs().max() > 0
+    # With L_vlb alone, the bound trains the mean as well.
+    d_kl = _diffusion(steps=50, use_kl=True)
+    loss = d_kl.training_losses(lambda x, ts: out, x0, t)["loss"]
+    (g,) = torch.autograd.grad(loss.sum(), out)
+    assert g[:, :3].abs().max() > 0
+
+
+def test_rescaled_losses_scale_as_documented():
+    x0, t = torch.rand(2, 3, 8, 8) * 2 - 1, torch.tensor([3, 30])
+    out = torch.randn(2, 6, 8, 8)
+    model = lambda x, ts: out  # noqa: E731
+    d_mse = create_gaussian_diffusion(steps=400, learn_sigma=True, rescale_learned_sigmas=False)
+    d_rmse = create_gaussian_diffusion(steps=400, learn_sigma=True, rescale_learned_sigmas=True)
+    torch.testing.assert_close(d_rmse.training_losses(model, x0, t, noise=torch.zeros_like(x0))["vb"],
+                               d_mse.training_losses(model, x0, t, noise=torch.zeros_like(x0))["vb"] * 0.4)
+    d_kl = create_gaussian_diffusion(steps=400, learn_sigma=True, use_kl=True)
+    noise = torch.randn_like(x0)
+    vb = d_mse.training_losses(model, x0, t, noise=noise)["vb"]
+    torch.testing.assert_close(d_kl.training_losses(model, x0, t, noise=noise)["loss"], vb * 400)
+
+
+def test_p_sample_adds_no_noise_at_t0():
+    d, net = _diffusion(), TinyNet()
+    x = torch.randn(2, 3, 8, 8)
+    t = torch.zeros(2, dtype=torch.long)
+    a = d.p_sample(net, x, t)["sample"]
+    b = d.p_sample(net, x, t)["sample"]  # fresh noise, same result
+    assert torch.equal(a, b)
+    mean = d.p_mean_variance(net, x, t)["mean"]
+    torch.testing.assert_close(a, mean)
+
+
+def test_spaced_diffusion_keeps_alpha_bar_and_maps_timesteps():
+    base = _diffusion(steps=100)
+    spaced = _diffusion(steps=100, timestep_respacing="10")
+    assert spaced.num_timesteps == 10 and len(spaced.timestep_map) == 10
+    np.testing.assert_allclose(spaced.alphas_cumprod, base.alphas_cumprod[spaced.timestep_map], rtol=1e-10)
+    net = TinyNet()
+    spaced.p_sample_loop(net, (1, 3, 8, 8))
+    seen = [int(t[0]) for t in net.seen_t]
+    # rescale_timesteps=False: the model sees original indices, from the last down to 0
+    assert seen == sorted(spaced.timestep_map, reverse=True)
+    rescaled = create_gaussian_diffusion(steps=100, learn_sigma=True, timestep_respacing="10", rescale_timesteps=True)
+    net.seen_t.clear()
+    rescaled.p_sample(net, torch.randn(1, 3, 8, 8), torch.tensor([9]))
+    assert net.seen_t[0].dtype == torch.float32
+    np.testing.assert_allclose(net.seen_t[0].item(), rescaled.timestep_map[9] * 1000.0 / 100)
+
+
+def test_ddim_with_eta0_is_deterministic_and_reverse_inverts_it():
+    d = _diffusion(steps=1000, timestep_respacing="ddim50")
+    net = TinyNet()
+    noise = torch.randn(1, 3, 8, 8)
+    a = d.ddim_sample_loop(net, (1, 3, 8, 8), noise=noise)
+    b = d.ddim_sample_loop(net, (1, 3, 8, 8), noise=noise)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="eta must be 0"):
+        d.ddim_reverse_sample(net, noise, torch.tensor([3]), eta=0.5)
+
+
+def test_denoised_fn_is_applied():
+    d, net = _diffusion(timestep_respacing="5"), TinyNet()
+    calls = []
+
+    def denoise(x):
+        calls.append(1)
+        return torch.zeros_like(x)
+
+    out = d.p_sample(net, torch.randn(2, 3, 8, 8), torch.tensor([2, 2]), denoised_fn=denoise)
+    assert calls and torch.equal(out["pred_xstart"], torch.zeros(2, 3, 8, 8))
+    out = d.ddim_sample(net, torch.randn(2, 3, 8, 8), torch.tensor([2, 2]), denoised_fn=denoise)
+    assert len(calls) == 2 and torch.equal(out["pred_xstart"], torch.zeros(2, 3, 8, 8))
+
+
+def test_a_subclass_overriding_p_mean_variance_is_honoured():
+    class Guided(SpacedDiffusion):
+        def p_mean_variance(self, model, x, t, **kw):
+            out = super().p_mean_variance(model, x, t, **kw)
+            out["mean"] = out["mean"] * 0 + 7.0
+            return out
+
+    d = Guided(space_timesteps(100, "20"), betas=gd.get_named_beta_schedule("linear", 100),
+               model_mean_type=gd.ModelMeanType.EPSILON, model_var_type=gd.ModelVarType.FIXED_SMALL,
+               loss_type=gd.LossType.MSE)
+    out = d.p_sample(TinyNet(learned=False), torch.randn(2, 3, 8, 8), torch.tensor([0, 0]))
+    assert torch.equal(out["sample"], torch.full((2, 3, 8, 8), 7.0))
+    out = d.ddim_sample(TinyNet(learned=False), torch.randn(2, 3, 8, 8), torch.tensor([5, 5]))
+    assert out["sample"].shape == (2, 3, 8, 8)
+
+
+def test_progress_bar(capsys):
+    d = _diffusion(timestep_respacing="4")
+    d.p_sample_loop(TinyNet(), (1, 3, 8, 8), progress=True)
+    assert "4/4" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_timesteps_are_rejected_with_a_message():
+    d, net, x0 = _diffusion(steps=50), TinyNet(), torch.rand(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"timesteps must lie in \[0, 49\].*\[0, 50\]"):
+        d.training_losses(net, x0, torch.tensor([0, 50]))
+    with pytest.raises(ValueError, match=r"timesteps must lie"):
+        d.q_sample(x0, torch.tensor([-1, 3]))
+    with pytest.raises(ValueError, match="integer tensor"):
+        d.training_losses(net, x0, torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="one timestep per sample"):
+        d.training_losses(net, x0, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="timesteps must lie"):
+        d.p_sample(net, x0, torch.tensor([0, 99]))
+
+
+def test_non_finite_data_is_rejected():
+    d, net = _diffusion(), TinyNet()
+    x0 = torch.rand(2, 3, 8, 8)
+    x0[1, 2, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        d.training_losses(net, x0, torch.tensor([1, 2]))
+    x0[1, 2, 3, 4] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        d.calc_bpd_loop(net, x0)
+
+
+def test_model_output_channel_mismatch_explains_learn_sigma():
+    d = _diffusion(learn_sigma=True)
+    x0 = torch.rand(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"learned variance .* needs 2\*C = 6 output channels.*learn_sigma=True"):
+        d.training_losses(TinyNet(learned=False), x0, torch.tensor([1, 2]))
+    d_fixed = _diffusion(learn_sigma=False)
+    with pytest.raises(ValueError, match="variance is fixed"):
+        d_fixed.p_sample(TinyNet(learned=True), x0, torch.tensor([1, 2]))
+
+
+def test_wrong_shapes_are_rejected():
+    d = _diffusion()
+    with pytest.raises(ValueError, match="noise has shape"):
+        d.p_sample_loop(TinyNet(), (2, 3, 8, 8), noise=torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="noise has shape .* but x_start"):
+        d.q_sample(torch.rand(2, 3, 8, 8), torch.tensor([1, 2]), noise=torch.randn(2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"\[N x C x \.\.\.\]"):
+        d.training_losses(TinyNet(), torch.rand(8), torch.tensor([1]))
+    with pytest.raises(TypeError, match="shape must be a tuple"):
+        d.p_sample_loop(TinyNet(), 4)
+
+
+def test_bad_construction_is_rejected():
+    kw = dict(model_mean_type=gd.ModelMeanType.EPSILON, model_var_type=gd.ModelVarType.FIXED_SMALL,
+              loss_type=gd.LossType.MSE)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        gd.GaussianDiffusion(betas=np.array([0.1, 1.5]), **kw)
+    with pytest.raises(ValueError, match="at least 2"):
+        gd.GaussianDiffusion(betas=np.array([0.1]), **kw)
+    with pytest.raises(ValueError, match="ModelVarType"):
+        gd.GaussianDiffusion(betas=np.array([0.1, 0.2]), model_mean_type=gd.ModelMeanType.EPSILON,
+                             model_var_type="learned", loss_type=gd.LossType.MSE)
+
+
+def test_is_vb():
+    assert gd.LossType.KL.is_vb() and gd.LossType.RESCALED_KL.is_vb()
+    assert not gd.LossType.MSE.is_vb() and not gd.LossType.RESCALED_MSE.is_vb()
+
+
+def test_extract_into_tensor_compat_helper():
+    arr = np.arange(10, dtype=np.float64) / 3
+    out = gd._extract_into_tensor(arr, torch.tensor([1, 9]), (2, 3, 4))
+    assert out.shape == (2, 3, 4) and out.dtype == torch.float32
+    np.testing.assert_allclose(out[:, 0, 0].numpy(), [1 / 3, 3.0], rtol=1e-6)

@@ -1,0 +1,477 @@
+"""Tests for iddpm_fast.unet (plus the nn / fp16_util helpers it uses).
+
+Fixtures in tests/fixtures were produced once by running the original
+openai/improved-diffusion code:
+  * unet_cifar10_keys.json  - {name: shape} of the official CIFAR-10 UNet's
+                              state_dict, in state_dict order.
+  * unet_small_golden.json  - output statistics of a tiny perturbed UNet
+                              (recipe in its "description" field).
+"""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from iddpm_fast import fp16_util
+from iddpm_fast.nn import conv_nd, timestep_embedding, update_ema
+from iddpm_fast.unet import Downsample, ResBlock, SuperResModel, UNetModel
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+CIFAR10_CONFIG = dict(
+    in_channels=3,
+    model_channels=128,
+    out_channels=6,
+    num_res_blocks=3,
+    attention_resolutions=(2, 4),
+    dropout=0.3,
+    channel_mult=(1, 2, 2, 2),
+    num_classes=None,
+    use_checkpoint=False,
+    num_heads=4,
+    num_heads_upsample=-1,
+    use_scale_shift_norm=True,
+)
+
+SMALL = dict(
+    in_channels=3,
+    model_channels=32,
+    out_channels=3,
+    num_res_blocks=1,
+    attention_resolutions=(2,),
+    channel_mult=(1, 2),
+)
+
+
+def _perturb(model, seed):
+    """Add 0.02 * N(0, 1) noise to every parameter, in parameters() order."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def _small_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return _perturb(UNetModel(**{**SMALL, **overrides}), seed + 1)
+
+
+# --------------------------------------------------------------- checkpoints
+
+
+@pytest.fixture(scope="module")
+def cifar10_keys():
+    with open(FIXTURES / "unet_cifar10_keys.json") as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def cifar10_model():
+    torch.manual_seed(0)
+    return UNetModel(**CIFAR10_CONFIG)
+
+
+def test_cifar10_state_dict_names_and_shapes(cifar10_model, cifar10_keys):
+    ours = {k: list(v.shape) for k, v in cifar10_model.state_dict().items()}
+    assert len(cifar10_keys) == 446
+    assert ours == cifar10_keys
+    # Order matters too: EMA / fp16 master params are matched by position.
+    assert list(ours) == list(cifar10_keys)
+
+
+def test_cifar10_load_state_dict_strict_round_trip(cifar10_model, cifar10_keys):
+    gen = torch.Generator().manual_seed(123)
+    state = {
+        name: torch.randn(shape, generator=gen)
+        for name, shape in cifar10_keys.items()
+    }
+    result = cifar10_model.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    loaded = cifar10_model.state_dict()
+    assert loaded.keys() == state.keys()
+    for name, value in state.items():
+        assert torch.equal(loaded[name], value), name
+
+
+def test_load_state_dict_strict_rejects_wrong_shape(cifar10_keys):
+    torch.manual_seed(0)
+    model = UNetModel(**SMALL)
+    bad = model.state_dict()
+    bad["out.2.weight"] = torch.zeros(1, 1, 1, 1)
+    with pytest.raises(RuntimeError):
+        model.load_state_dict(bad, strict=True)
+
+
+# -------------------------------------------------------- golden (reference)
+
+
+@pytest.fixture(scope="module")
+def golden():
+    with open(FIXTURES / "unet_small_golden.json") as f:
+        return json.load(f)
+
+
+def _golden_model_and_inputs(golden):
+    cfg = dict(golden["config"])
+    cfg["attention_resolutions"] = tuple(cfg["attention_resolutions"])
+    cfg["channel_mult"] = tuple(cfg["channel_mult"])
+    torch.manual_seed(0)
+    model = _perturb(UNetModel(**cfg), 1)
+    torch.manual_seed(2)
+    x = torch.randn(*golden["input_shape"])
+    t = torch.tensor(golden["timesteps"])
+    y = torch.tensor(golden["y"])
+    return model, x, t, y
+
+
+def _check_against(out, expected, indices):
+    flat = out.flatten()
+    values = torch.tensor([flat[i].item() for i in indices], dtype=torch.float64)
+    torch.testing.assert_close(
+        values, torch.tensor(expected["values"], dtype=torch.float64),
+        rtol=1e-5, atol=1e-6,
+    )
+    assert out.double().sum().item() == pytest.approx(expected["sum"], rel=1e-5, abs=1e-4)
+    assert out.double().abs().sum().item() == pytest.approx(
+        expected["abs_sum"], rel=1e-5, abs=1e-4
+    )
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])  # train: dropout RNG order
+def test_matches_reference_golden_numbers(golden, mode):
+    model, x, t, y = _golden_model_and_inputs(golden)
+    getattr(model, mode)()
+    if mode == "train":
+        torch.manual_seed(3)
+    with torch.no_grad():
+        out = model(x, t, y)
+    assert list(out.shape) == golden["output_shape"]
+    _check_against(out, golden[mode], golden["indices"])
+
+
+# -------------------------------------------------------------------- shapes
+
+SHAPE_CASES = [
+    # default-ish small 32x32, class-conditional, batch 2
+    pytest.param(
+        UNetModel,
+        dict(SMALL, channel_mult=(1, 2, 2), num_res_blocks=2,
+             attention_resolutions=(2, 4), num_heads=2, num_classes=10,
+             use_scale_shift_norm=True, dropout=0.1),
+        (2, 3, 32, 32), {"y": torch.tensor([0, 9])}, (2, 3, 32, 32),
+        id="32x32-class-cond",
+    ),
+    # batch 1
+    pytest.param(UNetModel, SMALL, (1, 3, 16, 16), {}, (1, 3, 16, 16), id="batch1"),
+    # 64x64, four levels with a non-power-of-two multiplier
+    pytest.param(
+        UNetModel,
+        dict(SMALL, channel_mult=(1, 2, 3, 4), attention_resolutions=(8,)),
+        (1, 3, 64, 64), {}, (1, 3, 64, 64), id="64x64-mult1234",
+    ),
+    # grayscale, tiny 8x8, learned sigma (2 output channels)
+    pytest.param(
+        UNetModel, dict(SMALL, in_channels=1, out_channels=2),
+        (2, 1, 8, 8), {}, (2, 2, 8, 8), id="grayscale-8x8-learned-sigma",
+    ),
+    # non-square
+    pytest.param(UNetModel, SMALL, (2, 3, 8, 16), {}, (2, 3, 8, 16), id="non-square"),
+    # 1-D signals
+    pytest.param(UNetModel, dict(SMALL, dims=1), (2, 3, 16), {}, (2, 3, 16), id="1-D"),
+    # 3-D volumes (only the last two axes are resampled)
+    pytest.param(UNetModel, dict(SMALL, dims=3), (1, 3, 3, 8, 8), {}, (1, 3, 3, 8, 8),
+                 id="3-D"),
+    # average-pool downsampling (crashed at construction in the reference)
+    pytest.param(UNetModel, dict(SMALL, conv_resample=False), (2, 3, 8, 8), {},
+                 (2, 3, 8, 8), id="avgpool-no-conv-resample"),
+    # first level wider than model_channels (output head crashed in the reference)
+    pytest.param(UNetModel, dict(SMALL, channel_mult=(2, 2)), (2, 3, 8, 8), {},
+                 (2, 3, 8, 8), id="channel-mult-first-2"),
+    # super-resolution: low_res is upsampled 4x and concatenated
+    pytest.param(
+        SuperResModel, dict(SMALL, out_channels=6), (2, 3, 16, 16),
+        {"low_res": torch.randn(2, 3, 4, 4)}, (2, 6, 16, 16), id="super-res",
+    ),
+]
+
+
+@pytest.mark.parametrize("cls,cfg,x_shape,extra,out_shape", SHAPE_CASES)
+def test_output_shapes(cls, cfg, x_shape, extra, out_shape):
+    torch.manual_seed(0)
+    model = cls(**cfg).eval()
+    x = torch.randn(*x_shape)
+    t = torch.randint(0, 1000, (x_shape[0],))
+    with torch.no_grad():
+        out = model(x, t, **extra)
+    assert out.shape == out_shape
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+def test_output_head_is_zero_initialised():
+    torch.manual_seed(0)
+    model = UNetModel(**SMALL)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2]))
+    assert torch.count_nonzero(out) == 0
+
+
+def test_get_feature_vectors_superres():
+    # The reference unpacked x.shape in the wrong order here.
+    torch.manual_seed(0)
+    model = SuperResModel(**SMALL).eval()
+    x = torch.randn(2, 3, 16, 8)
+    low = torch.randn(2, 3, 8, 4)
+    with torch.no_grad():
+        feats = model.get_feature_vectors(x, torch.tensor([5, 6]), low_res=low)
+    assert len(feats["down"]) == len(model.input_blocks)
+    assert len(feats["up"]) == len(model.output_blocks)
+    assert feats["down"][0].shape == (2, 32, 16, 8)
+    assert feats["middle"].shape == (2, 64, 8, 4)
+    assert feats["up"][-1].shape == (2, 32, 16, 8)
+
+
+def test_downsample_avg_pool_1d_2d_3d():
+    assert Downsample(4, False, dims=1)(torch.ones(1, 4, 8)).shape == (1, 4, 4)
+    assert Downsample(4, False, dims=2)(torch.ones(1, 4, 8, 6)).shape == (1, 4, 4, 3)
+    out = Downsample(4, False, dims=3)(torch.ones(1, 4, 3, 8, 6))
+    assert out.shape == (1, 4, 3, 4, 3)
+    assert torch.equal(out, torch.ones_like(out))
+
+
+def test_repr():
+    torch.manual_seed(0)
+    text = repr(UNetModel(**SMALL))
+    assert isinstance(text, str) and text
+    assert "ResBlock" in text and "AttentionBlock" in text
+
+
+# -------------------------------------------------------------------- errors
+
+
+def _inputs(batch=2, channels=3, size=8):
+    return torch.randn(batch, channels, size, size), torch.arange(batch)
+
+
+def test_error_wrong_input_channels():
+    torch.manual_seed(0)
+    model = UNetModel(**SMALL)
+    x, t = _inputs(channels=4)
+    with pytest.raises(ValueError, match=r"expected x with 3 input channels, got 4"):
+        model(x, t)
+
+
+def test_error_wrong_number_of_dims():
+    torch.manual_seed(0)
+    model = UNetModel(**SMALL)
+    with pytest.raises(ValueError, match=r"expected x with 4 dims"):
+        model(torch.randn(3, 8, 8), torch.arange(3))
+
+
+@pytest.mark.parametrize(
+    "timesteps",
+    [
+        torch.tensor(5),  # scalar (0-D)
+        torch.zeros(2, 1),  # 2-D
+        torch.arange(3),  # length != batch
+    ],
+    ids=["0-D", "2-D", "wrong-length"],
+)
+def test_error_bad_timesteps(timesteps):
+    torch.manual_seed(0)
+    model = UNetModel(**SMALL)
+    x, _ = _inputs()
+    with pytest.raises(ValueError, match=r"timesteps must be a 1-D tensor of length N=2"):
+        model(x, timesteps)
+
+
+def test_error_y_given_to_unconditional_model():
+    torch.manual_seed(0)
+    model = UNetModel(**SMALL)
+    x, t = _inputs()
+    with pytest.raises(ValueError, match=r"y .* was given, but this model is unconditional"):
+        model(x, t, torch.tensor([0, 1]))
+
+
+def test_error_y_missing_for_class_conditional_model():
+    torch.manual_seed(0)
+    model = UNetModel(**SMALL, num_classes=10)
+    x, t = _inputs()
+    with pytest.raises(ValueError, match=r"y .* is missing; this model is class-conditional"):
+        model(x, t)
+    with pytest.raises(ValueError, match=r"y must be a tensor of shape \(2,\)"):
+        model(x, t, torch.tensor([[0], [1]]))
+
+
+@pytest.mark.parametrize("size", [7, 10])  # odd; even but not divisible by 4
+def test_error_spatial_size_not_divisible(size):
+    torch.manual_seed(0)
+    model = UNetModel(**dict(SMALL, channel_mult=(1, 1, 2)))
+    x, t = _inputs(size=size)
+    with pytest.raises(ValueError, match=r"not divisible by 2\*\*\(len\(channel_mult\)-1\) = 4"):
+        model(x, t)
+
+
+def test_error_superres_missing_low_res():
+    torch.manual_seed(0)
+    model = SuperResModel(**SMALL)
+    x, t = _inputs()
+    with pytest.raises(ValueError, match=r"low_res"):
+        model(x, t)
+    with pytest.raises(ValueError, match=r"expected x with 3 input channels, got 6"):
+        model(torch.randn(2, 6, 8, 8), t, low_res=torch.randn(2, 3, 4, 4))
+
+
+def test_error_unsupported_dims():
+    with pytest.raises(ValueError, match=r"dims"):
+        UNetModel(**dict(SMALL, dims=4))
+    with pytest.raises(ValueError, match=r"unsupported number of spatial dimensions 4"):
+        conv_nd(4, 3, 3, 3)
+
+
+# ------------------------------------------------------------ checkpointing
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])  # train: dropout active
+def test_gradient_checkpointing_same_outputs_and_grads(mode):
+    runs = []
+    for flag in (False, True):
+        model = _small_model(use_checkpoint=flag, dropout=0.2, use_scale_shift_norm=True)
+        getattr(model, mode)()
+        torch.manual_seed(5)
+        x = torch.randn(2, 3, 8, 8, requires_grad=True)
+        out = model(x, torch.tensor([3, 400]))
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        runs.append((out.detach(), [p.grad for p in model.parameters()], x.grad))
+    (out0, grads0, xg0), (out1, grads1, xg1) = runs
+    torch.testing.assert_close(out1, out0, rtol=0, atol=0)
+    assert all(g is not None for g in grads1)
+    assert any(g.abs().sum() > 0 for g in grads0)
+    for g0, g1 in zip(grads0, grads1):
+        torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(xg1, xg0, rtol=1e-5, atol=1e-6)
+
+
+def test_resblock_checkpoint_under_no_grad():
+    torch.manual_seed(0)
+    block = ResBlock(32, 16, 0.0, out_channels=64, use_checkpoint=True)
+    with torch.no_grad():
+        out = block(torch.randn(1, 32, 4, 4), torch.randn(1, 16))
+    assert out.shape == (1, 64, 4, 4)
+
+
+# ---------------------------------------------------------------------- fp16
+
+
+def test_convert_to_fp16_and_back():
+    model = _small_model(num_classes=10)
+    assert model.inner_dtype == torch.float32
+    model.convert_to_fp16()
+    assert model.inner_dtype == torch.float16
+    torso = [model.input_blocks, model.middle_block, model.output_blocks]
+    for part in torso:
+        for module in part.modules():
+            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                assert module.weight.dtype == torch.float16
+                assert module.bias.dtype == torch.float16
+            elif isinstance(module, (nn.Linear, nn.GroupNorm)):
+                assert module.weight.dtype == torch.float32
+    # Embeddings and the output head stay in float32.
+    for p in (*model.time_embed.parameters(), *model.label_emb.parameters(),
+              *model.out.parameters()):
+        assert p.dtype == torch.float32
+
+    x = torch.randn(2, 3, 8, 8)
+    t = torch.tensor([3, 917])
+    y = torch.tensor([1, 2])
+    model.eval()
+    try:
+        with torch.no_grad():
+            out16 = model(x, t, y)
+    except RuntimeError as exc:  # half conv unsupported on this CPU build
+        out16 = None
+        print(f"fp16 forward not supported here: {exc}")
+    model.convert_to_fp32()
+    assert model.inner_dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    if out16 is not None:
+        assert out16.dtype == torch.float32
+        with torch.no_grad():
+            out32 = model(x, t, y)
+        torch.testing.assert_close(out16, out32, rtol=0.05, atol=0.05)
+
+
+def test_convert_module_to_f16_conv_without_bias():
+    conv = nn.Conv2d(3, 4, 3, bias=False)
+    fp16_util.convert_module_to_f16(conv)
+    assert conv.weight.dtype == torch.float16 and conv.bias is None
+    fp16_util.convert_module_to_f32(conv)
+    assert conv.weight.dtype == torch.float32
+    lin = nn.Linear(2, 2)
+    fp16_util.convert_module_to_f16(lin)
+    assert lin.weight.dtype == torch.float32
+
+
+def test_master_params_round_trip():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Linear(3, 5))
+    params = list(model.parameters())
+    master = fp16_util.make_master_params(params)
+    assert len(master) == 1 and master[0].dtype == torch.float32
+    assert master[0].numel() == sum(p.numel() for p in params)
+    assert master[0].requires_grad
+    for p in params:
+        p.grad = torch.full_like(p, 2.0)
+    fp16_util.model_grads_to_master_grads(params, master)
+    assert torch.equal(master[0].grad, torch.full_like(master[0], 2.0))
+    with torch.no_grad():
+        master[0].mul_(3)
+    before = [p.detach().clone() for p in params]
+    fp16_util.master_params_to_model_params(iter(params), master)  # generator ok
+    for b, p in zip(before, params):
+        torch.testing.assert_close(p.detach(), 3 * b)
+    views = fp16_util.unflatten_master_params(model.parameters(), master)
+    assert [v.shape for v in views] == [p.shape for p in params]
+    fp16_util.zero_grad(params)
+    assert all(torch.count_nonzero(p.grad) == 0 for p in params)
+
+
+def test_update_ema():
+    target = [torch.zeros(3)]
+    update_ema(target, [torch.ones(3)], rate=0.9)
+    torch.testing.assert_close(target[0], torch.full((3,), 0.1))
+
+
+# ------------------------------------------------------- timestep embedding
+
+
+@pytest.mark.parametrize("dim", [1, 6, 7, 128])  # 1 and 7: odd, zero-padded
+def test_timestep_embedding_formula(dim):
+    t = torch.tensor([0.0, 1.0, 2.5, 999.0])
+    emb = timestep_embedding(t, dim)
+    assert emb.shape == (4, dim) and emb.dtype == torch.float32
+    half = dim // 2
+    expected = torch.zeros(4, dim, dtype=torch.float64)
+    for i in range(half):
+        freq = math.exp(-math.log(10000) * i / half)
+        for row, step in enumerate(t.tolist()):
+            expected[row, i] = math.cos(step * freq)
+            expected[row, half + i] = math.sin(step * freq)
+    # float32 phases of size ~1e3 carry ~1e-4 absolute rounding.
+    torch.testing.assert_close(emb.double(), expected, rtol=0, atol=2e-4)
+    if dim % 2:
+        assert torch.count_nonzero(emb[:, -1]) == 0
+
+
+def test_timestep_embedding_integer_and_max_period():
+    t = torch.tensor([4, 17])
+    emb = timestep_embedding(t, 8, max_period=100)
+    freqs = 100.0 ** (-torch.arange(4, dtype=torch.float64) / 4)
+    phases = t.double()[:, None] * freqs
+    torch.testing.assert_close(
+        emb.double(), torch.cat([phases.cos(), phases.sin()], dim=1), rtol=0, atol=1e-5
+    )
