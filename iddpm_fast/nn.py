@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint as _torch_checkpoint
 
+from .reference import mean_flat  # noqa: F401  (public here, as in the original)
+
 _CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _AVG_POOL_CLASSES = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 
@@ -81,11 +83,6 @@ def scale_module(module, scale):
     for param in module.parameters():
         param.detach().mul_(scale)
     return module
-
-
-def mean_flat(tensor):
-    """Mean over every dimension except the first (batch) one."""
-    return tensor.mean(dim=list(range(1, tensor.dim())))
 
 
 def normalization(channels):
