@@ -13,3 +13,14 @@ Importing the package changes no process-wide setting.
 """
 
 __version__ = "0.1.0"
+
+
+def train(**config):
+    """
+    Train an Improved DDPM; see :func:`iddpm_fast.training.train` (keys:
+    improved-diffusion's image_train.py flags plus this library's). With no
+    `data_dir`, trains the built-in digits preset.
+    """
+    from .training import train as _train
+
+    return _train(**config)

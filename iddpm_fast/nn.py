@@ -67,8 +67,16 @@ def update_ema(target_params, source_params, rate=0.99):
 
     ``rate`` close to 1 means the target moves slowly.
     """
-    for target, source in zip(target_params, source_params):
-        target.detach().mul_(rate).add_(source, alpha=1 - rate)
+    targets = [t.detach() for t in target_params]
+    sources = [s.detach() for s in source_params]
+    if len(targets) != len(sources):
+        raise ValueError(f"update_ema: {len(targets)} targets but {len(sources)} sources")
+    if not targets:
+        return
+    # One fused multi-tensor update; per element the same mul-then-add as the original loop.
+    with torch.no_grad():
+        torch._foreach_mul_(targets, rate)
+        torch._foreach_add_(targets, sources, alpha=1 - rate)
 
 
 def zero_module(module):

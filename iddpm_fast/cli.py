@@ -1,0 +1,97 @@
+"""
+Command line: ``python -m iddpm_fast <command> [--flag value ...]`` (also the
+``iddpm-fast`` console script).
+
+Commands:
+  train   improved-diffusion's image_train.py flags plus this library's
+          (see ``python -m iddpm_fast train --help``); with no --data_dir it
+          trains the built-in digits preset.
+"""
+
+import argparse
+import ctypes
+import ctypes.util
+import os
+import sys
+
+from .script_util import str2bool
+
+# glibc mallopt parameters.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def tune_malloc():
+    """
+    Keep glibc from returning large freed buffers to the OS after every step
+    only to fault them back in on the next (measured on a 2-core CPU: a
+    64-channel batch-64 training step went from ~5 s to ~3.5 s). Only the CLI
+    calls this; importing the library changes no process-wide setting.
+    Disable with IDDPM_FAST_MALLOC_TUNING=0 or --malloc_tuning false.
+
+    :return: True when the settings were applied.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+        for threshold in (2**30, 2**28, 2**25):  # glibc caps this; take the largest accepted
+            if libc.mallopt(_M_MMAP_THRESHOLD, threshold):
+                return bool(ok)
+    except (OSError, AttributeError):
+        return False
+    return False
+
+
+def _add_config_flags(parser, defaults):
+    for key, default in defaults.items():
+        if isinstance(default, bool):
+            kind = str2bool
+        elif default is None:
+            kind = str
+        else:
+            kind = type(default)
+        parser.add_argument(f"--{key}", type=kind, default=argparse.SUPPRESS, help=f"(default: {default!r})")
+
+
+def _train(args):
+    from .training import train
+
+    result = train(**args)
+    print(f"done: {result['step']} steps in {result['seconds']:.0f} s; outputs in {result['out_dir']}")
+    if result.get("samples"):
+        print(f"samples: {result['samples']}")
+    if result.get("nll_bpd") is not None:
+        print(f"held-out NLL: {result['nll_bpd']:.4f} bits/dim")
+    return 0
+
+
+def build_parser():
+    from .training import train_defaults
+
+    parser = argparse.ArgumentParser(prog="python -m iddpm_fast", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--malloc_tuning", type=str2bool, default=argparse.SUPPRESS,
+                        help="raise glibc's trim/mmap thresholds (default: true; or IDDPM_FAST_MALLOC_TUNING=0)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train a model (built-in digits when no --data_dir)")
+    _add_config_flags(p_train, train_defaults())
+    p_train.add_argument("--malloc_tuning", type=str2bool, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p_train.set_defaults(_run=_train)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    run = args.pop("_run")
+    args.pop("command")
+    malloc = args.pop("malloc_tuning", os.environ.get("IDDPM_FAST_MALLOC_TUNING", "1") != "0")
+    if malloc:
+        tune_malloc()
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
