@@ -42,6 +42,11 @@ def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
     if T < 1:
         raise ValueError(f"num_diffusion_timesteps must be >= 1, got {num_diffusion_timesteps}")
     if schedule_name == "linear":
+        if T <= 20:
+            raise ValueError(
+                f"the linear schedule needs more than 20 steps (its last beta is 0.02 * 1000 / T = {20 / T:g}); "
+                "use more steps or the cosine schedule"
+            )
         scale = 1000 / T
         return np.linspace(scale * 0.0001, scale * 0.02, T, dtype=np.float64)
     if schedule_name == "cosine":
@@ -95,15 +100,34 @@ class LossType(enum.Enum):
 
 
 def _builtin(fn):
-    # Marks this library's own p_mean_variance implementations: when a user
-    # subclass overrides p_mean_variance, the fused paths step aside so the
-    # override is honoured everywhere the original would call it.
+    # Marks this library's own implementations of the methods a subclass may
+    # override (see _OVERRIDABLE): when a user subclass overrides one, the fused
+    # paths step aside and the original's call structure runs, so the override
+    # is called everywhere improved-diffusion would call it.
     fn._iddpm_fast_builtin = True
     return fn
 
 
+# Methods whose override by a subclass disables the fused paths.
+_OVERRIDABLE = (
+    "p_mean_variance",
+    "q_posterior_mean_variance",
+    "q_sample",
+    "_predict_xstart_from_eps",
+    "_predict_xstart_from_xprev",
+    "_predict_eps_from_xstart",
+    "_vb_terms_bpd",
+)
+
+
 def _expand(v, shape):
     return v.expand(shape) if v.shape != shape else v
+
+
+def _promote(x):
+    # The original's float32 coefficient tensors promoted half-precision
+    # states to float32; keep that (the model still sees x unchanged).
+    return x.float() if x.dtype in (th.float16, th.bfloat16) else x
 
 
 class GaussianDiffusion:
@@ -186,7 +210,10 @@ class GaussianDiffusion:
         )
 
     def _fusable(self, denoised_fn=None):
-        return denoised_fn is None and getattr(type(self).p_mean_variance, "_iddpm_fast_builtin", False)
+        if denoised_fn is not None:
+            return False
+        cls = type(self)
+        return all(getattr(getattr(cls, name), "_iddpm_fast_builtin", False) for name in _OVERRIDABLE)
 
     def _call_model(self, model, x, t, model_kwargs):
         return model(x, self._scale_timesteps(t), **(model_kwargs or {}))
@@ -244,6 +271,7 @@ class GaussianDiffusion:
         log_variance = ref.gather(tables, "log_one_minus_alphas_cumprod", t, nd)
         return mean, _expand(variance, x_start.shape), _expand(log_variance, x_start.shape)
 
+    @_builtin
     def q_sample(self, x_start, t, noise=None):
         """
         Diffuse the data: sample x_t ~ q(x_t | x_0).
@@ -256,8 +284,9 @@ class GaussianDiffusion:
         if noise is None:
             noise = th.randn_like(x_start)
         self._check_t(t, x_start)
-        return ops.q_sample(x_start, t, noise, self.tables(x_start.device))
+        return ops.q_sample(_promote(x_start), t, noise, self.tables(x_start.device))
 
+    @_builtin
     def q_posterior_mean_variance(self, x_start, x_t, t):
         """
         The diffusion posterior q(x_{t-1} | x_t, x_0).
@@ -265,7 +294,7 @@ class GaussianDiffusion:
         :return: (mean, variance, log_variance_clipped), all of x_t's shape.
         """
         self._check_t(t, x_t)
-        mean, variance, log_variance = ops.q_posterior_mean_variance(x_start, x_t, t, self.tables(x_t.device))
+        mean, variance, log_variance = ops.q_posterior_mean_variance(x_start, _promote(x_t), t, self.tables(x_t.device))
         return mean, _expand(variance, x_t.shape), _expand(log_variance, x_t.shape)
 
     # ------------------------------------------------------------------
@@ -291,16 +320,15 @@ class GaussianDiffusion:
         self._check_t(t, x)
         model_output = self._call_model(model, x, t, model_kwargs)
         tables = self.tables(x.device)
-        if denoised_fn is None:
+        x = _promote(x)
+        if self._fusable(denoised_fn):
             mean, variance, log_variance, pred_xstart = ops.p_mean_variance(
                 model_output, x, t, tables, clip_denoised=clip_denoised, **self._kinds
             )
         else:
-            _checks.check_model_output(model_output, x, self._kinds["model_var_type"])
-            outs = ref.p_mean_variance_unfused(
-                model_output, x, t, tables, clip_denoised=clip_denoised, denoised_fn=denoised_fn, **self._kinds
+            mean, variance, log_variance, pred_xstart = self._p_mean_variance_unfused(
+                model_output, x, t, clip_denoised, denoised_fn
             )
-            mean, variance, log_variance, pred_xstart = (o.to(x.dtype) for o in outs)
         return {
             "mean": mean,
             "variance": _expand(variance, x.shape),
@@ -308,18 +336,45 @@ class GaussianDiffusion:
             "pred_xstart": pred_xstart,
         }
 
+    def _p_mean_variance_unfused(self, model_output, x, t, clip_denoised, denoised_fn):
+        """The original's call structure, through the (possibly overridden) helper methods."""
+        _checks.check_model_output(model_output, x, self._kinds["model_var_type"])
+        tables = self.tables(x.device)
+        mean_part, var_values = ref.split_model_output(model_output, x, self._kinds["model_var_type"])
+        variance, log_variance = ref.model_log_variance(var_values, t, tables, self._kinds["model_var_type"], x.dim())
+
+        def process_xstart(z):
+            if denoised_fn is not None:
+                z = denoised_fn(z)
+            return z.clamp(-1, 1) if clip_denoised else z
+
+        if self.model_mean_type == ModelMeanType.PREVIOUS_X:
+            pred_xstart = process_xstart(self._predict_xstart_from_xprev(x_t=x, t=t, xprev=mean_part))
+            mean = mean_part
+        elif self.model_mean_type == ModelMeanType.START_X:
+            pred_xstart = process_xstart(mean_part)
+            mean, _, _ = self.q_posterior_mean_variance(x_start=pred_xstart, x_t=x, t=t)
+        else:
+            pred_xstart = process_xstart(self._predict_xstart_from_eps(x_t=x, t=t, eps=mean_part))
+            mean, _, _ = self.q_posterior_mean_variance(x_start=pred_xstart, x_t=x, t=t)
+        dtype = th.promote_types(x.dtype, mean_part.dtype)
+        return mean.to(dtype), variance, log_variance.to(dtype), pred_xstart.to(dtype)
+
+    @_builtin
     def _predict_xstart_from_eps(self, x_t, t, eps):
         if x_t.shape != eps.shape:
             raise ValueError(f"x_t {tuple(x_t.shape)} and eps {tuple(eps.shape)} must have the same shape")
-        return ref.predict_xstart_from_eps(x_t, t, eps, self.tables(x_t.device)).to(x_t.dtype)
+        return ref.predict_xstart_from_eps(x_t, t, eps, self.tables(x_t.device)).to(_promote(x_t).dtype)
 
+    @_builtin
     def _predict_xstart_from_xprev(self, x_t, t, xprev):
         if x_t.shape != xprev.shape:
             raise ValueError(f"x_t {tuple(x_t.shape)} and xprev {tuple(xprev.shape)} must have the same shape")
-        return ref.predict_xstart_from_xprev(x_t, t, xprev, self.tables(x_t.device)).to(x_t.dtype)
+        return ref.predict_xstart_from_xprev(x_t, t, xprev, self.tables(x_t.device)).to(_promote(x_t).dtype)
 
+    @_builtin
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
-        return ref.predict_eps_from_xstart(x_t, t, pred_xstart, self.tables(x_t.device)).to(x_t.dtype)
+        return ref.predict_eps_from_xstart(x_t, t, pred_xstart, self.tables(x_t.device)).to(_promote(x_t).dtype)
 
     def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None):
         """
@@ -333,7 +388,7 @@ class GaussianDiffusion:
             model_output = self._call_model(model, x, t, model_kwargs)
             noise = th.randn_like(x)
             sample, pred_xstart = ops.p_sample_step(
-                model_output, x, t, noise, self.tables(x.device), clip_denoised=clip_denoised, **self._kinds
+                model_output, _promote(x), t, noise, self.tables(x.device), clip_denoised=clip_denoised, **self._kinds
             )
             return {"sample": sample, "pred_xstart": pred_xstart}
         out = self.p_mean_variance(
@@ -433,15 +488,17 @@ class GaussianDiffusion:
             model_output = self._call_model(model, x, t, model_kwargs)
             noise = th.randn_like(x)
             sample, pred_xstart = ops.ddim_step(
-                model_output, x, t, noise, self.tables(x.device), eta=eta, clip_denoised=clip_denoised, **self._kinds
+                model_output, _promote(x), t, noise, self.tables(x.device), eta=eta, clip_denoised=clip_denoised,
+                **self._kinds,
             )
             return {"sample": sample, "pred_xstart": pred_xstart}
         out = self.p_mean_variance(
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
         )
         noise = th.randn_like(x)
-        sample = ref.ddim_step_from_xstart(x, t, out["pred_xstart"], noise, self.tables(x.device), eta)
-        return {"sample": sample.to(x.dtype), "pred_xstart": out["pred_xstart"]}
+        eps = self._predict_eps_from_xstart(_promote(x), t, out["pred_xstart"])
+        sample = ref.ddim_step_from_eps(_promote(x), t, out["pred_xstart"], eps, noise, self.tables(x.device), eta)
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def ddim_reverse_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0):
         """Sample x_{t+1} from the model with the deterministic reverse DDIM ODE."""
@@ -450,8 +507,8 @@ class GaussianDiffusion:
         out = self.p_mean_variance(
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
         )
-        sample = ref.ddim_reverse_from_xstart(x, t, out["pred_xstart"], self.tables(x.device))
-        return {"sample": sample.to(x.dtype), "pred_xstart": out["pred_xstart"]}
+        sample = ref.ddim_reverse_from_xstart(_promote(x), t, out["pred_xstart"], self.tables(x.device))
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def ddim_sample_loop(
         self,
@@ -514,6 +571,7 @@ class GaussianDiffusion:
     # Losses and likelihood
     # ------------------------------------------------------------------
 
+    @_builtin
     def _vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None):
         """
         One term of the variational bound, in bits per dimension.
@@ -527,11 +585,12 @@ class GaussianDiffusion:
             self._check_t(t, x_t)
             model_output = self._call_model(model, x_t, t, model_kwargs)
             output, pred_xstart = ops.vb_terms_bpd(
-                model_output, x_start, x_t, t, tables, clip_denoised=clip_denoised, **self._kinds
+                model_output, x_start, _promote(x_t), t, tables, clip_denoised=clip_denoised, **self._kinds
             )
             return {"output": output, "pred_xstart": pred_xstart}
+        true_mean, _, true_log_variance = self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)
         out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
-        output = ref.vb_terms_from_distribution(x_start, x_t, t, tables, out["mean"], out["log_variance"])
+        output = ref.vb_terms_from_distribution(x_start, t, true_mean, true_log_variance, out["mean"], out["log_variance"])
         return {"output": output, "pred_xstart": out["pred_xstart"]}
 
     def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
@@ -551,10 +610,8 @@ class GaussianDiffusion:
         if noise is None:
             noise = th.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise=noise)
-        if self.loss_type.is_vb() and not self._fusable():
-            out = self._vb_terms_bpd(model, x_start, x_t, t, clip_denoised=False, model_kwargs=model_kwargs)
-            loss = out["output"] * self.num_timesteps if self.loss_type == LossType.RESCALED_KL else out["output"]
-            return {"loss": loss}
+        if not self._fusable():
+            return self._training_losses_unfused(model, x_start, x_t, t, noise, model_kwargs)
         model_output = self._call_model(model, x_t, t, model_kwargs)
         loss, mse, vb = ops.training_loss(
             model_output,
@@ -573,6 +630,36 @@ class GaussianDiffusion:
             terms["vb"] = vb
         terms["mse"] = mse
         terms["loss"] = loss
+        return terms
+
+    def _training_losses_unfused(self, model, x_start, x_t, t, noise, model_kwargs):
+        """The original's call structure, through the (possibly overridden) helper methods."""
+        if self.loss_type.is_vb():
+            out = self._vb_terms_bpd(model, x_start, x_t, t, clip_denoised=False, model_kwargs=model_kwargs)
+            loss = out["output"] * self.num_timesteps if self.loss_type == LossType.RESCALED_KL else out["output"]
+            return {"loss": loss}
+        model_output = self._call_model(model, x_t, t, model_kwargs)
+        _checks.check_model_output(model_output, x_t, self._kinds["model_var_type"])
+        terms = {}
+        mean_part, var_values = ref.split_model_output(model_output, x_t, self._kinds["model_var_type"])
+        if var_values is not None:
+            # The bound term trains only the variance: the mean enters it detached.
+            frozen_out = th.cat([mean_part.detach(), var_values], dim=1)
+            terms["vb"] = self._vb_terms_bpd(
+                model=lambda *args, r=frozen_out: r, x_start=x_start, x_t=x_t, t=t, clip_denoised=False
+            )["output"]
+            if self.loss_type == LossType.RESCALED_MSE:
+                terms["vb"] = terms["vb"] * (self.num_timesteps / 1000.0)
+        # The original evaluated the posterior mean whatever the mean type; an
+        # override sees the same calls.
+        posterior_mean = self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)[0]
+        target = {
+            ModelMeanType.PREVIOUS_X: posterior_mean,
+            ModelMeanType.START_X: x_start,
+            ModelMeanType.EPSILON: noise,
+        }[self.model_mean_type]
+        terms["mse"] = ref.mean_flat((target - mean_part) ** 2)
+        terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
 
     def _prior_bpd(self, x_start):

@@ -45,7 +45,7 @@ def save_grid(x, path, nrow=None, min_size=256):
 
     u8 = to_uint8(x) if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.uint8)
     grid = make_grid(u8, nrow=nrow)
-    scale = max(1, min_size // max(grid.shape[:2]))
+    scale = max(1, math.ceil(min_size / max(grid.shape[:2])))
     image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if scale > 1:
         image = image.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)

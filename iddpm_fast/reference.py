@@ -17,8 +17,11 @@ Conventions
   Ops gather their per-timestep coefficients from it by ``t``, exactly as
   improved-diffusion's ``_extract_into_tensor`` gathered float64 numpy values
   and cast them to float32.
-- Math runs in float32 whatever the input dtype (``upcast``); tensor outputs
-  come back in the dtype of the main input, per-sample losses in float32.
+- Math runs in float32 for fp32/bf16/fp16 inputs (float64 for float64
+  inputs); tensor outputs come back in the dtype of the main input (x_t or
+  x_start), per-sample losses in float32. The drop-in `GaussianDiffusion`
+  promotes half-precision states to float32 before calling the ops, as the
+  original's float32 coefficients did.
 - Mean/variance types are passed as the lower-case names of
   :class:`~iddpm_fast.gaussian_diffusion.ModelMeanType` /
   :class:`~iddpm_fast.gaussian_diffusion.ModelVarType` /
@@ -134,6 +137,11 @@ def _nonzero_mask(t, ndim):
     return (t != 0).float().view(-1, *([1] * (ndim - 1)))
 
 
+def _up(x):
+    """x in the dtype the math runs in: float32, or float64 for float64 input."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def mean_flat(x):
     """Mean over all non-batch dimensions: [N x ...] -> [N]."""
     return x.mean(dim=list(range(1, x.dim())))
@@ -181,7 +189,7 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     :return: log-probabilities of x's shape, in x's dtype (float32 math).
     """
     out_dtype = x.dtype
-    x, means, log_scales = x.float(), means.float(), log_scales.float()
+    x, means, log_scales = _up(x), _up(means), _up(log_scales)
     log_scales = log_scales.expand_as(x)
     centered_x = x - means
     inv_stdv = torch.exp(-log_scales)
@@ -206,7 +214,7 @@ def discretized_gaussian_nll_bpd(x, means, log_scales):
 
     :return: an [N] float32 tensor in bits per dimension.
     """
-    ll = discretized_gaussian_log_likelihood(x.float(), means.float(), log_scales.float())
+    ll = discretized_gaussian_log_likelihood(_up(x), _up(means), _up(log_scales))
     return mean_flat(-ll) / _LN2
 
 
@@ -226,8 +234,8 @@ def q_sample(x_start, t, noise, tables):
     """
     nd = x_start.dim()
     out = (
-        gather(tables, "sqrt_alphas_cumprod", t, nd) * x_start.float()
-        + gather(tables, "sqrt_one_minus_alphas_cumprod", t, nd) * noise.float()
+        gather(tables, "sqrt_alphas_cumprod", t, nd) * _up(x_start)
+        + gather(tables, "sqrt_one_minus_alphas_cumprod", t, nd) * _up(noise)
     )
     return out.to(x_start.dtype)
 
@@ -241,8 +249,8 @@ def q_posterior_mean_variance(x_start, x_t, t, tables):
     """
     nd = x_t.dim()
     mean = (
-        gather(tables, "posterior_mean_coef1", t, nd) * x_start.float()
-        + gather(tables, "posterior_mean_coef2", t, nd) * x_t.float()
+        gather(tables, "posterior_mean_coef1", t, nd) * _up(x_start)
+        + gather(tables, "posterior_mean_coef2", t, nd) * _up(x_t)
     )
     return (
         mean.to(x_t.dtype),
@@ -279,12 +287,12 @@ def model_log_variance(var_values, t, tables, model_var_type, ndim):
     Fixed types return [N,1,..] tensors; learned types return var_values' shape.
     """
     if model_var_type == "learned":
-        log_var = var_values.float()
+        log_var = _up(var_values)
         return torch.exp(log_var), log_var
     if model_var_type == "learned_range":
         min_log = gather(tables, "posterior_log_variance_clipped", t, ndim)
         max_log = gather(tables, "log_betas", t, ndim)
-        frac = (var_values.float() + 1) / 2
+        frac = (_up(var_values) + 1) / 2
         log_var = frac * max_log + (1 - frac) * min_log
         return torch.exp(log_var), log_var
     if model_var_type == "fixed_large":
@@ -304,8 +312,8 @@ def predict_xstart_from_eps(x_t, t, eps, tables):
     """x_0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps (float32)."""
     nd = x_t.dim()
     return (
-        gather(tables, "sqrt_recip_alphas_cumprod", t, nd) * x_t.float()
-        - gather(tables, "sqrt_recipm1_alphas_cumprod", t, nd) * eps.float()
+        gather(tables, "sqrt_recip_alphas_cumprod", t, nd) * _up(x_t)
+        - gather(tables, "sqrt_recipm1_alphas_cumprod", t, nd) * _up(eps)
     )
 
 
@@ -313,8 +321,8 @@ def predict_xstart_from_xprev(x_t, t, xprev, tables):
     """x_0 = (x_{t-1} - coef2 x_t) / coef1 (float32)."""
     nd = x_t.dim()
     return (
-        gather(tables, "recip_posterior_mean_coef1", t, nd) * xprev.float()
-        - gather(tables, "posterior_mean_coef2_over_coef1", t, nd) * x_t.float()
+        gather(tables, "recip_posterior_mean_coef1", t, nd) * _up(xprev)
+        - gather(tables, "posterior_mean_coef2_over_coef1", t, nd) * _up(x_t)
     )
 
 
@@ -322,7 +330,7 @@ def predict_eps_from_xstart(x_t, t, pred_xstart, tables):
     """eps = (sqrt(1/abar_t) x_t - x_0) / sqrt(1/abar_t - 1) (float32)."""
     nd = x_t.dim()
     return (
-        gather(tables, "sqrt_recip_alphas_cumprod", t, nd) * x_t.float() - pred_xstart.float()
+        gather(tables, "sqrt_recip_alphas_cumprod", t, nd) * _up(x_t) - _up(pred_xstart)
     ) / gather(tables, "sqrt_recipm1_alphas_cumprod", t, nd)
 
 
@@ -345,15 +353,15 @@ def p_mean_variance_unfused(
 
     if model_mean_type == "previous_x":
         pred_xstart = process_xstart(predict_xstart_from_xprev(x_t, t, mean_part, tables))
-        mean = mean_part.float()
+        mean = _up(mean_part)
     elif model_mean_type in ("start_x", "epsilon"):
         if model_mean_type == "start_x":
-            pred_xstart = process_xstart(mean_part.float())
+            pred_xstart = process_xstart(_up(mean_part))
         else:
             pred_xstart = process_xstart(predict_xstart_from_eps(x_t, t, mean_part, tables))
         mean = (
             gather(tables, "posterior_mean_coef1", t, nd) * pred_xstart
-            + gather(tables, "posterior_mean_coef2", t, nd) * x_t.float()
+            + gather(tables, "posterior_mean_coef2", t, nd) * _up(x_t)
         )
     else:
         raise ValueError(f"unknown model_mean_type {model_mean_type!r}; expected one of {MEAN_TYPES}")
@@ -404,19 +412,24 @@ def p_sample_step(model_output, x_t, t, noise, tables, *, model_mean_type, model
         model_var_type=model_var_type,
         clip_denoised=clip_denoised,
     )
-    sample = mean + _nonzero_mask(t, x_t.dim()) * torch.exp(0.5 * log_variance) * noise.float()
+    sample = mean + _nonzero_mask(t, x_t.dim()) * torch.exp(0.5 * log_variance) * _up(noise)
     return sample.to(x_t.dtype), pred_xstart.to(x_t.dtype)
 
 
 def ddim_step_from_xstart(x_t, t, pred_xstart, noise, tables, eta):
     """DDIM's update (its eq. 12) given the x_0 prediction; float32."""
-    nd = x_t.dim()
     eps = predict_eps_from_xstart(x_t, t, pred_xstart, tables)
+    return ddim_step_from_eps(x_t, t, pred_xstart, eps, noise, tables, eta)
+
+
+def ddim_step_from_eps(x_t, t, pred_xstart, eps, noise, tables, eta):
+    """DDIM's update given both the x_0 and the implied epsilon predictions."""
+    nd = x_t.dim()
     alpha_bar = gather(tables, "alphas_cumprod", t, nd)
     alpha_bar_prev = gather(tables, "alphas_cumprod_prev", t, nd)
     sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
-    mean_pred = pred_xstart.float() * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
-    return mean_pred + _nonzero_mask(t, nd) * sigma * noise.float()
+    mean_pred = _up(pred_xstart) * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
+    return mean_pred + _nonzero_mask(t, nd) * sigma * _up(noise)
 
 
 def ddim_step(model_output, x_t, t, noise, tables, *, eta, model_mean_type, model_var_type, clip_denoised):
@@ -446,7 +459,7 @@ def ddim_reverse_from_xstart(x_t, t, pred_xstart, tables):
     nd = x_t.dim()
     eps = predict_eps_from_xstart(x_t, t, pred_xstart, tables)
     alpha_bar_next = gather(tables, "alphas_cumprod_next", t, nd)
-    return pred_xstart.float() * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
+    return _up(pred_xstart) * torch.sqrt(alpha_bar_next) + torch.sqrt(1 - alpha_bar_next) * eps
 
 
 # --------------------------------------------------------------------------
@@ -471,23 +484,24 @@ def vb_terms_bpd(model_output, x_start, x_t, t, tables, *, model_mean_type, mode
         model_var_type=model_var_type,
         clip_denoised=clip_denoised,
     )
-    return vb_terms_from_distribution(x_start, x_t, t, tables, mean, log_variance), pred_xstart.to(x_t.dtype)
-
-
-def vb_terms_from_distribution(x_start, x_t, t, tables, mean, log_variance):
-    """
-    The bound terms of :func:`vb_terms_bpd` given the model's Gaussian
-    (mean, log_variance) rather than its raw output: [N] float32, bits/dim.
-    """
     nd = x_t.dim()
     true_mean = (
-        gather(tables, "posterior_mean_coef1", t, nd) * x_start.float()
-        + gather(tables, "posterior_mean_coef2", t, nd) * x_t.float()
+        gather(tables, "posterior_mean_coef1", t, nd) * _up(x_start)
+        + gather(tables, "posterior_mean_coef2", t, nd) * _up(x_t)
     )
     true_log_var = gather(tables, "posterior_log_variance_clipped", t, nd)
-    mean, log_variance = mean.float(), log_variance.float()
-    kl = mean_flat(normal_kl(true_mean, true_log_var, mean, log_variance)) / _LN2
-    decoder_nll = discretized_gaussian_nll_bpd(x_start, mean, 0.5 * log_variance)
+    terms = vb_terms_from_distribution(x_start, t, true_mean, true_log_var, mean, log_variance)
+    return terms, pred_xstart.to(x_t.dtype)
+
+
+def vb_terms_from_distribution(x_start, t, true_mean, true_log_variance, mean, log_variance):
+    """
+    The bound terms of :func:`vb_terms_bpd` given the posterior q(x_{t-1}|x_t,x_0)
+    and the model's Gaussian p(x_{t-1}|x_t), each as (mean, log-variance):
+    [N] tensor in bits/dim (KL for t > 0, decoder NLL at t = 0).
+    """
+    kl = mean_flat(normal_kl(_up(true_mean), _up(true_log_variance), _up(mean), _up(log_variance))) / _LN2
+    decoder_nll = discretized_gaussian_nll_bpd(x_start, mean, 0.5 * _up(log_variance))
     return torch.where(t == 0, decoder_nll, kl)
 
 
@@ -549,16 +563,16 @@ def training_loss(
     if model_mean_type == "previous_x":
         nd = x_t.dim()
         target = (
-            gather(tables, "posterior_mean_coef1", t, nd) * x_start.float()
-            + gather(tables, "posterior_mean_coef2", t, nd) * x_t.float()
+            gather(tables, "posterior_mean_coef1", t, nd) * _up(x_start)
+            + gather(tables, "posterior_mean_coef2", t, nd) * _up(x_t)
         )
     elif model_mean_type == "start_x":
-        target = x_start.float()
+        target = _up(x_start)
     elif model_mean_type == "epsilon":
-        target = noise.float()
+        target = _up(noise)
     else:
         raise ValueError(f"unknown model_mean_type {model_mean_type!r}; expected one of {MEAN_TYPES}")
-    mse = mean_flat((target - mean_part.float()) ** 2)
+    mse = mean_flat((target - _up(mean_part)) ** 2)
     loss = mse + vb if var_values is not None else mse
     return loss, mse, vb
 
@@ -570,7 +584,7 @@ def prior_bpd(x_start, tables):
     n = x_start.shape[0]
     t = torch.full((n,), tables.shape[1] - 1, device=x_start.device, dtype=torch.long)
     nd = x_start.dim()
-    mean = gather(tables, "sqrt_alphas_cumprod", t, nd) * x_start.float()
+    mean = gather(tables, "sqrt_alphas_cumprod", t, nd) * _up(x_start)
     log_var = gather(tables, "log_one_minus_alphas_cumprod", t, nd)
     return mean_flat(normal_kl(mean, log_var, 0.0, 0.0)) / _LN2
 

@@ -7,6 +7,7 @@ Sampling draws from NumPy's global random state exactly as the original does,
 so a seeded run picks the same timesteps.
 """
 
+import warnings
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -150,7 +151,9 @@ class LossSecondMomentResampler(LossAwareSampler):
             if not 0 <= t < T:
                 raise ValueError(f"timestep {t} is outside [0, {T - 1}]")
             if not np.isfinite(loss):
-                raise ValueError(f"non-finite loss {loss} at timestep {t}: it would corrupt the sampling weights")
+                # It would poison the weights for good; the original stored it anyway.
+                warnings.warn(f"LossSecondMomentResampler: ignoring non-finite loss {loss} at timestep {t}", RuntimeWarning)
+                continue
             if self._loss_counts[t] == self.history_per_term:
                 # Drop the oldest loss of this timestep.
                 self._loss_history[t, :-1] = self._loss_history[t, 1:]

@@ -45,8 +45,8 @@ def space_timesteps(num_timesteps, section_counts):
     section_counts = [int(c) for c in section_counts]
     if not section_counts:
         raise ValueError("section_counts is empty")
-    if any(c < 1 for c in section_counts):
-        raise ValueError(f"every section needs at least one step, got {section_counts}")
+    if any(c < 0 for c in section_counts) or sum(section_counts) < 1:
+        raise ValueError(f"section counts must be >= 0 and keep at least one step, got {section_counts}")
     size_per, extra = divmod(num_timesteps, len(section_counts))
     start_idx = 0
     all_steps = []
@@ -54,6 +54,7 @@ def space_timesteps(num_timesteps, section_counts):
         size = size_per + (1 if i < extra else 0)
         if size < section_count:
             raise ValueError(f"cannot divide section of {size} steps into {section_count}")
+        # A section counted 0 keeps none of its steps.
         frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
         cur_idx = 0.0
         for _ in range(section_count):

@@ -128,14 +128,18 @@ def _parse_channel_mult(channel_mult, image_size, what="image_size"):
 
 
 def _attention_ds(attention_resolutions, image_size):
+    """Downsampling rates with attention; a resolution the model never reaches just adds none (as the original)."""
     ds = []
     for res in str(attention_resolutions).split(","):
         res = res.strip()
         if not res:
             continue
-        r = int(res)
-        if r < 1 or image_size % r:
-            raise ValueError(f"attention resolution {r} does not divide image size {image_size}")
+        try:
+            r = int(res)
+        except ValueError:
+            raise ValueError(f"attention_resolutions {attention_resolutions!r} must be comma-separated integers") from None
+        if r < 1:
+            raise ValueError(f"attention resolution must be positive, got {r}")
         ds.append(image_size // r)
     return tuple(ds)
 

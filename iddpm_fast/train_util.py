@@ -184,7 +184,8 @@ class TrainLoop:
 
         if self.world_size > 1:
             self.use_ddp = True
-            kwargs = dict(broadcast_buffers=False, bucket_cap_mb=128, find_unused_parameters=False)
+            # The UNet has no buffers to keep in sync.
+            kwargs = dict(bucket_cap_mb=128, find_unused_parameters=False)
             if self.device.type == "cuda":
                 kwargs.update(device_ids=[self.device], output_device=self.device)
             self.ddp_model = DDP(self.model, **kwargs)
@@ -228,7 +229,11 @@ class TrainLoop:
         opt_checkpoint = os.path.join(os.path.dirname(self._main_checkpoint()), f"opt{self.resume_step:06d}.pt")
         if os.path.exists(opt_checkpoint):
             logger.log(f"loading optimizer state from checkpoint: {opt_checkpoint}")
-            self.opt.load_state_dict(dist_util.load_state_dict(opt_checkpoint, map_location=self.device))
+            try:
+                self.opt.load_state_dict(dist_util.load_state_dict(opt_checkpoint, map_location=self.device))
+            except ValueError as exc:
+                # e.g. improved-diffusion's fp16 runs saved the state of one flattened master parameter
+                logger.warn(f"optimizer state in {opt_checkpoint} does not fit this model ({exc}); starting AdamW afresh")
 
     def _load_train_state(self):
         path = os.path.join(os.path.dirname(self._main_checkpoint()), f"train_state{self.resume_step:06d}.pt")
@@ -270,6 +275,8 @@ class TrainLoop:
                 batch, cond = next(self.data)
                 self.run_step(batch, cond)
                 self.step += 1
+                if self._nonfinite_run >= self.nonfinite_patience:
+                    self._diverged()
                 if bar is not None:
                     bar.update(1)
                     loss = logger.getkvs().get("loss")
@@ -299,8 +306,6 @@ class TrainLoop:
             self._nonfinite_run += 1
             self.opt.zero_grad(set_to_none=True)
             logger.log(f"non-finite loss at step {self.global_step}: update skipped ({self._nonfinite_run} in a row)")
-            if self._nonfinite_run >= self.nonfinite_patience:
-                self._diverged()
         self.log_step(time.perf_counter() - t0)
 
     def _diverged(self):
@@ -367,8 +372,14 @@ class TrainLoop:
             log_loss_dict(self.diffusion, t, {k: v * weights for k, v in losses.items()})
             if not th.isfinite(loss):
                 finite = False
-                continue
+                # Keep the backward (and DDP's gradient all-reduce) going on every
+                # rank; the update is skipped below on all ranks together.
+                loss = th.nan_to_num(losses["loss"], 0.0, 0.0, 0.0).sum() * 0.0
             self.scaler.scale(loss).backward()
+        if self.use_ddp:
+            flag = th.tensor([1.0 if finite else 0.0], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = bool(flag.item())
         return finite
 
     def _autocast(self):
@@ -556,8 +567,8 @@ def _get_rng_state():
         },
         "python": _python_state_to_tensors(random.getstate()),
     }
-    if th.cuda.is_available():
-        state["cuda"] = th.cuda.get_rng_state_all()
+    if th.cuda.is_available() and th.cuda.is_initialized():
+        state["cuda"] = th.cuda.get_rng_state()  # this rank's current device only
     return state
 
 
@@ -569,8 +580,8 @@ def _set_rng_state(state):
     )
     if "python" in state:
         random.setstate(_python_state_from_tensors(state["python"]))
-    if "cuda" in state and th.cuda.is_available() and len(state["cuda"]) == th.cuda.device_count():
-        th.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if "cuda" in state and th.cuda.is_available():
+        th.cuda.set_rng_state(state["cuda"].cpu())
 
 
 def _python_state_to_tensors(pystate):

@@ -224,3 +224,44 @@ def test_extract_into_tensor_compat_helper():
     out = gd._extract_into_tensor(arr, torch.tensor([1, 9]), (2, 3, 4))
     assert out.shape == (2, 3, 4) and out.dtype == torch.float32
     np.testing.assert_allclose(out[:, 0, 0].numpy(), [1 / 3, 3.0], rtol=1e-6)
+
+
+def test_overridden_helpers_are_called_where_the_original_calls_them():
+    calls = {}
+
+    class Custom(SpacedDiffusion):
+        def q_posterior_mean_variance(self, x_start, x_t, t):
+            calls["qpost"] = calls.get("qpost", 0) + 1
+            return super().q_posterior_mean_variance(x_start, x_t, t)
+
+        def _predict_xstart_from_eps(self, x_t, t, eps):
+            calls["eps"] = calls.get("eps", 0) + 1
+            return super()._predict_xstart_from_eps(x_t, t, eps)
+
+    kw = dict(betas=gd.get_named_beta_schedule("cosine", 50), model_mean_type=gd.ModelMeanType.EPSILON,
+              model_var_type=gd.ModelVarType.LEARNED_RANGE, loss_type=gd.LossType.RESCALED_MSE)
+    custom, plain = Custom(range(50), **kw), SpacedDiffusion(range(50), **kw)
+    net = TinyNet()
+    x0, t = torch.rand(2, 3, 8, 8) * 2 - 1, torch.tensor([0, 30])
+    noise = torch.randn_like(x0)
+    got = custom.training_losses(net, x0, t, noise=noise)
+    # improved-diffusion calls them 3 and 1 times here (vb: posterior + model mean; eps -> x0 once)
+    assert calls == {"qpost": 3, "eps": 1}
+    want = plain.training_losses(net, x0, t, noise=noise)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key])
+    calls.clear()
+    custom.p_sample(net, x0, t)
+    assert calls == {"qpost": 1, "eps": 1}
+
+
+def test_half_precision_states_are_promoted_like_the_original():
+    d, net = _diffusion(timestep_respacing="5"), TinyNet()
+    x = torch.randn(2, 3, 8, 8)
+    t = torch.tensor([1, 3])
+    assert d.q_sample(x.half(), t).dtype == torch.float32
+    out = d.p_mean_variance(lambda z, ts: net(z.float(), ts), x.bfloat16(), t)
+    assert {v.dtype for v in out.values()} == {torch.float32}
+    sample = d.p_sample_loop(lambda z, ts: net(z.float(), ts), (2, 3, 8, 8), noise=x.half(), device="cpu")
+    assert sample.dtype == torch.float32
+    assert d.q_sample(x.double(), t).dtype == torch.float64

@@ -51,6 +51,8 @@ def test_betas_for_alpha_bar_clips_at_max_beta():
 def test_unknown_schedule_is_rejected():
     with pytest.raises(NotImplementedError, match="unknown beta schedule"):
         gd.get_named_beta_schedule("quadratic", 10)
+    with pytest.raises(ValueError, match="needs more than 20 steps"):
+        gd.get_named_beta_schedule("linear", 20)
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
