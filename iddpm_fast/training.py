@@ -67,11 +67,13 @@ NEW_DEFAULTS = dict(
 )
 
 # The built-in default: scikit-learn's 8x8 digits. Chosen by measurement on a
-# 2-core CPU (see README): about 8 minutes, recognisable samples.
+# 2-core CPU (see README): 7.3 minutes in all, recognisable samples, 4.37
+# bits/dim held out. A 64-channel, 1-block model in bf16 + channels_last took
+# 8.3 minutes for the same quality and NLL (4.39).
 DIGITS_PRESET = dict(
     data_dir="digits",
     image_size=8,
-    num_channels=64,
+    num_channels=32,
     num_res_blocks=2,
     channel_mult="1,2",
     attention_resolutions="4",
@@ -83,11 +85,11 @@ DIGITS_PRESET = dict(
     lr=1e-3,
     batch_size=128,
     ema_rate="0.999",
-    max_steps=2000,
+    max_steps=2400,
     log_interval=100,
     save_interval=500,
     out_dir="runs/digits",
-    nll_samples=297,
+    nll_samples=128,
     nll_respacing="",
 )
 

@@ -253,3 +253,23 @@ def test_malloc_tuning_is_cli_only():
 
     importlib.reload(iddpm_fast)  # importing must not call it: nothing to observe but no crash
     assert cli.tune_malloc() in (True, False)
+
+
+def test_resume_from_an_improved_diffusion_checkpoint(tmp_path):
+    # improved-diffusion writes plain state dicts (modelNNNNNN.pt, ema_<rate>_NNNNNN.pt,
+    # optNNNNNN.pt) and no train_state file; those must load.
+    torch.manual_seed(0)
+    model, diffusion = _tiny_model_and_diffusion()
+    folder = tmp_path / "orig"
+    folder.mkdir()
+    torch.save(model.state_dict(), folder / "model000007.pt")
+    ema = {k: v + 0.5 for k, v in model.state_dict().items()}
+    torch.save(ema, folder / "ema_0.99_000007.pt")
+    torch.manual_seed(1)
+    fresh, _ = _tiny_model_and_diffusion()
+    loop = _loop(tmp_path, fresh, diffusion, resume_checkpoint=str(folder / "model000007.pt"), max_steps=8)
+    assert loop.resume_step == 7
+    _assert_same_state(fresh.state_dict(), model.state_dict())
+    torch.testing.assert_close(loop.ema_params[0][0], ema[next(iter(dict(fresh.named_parameters())))])
+    loop.run_loop()
+    assert os.path.exists(tmp_path / "model000008.pt")
