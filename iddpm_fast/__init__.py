@@ -24,3 +24,17 @@ def train(**config):
     from .training import train as _train
 
     return _train(**config)
+
+
+def sample(**config):
+    """Draw samples from a checkpoint; see :func:`iddpm_fast.sampling.sample`."""
+    from .sampling import sample as _sample
+
+    return _sample(**config)
+
+
+def nll(**config):
+    """Bits/dim of a checkpoint on a dataset; see :func:`iddpm_fast.sampling.nll`."""
+    from .sampling import nll as _nll
+
+    return _nll(**config)

@@ -6,6 +6,9 @@ Commands:
   train   improved-diffusion's image_train.py flags plus this library's
           (see ``python -m iddpm_fast train --help``); with no --data_dir it
           trains the built-in digits preset.
+  sample  image_sample.py's flags; the model config comes from the run that
+          wrote --model_path when it was trained by iddpm_fast.
+  nll     image_nll.py's flags: bits/dim with per-timestep terms and a plot.
 """
 
 import argparse
@@ -67,6 +70,23 @@ def _train(args):
     return 0
 
 
+def _sample(args):
+    from .sampling import sample
+
+    result = sample(**args)
+    if result.get("npz"):
+        print(f"samples: {result['npz']}" + (f"  grid: {result['grid']}" if result.get("grid") else ""))
+    return 0
+
+
+def _nll(args):
+    from .sampling import nll
+
+    result = nll(**args)
+    print(f"NLL: {result['bpd']:.4f} bits/dim over {result['num_images']} images")
+    return 0
+
+
 def build_parser():
     from .training import train_defaults
 
@@ -79,6 +99,18 @@ def build_parser():
     _add_config_flags(p_train, train_defaults())
     p_train.add_argument("--malloc_tuning", type=str2bool, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p_train.set_defaults(_run=_train)
+
+    from .sampling import COMMON_NEW, NLL_DEFAULTS, SAMPLE_DEFAULTS, SAMPLE_NEW
+    from .script_util import model_and_diffusion_defaults
+
+    p_sample = sub.add_parser("sample", help="draw samples from a checkpoint (image_sample.py)")
+    _add_config_flags(p_sample, {**SAMPLE_DEFAULTS, **model_and_diffusion_defaults(), **COMMON_NEW, **SAMPLE_NEW})
+    p_sample.set_defaults(_run=_sample)
+    p_nll = sub.add_parser("nll", help="bits/dim of a checkpoint on a dataset (image_nll.py)")
+    _add_config_flags(p_nll, {**NLL_DEFAULTS, **model_and_diffusion_defaults(), **COMMON_NEW})
+    p_nll.set_defaults(_run=_nll)
+    for p in (p_sample, p_nll):
+        p.add_argument("--malloc_tuning", type=str2bool, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 

@@ -33,19 +33,21 @@ def make_grid(images_u8, nrow=None, pad=1, pad_value=255):
     return grid
 
 
-def save_grid(x, path, nrow=None, min_size=256):
+def save_grid(x, path, nrow=None, min_size=256, min_tile=0):
     """
     Save a batch of images as one PNG grid, upscaled (nearest neighbour) so
     that small images such as 8x8 digits are visible.
 
     :param x: [N x C x H x W] float tensor in [-1, 1], or [N x H x W x C] uint8 array.
+    :param min_size: upscale until the grid's longer side is at least this (pixels).
+    :param min_tile: upscale until each image is at least this tall (pixels).
     :return: the path written.
     """
     from PIL import Image
 
     u8 = to_uint8(x) if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.uint8)
     grid = make_grid(u8, nrow=nrow)
-    scale = max(1, math.ceil(min_size / max(grid.shape[:2])))
+    scale = max(1, math.ceil(min_size / max(grid.shape[:2])), math.ceil(min_tile / u8.shape[1]))
     image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if scale > 1:
         image = image.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)

@@ -1,0 +1,331 @@
+"""
+`iddpm_fast.sample(...)` and `iddpm_fast.nll(...)`: improved-diffusion's
+`image_sample.py` and `image_nll.py` as functions (and CLI commands), with the
+model/diffusion config read from the checkpoint's run when it was trained by
+iddpm_fast, so forgotten flags cannot silently produce noise.
+
+Outputs match the original's: ``samples_NxHxWxC.npz`` (``arr_0`` uint8 NHWC,
+``arr_1`` labels when class-conditional) and ``vb_terms.npz`` /
+``mse_terms.npz`` / ``xstart_mse_terms.npz`` (per-timestep means), plus PNG
+pictures: a sample grid, optionally the denoising strip of one sample, and
+the per-timestep bound terms against t.
+"""
+
+import json
+import os
+import re
+
+import numpy as np
+import torch
+
+from . import dist_util, logger
+from .image_utils import save_grid, to_uint8
+from .script_util import create_model_and_diffusion, model_and_diffusion_defaults
+
+__all__ = ["sample", "nll", "load_model_and_diffusion", "SAMPLE_DEFAULTS", "NLL_DEFAULTS"]
+
+# The flags of improved-diffusion's scripts, same defaults.
+SAMPLE_DEFAULTS = dict(clip_denoised=True, num_samples=10000, batch_size=16, use_ddim=False, model_path="")
+NLL_DEFAULTS = dict(data_dir="", clip_denoised=True, num_samples=1000, batch_size=1, model_path="")
+# This library's options.
+COMMON_NEW = dict(out_dir="", seed=0, device="", amp="none", progress=True, channel_mult="", in_channels=0,
+                  num_classes=0)
+SAMPLE_NEW = dict(eta=0.0, grid=True, progressive=False)
+
+# Flags that may differ between training and sampling without changing the model.
+_FREE_AT_EVAL = {"timestep_respacing", "dropout", "use_checkpoint", "use_kl", "rescale_learned_sigmas"}
+_EXTRA_MODEL_KEYS = ("channel_mult", "in_channels", "num_classes")
+
+
+def _saved_config(model_path):
+    """The run config saved beside an iddpm_fast checkpoint, or None."""
+    folder = os.path.dirname(os.path.abspath(model_path))
+    match = re.search(r"(\d{6,})\.pt$", os.path.basename(model_path))
+    if match:
+        state_path = os.path.join(folder, f"train_state{match.group(1)}.pt")
+        if os.path.exists(state_path):
+            state = torch.load(state_path, weights_only=True, map_location="cpu")
+            if state.get("config"):
+                return json.loads(state["config"]), state_path
+    path = os.path.join(folder, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f), path
+    return None, None
+
+
+def _resolve(given, defaults):
+    """defaults <- saved run config <- given flags, refusing contradictions."""
+    model_path = given.get("model_path") or defaults.get("model_path")
+    if not model_path:
+        raise ValueError("model_path is required (a modelNNNNNN.pt or ema_<rate>_NNNNNN.pt file)")
+    if not os.path.exists(model_path):
+        raise FileNotFoundError(f"model_path {model_path} does not exist")
+    saved, source = _saved_config(model_path)
+    model_keys = set(model_and_diffusion_defaults()) | set(_EXTRA_MODEL_KEYS)
+    cfg = dict(defaults)
+    if saved is not None:
+        for key in model_keys - _FREE_AT_EVAL:
+            if key in given and key in saved and not _same(given[key], saved[key]):
+                raise ValueError(
+                    f"--{key}={given[key]!r} contradicts the checkpoint's training config ({key}={saved[key]!r}, "
+                    f"from {source}); drop the flag to use the saved value"
+                )
+        cfg.update({k: v for k, v in saved.items() if k in model_keys and v is not None})
+    cfg.update(given)
+    cfg["_config_source"] = source
+    return cfg
+
+
+def _same(a, b):
+    if isinstance(b, bool) or isinstance(a, bool):
+        return bool(a) == bool(b)
+    if isinstance(b, (int, float)) and isinstance(a, (int, float)):
+        return float(a) == float(b)
+    return str(a) == str(b)
+
+
+def load_model_and_diffusion(cfg, device):
+    """Build the model and diffusion of `cfg` and load cfg['model_path'] (weights only, strict)."""
+    model_kwargs = {k: cfg[k] for k in model_and_diffusion_defaults()}
+    model, diffusion = create_model_and_diffusion(
+        **model_kwargs,
+        channel_mult=cfg.get("channel_mult") or None,
+        in_channels=int(cfg.get("in_channels") or 3),
+        num_classes=int(cfg.get("num_classes") or 0) or None,
+    )
+    state = dist_util.load_state_dict(cfg["model_path"], map_location="cpu")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        where = (
+            f"the config from {cfg['_config_source']}"
+            if cfg.get("_config_source")
+            else "the flags given (no iddpm_fast config was found beside the checkpoint, so pass the flags it was trained with)"
+        )
+        raise ValueError(f"{cfg['model_path']} does not fit the model built from {where}:\n{exc}") from None
+    return model.to(device).eval(), diffusion
+
+
+def _setup(cfg):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist_util.setup_dist()
+    device = torch.device(cfg["device"]) if cfg.get("device") else dist_util.dev()
+    if cfg.get("out_dir"):
+        logger.configure(dir=cfg["out_dir"], format_strs=["stdout", "log"] if dist_util.get_rank() == 0 else [])
+    elif logger.get_dir() is None:
+        logger.configure(format_strs=["stdout", "log"])
+    return device
+
+
+def _autocast(cfg, device):
+    amp = cfg.get("amp", "none")
+    if amp not in ("none", "bf16"):
+        raise ValueError(f"amp for sampling must be 'none' or 'bf16', got {amp!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
+
+
+def _gather(t):
+    """Concatenate a tensor from every rank (rank order) on every rank."""
+    if dist_util.get_world_size() == 1:
+        return t
+    parts = [torch.zeros_like(t) for _ in range(dist_util.get_world_size())]
+    torch.distributed.all_gather(parts, t)
+    return torch.cat(parts)
+
+
+def sample(**config):
+    """
+    Draw samples from a trained model.
+
+    Keys: image_sample.py's flags (model_path, num_samples, batch_size,
+    use_ddim, clip_denoised, timestep_respacing and the model/diffusion flags)
+    plus eta (DDIM), seed, out_dir, device, amp ("none" | "bf16"), grid (PNG of
+    the first 64), progressive (PNG strip of one sample's denoising), progress.
+    Model/diffusion flags default to the config saved with the checkpoint;
+    giving one that contradicts it is an error naming both.
+
+    :return: dict with npz (path), grid, strip (paths or None) and shape.
+    """
+    unknown = set(config) - set({**SAMPLE_DEFAULTS, **model_and_diffusion_defaults(), **COMMON_NEW, **SAMPLE_NEW})
+    if unknown:
+        raise TypeError(f"unknown sampling option(s): {sorted(unknown)}")
+    cfg = _resolve(config, {**model_and_diffusion_defaults(), **SAMPLE_DEFAULTS, **COMMON_NEW, **SAMPLE_NEW})
+    device = _setup(cfg)
+    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    model, diffusion = load_model_and_diffusion(cfg, device)
+    channels = int(cfg.get("in_channels") or 3)
+    size, batch = int(cfg["image_size"]), int(cfg["batch_size"])
+    num_classes = int(cfg.get("num_classes") or 0) or 1000
+    torch.manual_seed(int(cfg["seed"]) + rank)
+    total = int(cfg["num_samples"])
+    n_batches = -(-total // (batch * world))
+    logger.log(
+        f"sampling {total} images of {channels}x{size}x{size} with "
+        f"{'DDIM (eta=%g)' % cfg['eta'] if cfg['use_ddim'] else 'ancestral sampling'}, "
+        f"{diffusion.num_timesteps} steps, on {world} process(es)"
+    )
+    images, labels, strip = [], [], None
+    batches = range(n_batches)
+    if cfg["progress"] and rank == 0:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="sample batches")
+    for b in batches:
+        model_kwargs = {}
+        if cfg["class_cond"]:
+            classes = torch.randint(0, num_classes, (batch,), device=device)
+            model_kwargs["y"] = classes
+        shape = (batch, channels, size, size)
+        kwargs = dict(clip_denoised=bool(cfg["clip_denoised"]), model_kwargs=model_kwargs, device=device)
+        if cfg["use_ddim"]:
+            loop, kwargs["eta"] = diffusion.ddim_sample_loop_progressive, float(cfg["eta"])
+        else:
+            loop = diffusion.p_sample_loop_progressive
+        keep = set(np.linspace(0, diffusion.num_timesteps - 1, 10).round().astype(int).tolist())
+        frames = []
+        with _autocast(cfg, device):
+            for i, out in enumerate(loop(model, shape, **kwargs)):
+                if cfg["progressive"] and b == 0 and rank == 0 and i in keep:
+                    frames.append(out["sample"][:1].float())
+                x = out["sample"]
+        if frames:
+            strip = torch.cat(frames)
+        u8 = ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        images.append(_gather(u8).cpu().numpy())
+        if cfg["class_cond"]:
+            labels.append(_gather(classes).cpu().numpy())
+        logger.log(f"created {sum(len(a) for a in images)} samples")
+    arr = np.concatenate(images)[:total]
+    result = {"npz": None, "grid": None, "strip": None, "shape": arr.shape}
+    if rank == 0:
+        out_dir = logger.get_dir()
+        path = os.path.join(out_dir, f"samples_{'x'.join(str(s) for s in arr.shape)}.npz")
+        if cfg["class_cond"]:
+            np.savez(path, arr, np.concatenate(labels)[:total])
+        else:
+            np.savez(path, arr)
+        logger.log(f"saved {path}")
+        result["npz"] = path
+        if cfg["grid"]:
+            result["grid"] = save_grid(arr[:64], os.path.join(out_dir, "samples_grid.png"))
+        if strip is not None:
+            result["strip"] = save_grid(
+                to_uint8(strip), os.path.join(out_dir, "denoising_strip.png"), nrow=len(strip), min_tile=64
+            )
+    dist_util.barrier()
+    return result
+
+
+def nll(**config):
+    """
+    Bits/dim of a trained model on a dataset (image_nll.py): the full
+    variational bound per image, averaged, with the per-timestep terms saved
+    (vb_terms.npz, mse_terms.npz, xstart_mse_terms.npz, each a [T] array of
+    means over images, indexed as the original's: entry i is timestep
+    T-1-i) and plotted against t (vb_terms.png).
+
+    Keys: image_nll.py's flags (model_path, data_dir, num_samples, batch_size,
+    clip_denoised and the model/diffusion flags; timestep_respacing evaluates
+    a respaced chain) plus seed, out_dir, device, progress. With no data_dir,
+    the built-in digits' held-out split.
+
+    :return: dict with bpd (mean bits/dim), num_images and the saved paths.
+    """
+    unknown = set(config) - set({**NLL_DEFAULTS, **model_and_diffusion_defaults(), **COMMON_NEW})
+    if unknown:
+        raise TypeError(f"unknown NLL option(s): {sorted(unknown)}")
+    cfg = _resolve(config, {**model_and_diffusion_defaults(), **NLL_DEFAULTS, **COMMON_NEW})
+    device = _setup(cfg)
+    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    model, diffusion = load_model_and_diffusion(cfg, device)
+    from . import image_datasets
+
+    digits = cfg["data_dir"] in ("", "digits")
+    data = image_datasets.load_data(
+        data_dir="digits" if digits else cfg["data_dir"],
+        batch_size=int(cfg["batch_size"]),
+        image_size=int(cfg["image_size"]),
+        class_cond=bool(cfg["class_cond"]),
+        deterministic=True,
+        image_channels=int(cfg.get("in_channels") or 0) or None,
+        split="test" if digits else "all",
+    )
+    torch.manual_seed(int(cfg["seed"]) + rank)
+    total = int(cfg["num_samples"])
+    all_bpd, metrics, done = [], {"vb": [], "mse": [], "xstart_mse": []}, 0
+    bar = None
+    if cfg["progress"] and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="nll", unit="img")
+    while done < total:
+        batch, model_kwargs = next(data)
+        batch = batch.to(device)
+        model_kwargs = {k: v.to(device) for k, v in model_kwargs.items()}
+        out = diffusion.calc_bpd_loop(model, batch, clip_denoised=bool(cfg["clip_denoised"]), model_kwargs=model_kwargs)
+        for key, rows in metrics.items():
+            terms = out[key].mean(dim=0) / world
+            if world > 1:
+                torch.distributed.all_reduce(terms)
+            rows.append(terms.cpu().numpy())
+        bpd = out["total_bpd"].mean() / world
+        if world > 1:
+            torch.distributed.all_reduce(bpd)
+        all_bpd.append(bpd.item())
+        done += world * batch.shape[0]
+        logger.log(f"done {done} samples: bpd={np.mean(all_bpd)}")
+        if bar is not None:
+            bar.update(world * batch.shape[0])
+            bar.set_postfix(bpd=f"{np.mean(all_bpd):.4f}")
+    if bar is not None:
+        bar.close()
+    result = {"bpd": float(np.mean(all_bpd)), "num_images": done, "files": {}}
+    if rank == 0:
+        out_dir = logger.get_dir()
+        for name, rows in metrics.items():
+            path = os.path.join(out_dir, f"{name}_terms.npz")
+            np.savez(path, np.mean(np.stack(rows), axis=0))
+            result["files"][name] = path
+        plot = os.path.join(out_dir, "vb_terms.png")
+        # calc_bpd_loop stacks the terms from t = T-1 down to 0; plot them against t.
+        vb_by_t = np.mean(np.stack(metrics["vb"]), axis=0)[::-1]
+        plot_terms(vb_by_t, plot, title=f"vb term per timestep (bits/dim); total {result['bpd']:.3f} bits/dim")
+        result["files"]["plot"] = plot
+        logger.log(f"NLL: {result['bpd']:.4f} bits/dim over {done} images; terms in {out_dir}")
+    dist_util.barrier()
+    return result
+
+
+def plot_terms(values, path, title="", width=640, height=360):
+    """
+    A log-scale line plot of per-timestep terms indexed by t (the paper's
+    Figure 2 view), drawn with Pillow so no plotting library is needed.
+    """
+    from PIL import Image, ImageDraw
+
+    v = np.clip(np.asarray(values, dtype=np.float64), 1e-8, None)
+    logv = np.log10(v)
+    lo, hi = np.floor(logv.min()), np.ceil(logv.max())
+    hi = hi if hi > lo else lo + 1
+    left, right, top, bottom = 60, 20, 30, 40
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    pw, ph = width - left - right, height - top - bottom
+    draw.rectangle([left, top, left + pw, top + ph], outline="black")
+    for d in range(int(lo), int(hi) + 1):
+        y = top + ph * (hi - d) / (hi - lo)
+        draw.line([left, y, left + pw, y], fill=(220, 220, 220))
+        draw.text((5, y - 6), f"1e{d}", fill="black")
+    n = len(v)
+    pts = [(left + pw * i / max(n - 1, 1), top + ph * (hi - logv[i]) / (hi - lo)) for i in range(n)]
+    draw.line(pts, fill=(31, 119, 180), width=2)
+    for frac in (0, 0.25, 0.5, 0.75, 1):
+        x = left + pw * frac
+        draw.text((x - 10, top + ph + 8), str(int(round(frac * (n - 1)))), fill="black")
+    draw.text((left + pw / 2 - 40, height - 16), "timestep t", fill="black")
+    draw.text((left, 8), title or "vb term (bits/dim) vs t", fill="black")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)
+    return path
+
