@@ -433,6 +433,16 @@ class GaussianDiffusion:
             pass
         return final["sample"]
 
+    def _progressive(self, step, model, shape, noise, device, progress, **step_kwargs):
+        """Run `step` (p_sample or ddim_sample) from t = T-1 down to 0, yielding each output."""
+        img, indices = self._loop_start(model, shape, noise, device, progress)
+        for i in indices:
+            t = th.full((shape[0],), i, device=img.device, dtype=th.long)
+            with th.no_grad():
+                out = step(model, img, t, **step_kwargs)
+                yield out
+                img = out["sample"]
+
     def _loop_start(self, model, shape, noise, device, progress):
         if not isinstance(shape, (tuple, list)):
             raise TypeError(f"shape must be a tuple or list like (N, C, H, W), got {type(shape).__name__}")
@@ -466,15 +476,17 @@ class GaussianDiffusion:
         Like :meth:`p_sample_loop`, but yield the :meth:`p_sample` dict of
         every timestep, from T-1 down to 0.
         """
-        img, indices = self._loop_start(model, shape, noise, device, progress)
-        for i in indices:
-            t = th.full((shape[0],), i, device=img.device, dtype=th.long)
-            with th.no_grad():
-                out = self.p_sample(
-                    model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
-                )
-                yield out
-                img = out["sample"]
+        yield from self._progressive(
+            self.p_sample,
+            model,
+            shape,
+            noise,
+            device,
+            progress,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            model_kwargs=model_kwargs,
+        )
 
     def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0):
         """
@@ -551,21 +563,18 @@ class GaussianDiffusion:
         eta=0.0,
     ):
         """Like :meth:`ddim_sample_loop`, yielding every step's :meth:`ddim_sample` dict."""
-        img, indices = self._loop_start(model, shape, noise, device, progress)
-        for i in indices:
-            t = th.full((shape[0],), i, device=img.device, dtype=th.long)
-            with th.no_grad():
-                out = self.ddim_sample(
-                    model,
-                    img,
-                    t,
-                    clip_denoised=clip_denoised,
-                    denoised_fn=denoised_fn,
-                    model_kwargs=model_kwargs,
-                    eta=eta,
-                )
-                yield out
-                img = out["sample"]
+        yield from self._progressive(
+            self.ddim_sample,
+            model,
+            shape,
+            noise,
+            device,
+            progress,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            model_kwargs=model_kwargs,
+            eta=eta,
+        )
 
     # ------------------------------------------------------------------
     # Losses and likelihood

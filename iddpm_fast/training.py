@@ -7,7 +7,6 @@ defaults and meaning) plus this library's keys (:data:`NEW_DEFAULTS`). With no
 (any key you pass overrides the preset).
 """
 
-import copy
 import difflib
 import json
 import os
@@ -21,7 +20,7 @@ from . import dist_util, logger
 from .image_utils import save_grid
 from .resample import create_named_schedule_sampler
 from .script_util import create_gaussian_diffusion, create_model_and_diffusion, model_and_diffusion_defaults
-from .train_util import TrainLoop, latest_checkpoint, parse_resume_step_from_filename
+from .train_util import TrainLoop, copy_model_with, latest_checkpoint, parse_resume_step_from_filename
 
 __all__ = ["train", "train_defaults", "resolve_config", "IMAGE_TRAIN_DEFAULTS", "NEW_DEFAULTS", "DIGITS_PRESET"]
 
@@ -337,9 +336,7 @@ def train(**config):
 
 def _ema_model(loop):
     """A copy of the model in eval mode holding the first EMA rate's parameters."""
-    ema_model = copy.deepcopy(loop.model)
-    ema_model.load_state_dict(loop.ema_state_dict())
-    return ema_model.eval()
+    return copy_model_with(loop.model, loop.ema_state_dict()).eval()
 
 
 def _held_out_nll(cfg, loop, data_dir, channels, device):
