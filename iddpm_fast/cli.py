@@ -9,6 +9,8 @@ Commands:
   sample  image_sample.py's flags; the model config comes from the run that
           wrote --model_path when it was trained by iddpm_fast.
   nll     image_nll.py's flags: bits/dim with per-timestep terms and a plot.
+  bench   run `pytest bench/ --benchmark` (from a source checkout), or with
+          --report render bench/results/*.json as REPORT.md + speedups.png.
 """
 
 import argparse
@@ -87,6 +89,25 @@ def _nll(args):
     return 0
 
 
+def _bench(args):
+    import subprocess
+
+    folder = args.get("results", "bench/results")
+    if not args.get("report"):
+        bench_dir = os.path.join(os.path.dirname(os.path.abspath(folder)))
+        if not os.path.isdir(bench_dir):
+            raise SystemExit(f"no benchmark suites at {bench_dir}: run this from a source checkout")
+        code = subprocess.call([sys.executable, "-m", "pytest", bench_dir, "--benchmark", "-q"])
+        if code:
+            return code
+    from .bench_report import report
+
+    markdown, chart = report(folder)
+    print(markdown)
+    print(f"written: {os.path.join(folder, 'REPORT.md')} and {chart}")
+    return 0
+
+
 def build_parser():
     from .training import train_defaults
 
@@ -109,7 +130,11 @@ def build_parser():
     p_nll = sub.add_parser("nll", help="bits/dim of a checkpoint on a dataset (image_nll.py)")
     _add_config_flags(p_nll, {**NLL_DEFAULTS, **model_and_diffusion_defaults(), **COMMON_NEW})
     p_nll.set_defaults(_run=_nll)
-    for p in (p_sample, p_nll):
+    p_bench = sub.add_parser("bench", help="run the benchmarks or render their results")
+    p_bench.add_argument("--report", action="store_true", help="only render existing results")
+    p_bench.add_argument("--results", default="bench/results", help="folder of pytest-benchmark JSON files")
+    p_bench.set_defaults(_run=_bench)
+    for p in (p_sample, p_nll, p_bench):
         p.add_argument("--malloc_tuning", type=str2bool, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
