@@ -35,10 +35,14 @@ def test_every_op_resolves_to_reference_on_cpu_by_default(monkeypatch):
 
 def test_forcing_an_unavailable_backend_fails_clearly(monkeypatch):
     monkeypatch.setenv("IDDPM_FAST_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # without it Triton cannot run CPU tensors
     x = torch.randn(2, 3, 4, 4)
     d = create_gaussian_diffusion(steps=100)
     with pytest.raises(ops.BackendUnavailableError, match="IDDPM_FAST_BACKEND=triton was requested but q_sample"):
         d.q_sample(x, torch.tensor([1, 2]))
+    # An op with no Triton kernel yet says so.
+    with pytest.raises(ops.BackendUnavailableError, match="no triton implementation of ddim_step is registered"):
+        d.ddim_sample(lambda z, ts: torch.zeros(2, 3, 4, 4), x, torch.tensor([1, 2]))
 
 
 def test_bad_backend_name_is_rejected(monkeypatch):

@@ -49,6 +49,8 @@ for _name in _NORM_OPS:
     declare(_name, _NORM_KINDS)
     register(_name, "reference", getattr(ref, _name))
 
+from . import _triton  # noqa: E402,F401  (registers the Triton kernels; they load on first use)
+
 
 def _types(model_mean_type=None, model_var_type=None, loss_type=None):
     if model_mean_type is not None:

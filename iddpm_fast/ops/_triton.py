@@ -1,0 +1,135 @@
+"""
+Registration of the Triton kernels (kernels/) as torch.library custom ops,
+with fake (meta) implementations for torch.compile and autograd formulas, and
+their entry in the op seam. Kernel modules are imported on first use, so
+TRITON_INTERPRET=1 (CPU tests) only has to be set before the first call.
+"""
+
+from typing import Tuple
+
+import torch
+
+from .. import kernels
+from ._backend import register
+
+_Tensor = torch.Tensor
+
+
+@torch.library.custom_op("iddpm_fast::q_sample_triton", mutates_args=())
+def q_sample_triton(x_start: _Tensor, t: _Tensor, noise: _Tensor, tables: _Tensor) -> _Tensor:
+    from ..kernels import q_sample as k
+
+    return k.q_sample(x_start, t, noise, tables)
+
+
+@q_sample_triton.register_fake
+def _(x_start, t, noise, tables):
+    return torch.empty_like(x_start, memory_format=torch.contiguous_format)
+
+
+def _q_sample_setup(ctx, inputs, output):
+    x_start, t, noise, tables = inputs
+    ctx.save_for_backward(t, tables)
+    ctx.shapes = (x_start.dtype, noise.dtype)
+
+
+def _q_sample_backward(ctx, grad):
+    t, tables = ctx.saved_tensors
+    from ..reference import gather
+
+    nd = grad.dim()
+    gx = grad.float() * gather(tables, "sqrt_alphas_cumprod", t, nd)
+    gn = grad.float() * gather(tables, "sqrt_one_minus_alphas_cumprod", t, nd)
+    return gx.to(ctx.shapes[0]), None, gn.to(ctx.shapes[1]), None
+
+
+q_sample_triton.register_autograd(_q_sample_backward, setup_context=_q_sample_setup)
+
+
+@torch.library.custom_op("iddpm_fast::training_loss_triton", mutates_args=())
+def training_loss_triton(
+    model_output: _Tensor,
+    x_start: _Tensor,
+    noise: _Tensor,
+    t: _Tensor,
+    tables: _Tensor,
+    model_mean_type: str,
+    model_var_type: str,
+    loss_type: str,
+    num_timesteps: int,
+) -> Tuple[_Tensor, _Tensor, _Tensor]:
+    from ..kernels import training_loss as k
+
+    return k.training_loss_fwd(
+        model_output, x_start, noise, t, tables, model_mean_type, model_var_type, loss_type, num_timesteps
+    )
+
+
+@training_loss_triton.register_fake
+def _(model_output, x_start, noise, t, tables, model_mean_type, model_var_type, loss_type, num_timesteps):
+    n = x_start.shape[0]
+    return tuple(x_start.new_empty((n,), dtype=torch.float32) for _ in range(3))
+
+
+@torch.library.custom_op("iddpm_fast::training_loss_backward_triton", mutates_args=())
+def training_loss_backward_triton(
+    model_output: _Tensor,
+    x_start: _Tensor,
+    noise: _Tensor,
+    t: _Tensor,
+    tables: _Tensor,
+    grad_loss: _Tensor,
+    grad_mse: _Tensor,
+    grad_vb: _Tensor,
+    model_mean_type: str,
+    model_var_type: str,
+    loss_type: str,
+    num_timesteps: int,
+) -> _Tensor:
+    from ..kernels import training_loss as k
+
+    return k.training_loss_bwd(
+        model_output, x_start, noise, t, tables, grad_loss, grad_mse, grad_vb,
+        model_mean_type, model_var_type, loss_type, num_timesteps,
+    )
+
+
+@training_loss_backward_triton.register_fake
+def _(model_output, x_start, noise, t, tables, grad_loss, grad_mse, grad_vb, *args):
+    return torch.empty_like(model_output, memory_format=torch.contiguous_format)
+
+
+def _loss_setup(ctx, inputs, output):
+    model_output, x_start, noise, t, tables = inputs[:5]
+    ctx.save_for_backward(model_output, x_start, noise, t, tables)
+    ctx.kinds = inputs[5:]
+
+
+def _loss_backward(ctx, grad_loss, grad_mse, grad_vb):
+    model_output, x_start, noise, t, tables = ctx.saved_tensors
+    n = x_start.shape[0]
+    grads = [
+        g if g is not None else torch.zeros(n, device=x_start.device, dtype=torch.float32)
+        for g in (grad_loss, grad_mse, grad_vb)
+    ]
+    grad = training_loss_backward_triton(model_output, x_start, noise, t, tables, *grads, *ctx.kinds)
+    # x_start, noise and the tables are data, not parameters: no gradient flows to them.
+    return grad, None, None, None, None, None, None, None, None
+
+
+training_loss_triton.register_autograd(_loss_backward, setup_context=_loss_setup)
+
+
+def _q_sample(x_start, t, noise, tables):
+    return q_sample_triton(x_start, t, noise, tables)
+
+
+def _training_loss(model_output, x_start, noise, t, tables, *, model_mean_type, model_var_type, loss_type,
+                   num_timesteps):
+    return training_loss_triton(
+        model_output, x_start, noise, t, tables, model_mean_type, model_var_type, loss_type, num_timesteps
+    )
+
+
+register("q_sample", "triton", _q_sample, available=kernels.unavailable_reason)
+register("training_loss", "triton", _training_loss, available=kernels.unavailable_reason)
