@@ -172,3 +172,87 @@ def test_opcheck_and_compile():
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(out), step(out))
+
+
+# ------------------------------------------------------------------ sampling
+
+SAMPLING_KINDS = list(itertools.product(ref.MEAN_TYPES, ref.VAR_TYPES, [True, False]))
+
+
+def _tol(dtype):
+    return {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}[dtype]
+
+
+@pytest.mark.parametrize("mean,var,clip", SAMPLING_KINDS)
+def test_p_mean_variance_and_steps_match_reference(mean, var, clip):
+    learned = var in ref.LEARNED_VAR_TYPES
+    x0, noise, out, t = _data((3, 2, 5, 3), learned)
+    x_t = noise * 0.9 + x0 * 0.3
+    tables = _tables()
+    kinds = dict(model_mean_type=mean, model_var_type=var, clip_denoised=clip)
+    got = _triton.p_mean_variance_triton(out, x_t, t, tables, mean, var, clip)
+    want = ref.p_mean_variance(out, x_t, t, tables, **kinds)
+    for name, g, w in zip(("mean", "variance", "log_variance", "pred_xstart"), got, want):
+        assert g.shape == w.shape, name
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=name)
+    got = _triton.p_sample_step_triton(out, x_t, t, noise, tables, mean, var, clip)
+    want = ref.p_sample_step(out, x_t, t, noise, tables, **kinds)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    for eta in (0.0, 0.5):
+        got = _triton.ddim_step_triton(out, x_t, t, noise, tables, eta, mean, var, clip)
+        want = ref.ddim_step(out, x_t, t, noise, tables, eta=eta, **kinds)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sampling_step_dtypes(dtype):
+    x0, noise, out, t = _data((2, 3, 4, 4), True, dtype)
+    tables = _tables()
+    sample, pred = _triton.p_sample_step_triton(out, noise, t, x0, tables, "epsilon", "learned_range", True)
+    assert sample.dtype == pred.dtype == dtype
+    want = ref.p_sample_step(out.float(), noise.float(), t, x0.float(), tables, model_mean_type="epsilon",
+                             model_var_type="learned_range", clip_denoised=True)
+    rtol, atol = _tol(dtype)
+    torch.testing.assert_close(sample.float(), want[0], rtol=rtol, atol=atol * 4)
+
+
+def test_sampling_loop_with_the_triton_backend_equals_the_reference():
+    d = create_gaussian_diffusion(steps=T, learn_sigma=True, noise_schedule="cosine", timestep_respacing="8")
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(3, 6, 3, padding=1).to(DEVICE)
+    model = lambda x, ts: torch.tanh(net(x))  # noqa: E731
+    results = []
+    for backend in ("reference", "triton"):
+        with ops.use_backend(backend):
+            torch.manual_seed(5)
+            a = d.p_sample_loop(model, (2, 3, 6, 6), device=DEVICE)
+            torch.manual_seed(6)
+            b = d.ddim_sample_loop(model, (2, 3, 6, 6), device=DEVICE, eta=0.3)
+        results.append((a, b))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-5)
+
+
+def test_sampling_ops_fall_back_to_the_reference_when_gradients_are_needed():
+    x0, noise, out, t = _data((2, 3, 4, 4), True)
+    out.requires_grad_(True)
+    with ops.use_backend("triton"):
+        sample, _ = ops.p_sample_step(out, noise, t, x0, _tables(), model_mean_type="epsilon",
+                                      model_var_type="learned_range", clip_denoised=False)
+    sample.sum().backward()
+    assert out.grad is not None and out.grad.abs().sum() > 0
+
+
+def test_sampling_opcheck():
+    x0, noise, out, t = _data((2, 3, 4, 4), True)
+    tables = _tables()
+    for var, o in (("learned_range", out), ("fixed_large", out[:, :3].contiguous())):
+        torch.library.opcheck(_triton.p_mean_variance_triton, (o, noise, t, tables, "epsilon", var, True),
+                              test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(_triton.p_sample_step_triton, (out, noise, t, x0, tables, "epsilon", "learned_range", True),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(_triton.ddim_step_triton,
+                          (out, noise, t, x0, tables, 0.5, "start_x", "learned", False),
+                          test_utils=("test_schema", "test_faketensor"))

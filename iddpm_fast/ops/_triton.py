@@ -133,3 +133,98 @@ def _training_loss(model_output, x_start, noise, t, tables, *, model_mean_type, 
 
 register("q_sample", "triton", _q_sample, available=kernels.unavailable_reason)
 register("training_loss", "triton", _training_loss, available=kernels.unavailable_reason)
+
+
+# ---------------------------------------------------------------- sampling
+# Forward-only ops: sampling runs under no_grad. When gradients are wanted the
+# seam's wrappers below run the reference instead.
+
+
+@torch.library.custom_op("iddpm_fast::p_mean_variance_triton", mutates_args=())
+def p_mean_variance_triton(
+    model_output: _Tensor, x_t: _Tensor, t: _Tensor, tables: _Tensor, model_mean_type: str, model_var_type: str,
+    clip_denoised: bool,
+) -> Tuple[_Tensor, _Tensor, _Tensor, _Tensor]:
+    from ..kernels import sampling as k
+
+    mean, var, logvar, pred = k.p_mean_variance(
+        model_output, x_t, t, tables, model_mean_type, model_var_type, clip_denoised
+    )
+    return mean, var, logvar, pred
+
+
+@p_mean_variance_triton.register_fake
+def _(model_output, x_t, t, tables, model_mean_type, model_var_type, clip_denoised):
+    full = torch.empty_like(x_t, memory_format=torch.contiguous_format)
+    if model_var_type in ("learned", "learned_range"):
+        return full, torch.empty_like(full), torch.empty_like(full), torch.empty_like(full)
+    small = x_t.new_empty((x_t.shape[0],) + (1,) * (x_t.dim() - 1))
+    return full, small, torch.empty_like(small), torch.empty_like(full)
+
+
+@torch.library.custom_op("iddpm_fast::p_sample_step_triton", mutates_args=())
+def p_sample_step_triton(
+    model_output: _Tensor, x_t: _Tensor, t: _Tensor, noise: _Tensor, tables: _Tensor, model_mean_type: str,
+    model_var_type: str, clip_denoised: bool,
+) -> Tuple[_Tensor, _Tensor]:
+    from ..kernels import sampling as k
+
+    return k.p_sample_step(model_output, x_t, t, noise, tables, model_mean_type, model_var_type, clip_denoised)
+
+
+@p_sample_step_triton.register_fake
+def _(model_output, x_t, t, noise, tables, model_mean_type, model_var_type, clip_denoised):
+    return (torch.empty_like(x_t, memory_format=torch.contiguous_format),
+            torch.empty_like(x_t, memory_format=torch.contiguous_format))
+
+
+@torch.library.custom_op("iddpm_fast::ddim_step_triton", mutates_args=())
+def ddim_step_triton(
+    model_output: _Tensor, x_t: _Tensor, t: _Tensor, noise: _Tensor, tables: _Tensor, eta: float,
+    model_mean_type: str, model_var_type: str, clip_denoised: bool,
+) -> Tuple[_Tensor, _Tensor]:
+    from ..kernels import sampling as k
+
+    return k.ddim_step(model_output, x_t, t, noise, tables, eta, model_mean_type, model_var_type, clip_denoised)
+
+
+@ddim_step_triton.register_fake
+def _(model_output, x_t, t, noise, tables, eta, model_mean_type, model_var_type, clip_denoised):
+    return (torch.empty_like(x_t, memory_format=torch.contiguous_format),
+            torch.empty_like(x_t, memory_format=torch.contiguous_format))
+
+
+def _wants_grad(*tensors):
+    return torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+
+
+def _p_mean_variance(model_output, x_t, t, tables, *, model_mean_type, model_var_type, clip_denoised):
+    if _wants_grad(model_output, x_t):
+        from .. import reference
+
+        return reference.p_mean_variance(model_output, x_t, t, tables, model_mean_type=model_mean_type,
+                                         model_var_type=model_var_type, clip_denoised=clip_denoised)
+    return p_mean_variance_triton(model_output, x_t, t, tables, model_mean_type, model_var_type, clip_denoised)
+
+
+def _p_sample_step(model_output, x_t, t, noise, tables, *, model_mean_type, model_var_type, clip_denoised):
+    if _wants_grad(model_output, x_t, noise):
+        from .. import reference
+
+        return reference.p_sample_step(model_output, x_t, t, noise, tables, model_mean_type=model_mean_type,
+                                       model_var_type=model_var_type, clip_denoised=clip_denoised)
+    return p_sample_step_triton(model_output, x_t, t, noise, tables, model_mean_type, model_var_type, clip_denoised)
+
+
+def _ddim_step(model_output, x_t, t, noise, tables, *, eta, model_mean_type, model_var_type, clip_denoised):
+    if _wants_grad(model_output, x_t, noise):
+        from .. import reference
+
+        return reference.ddim_step(model_output, x_t, t, noise, tables, eta=eta, model_mean_type=model_mean_type,
+                                   model_var_type=model_var_type, clip_denoised=clip_denoised)
+    return ddim_step_triton(model_output, x_t, t, noise, tables, eta, model_mean_type, model_var_type, clip_denoised)
+
+
+register("p_mean_variance", "triton", _p_mean_variance, available=kernels.unavailable_reason)
+register("p_sample_step", "triton", _p_sample_step, available=kernels.unavailable_reason)
+register("ddim_step", "triton", _ddim_step, available=kernels.unavailable_reason)

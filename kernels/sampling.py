@@ -1,0 +1,158 @@
+"""
+The model's distribution and one sampling step, reading x_t and the model
+output once: p_mean_variance (mean, log-variance, x_0 prediction), the
+ancestral step (mean + exp(log_var / 2) noise, no noise at t = 0) and the DDIM
+step (eta). Twins: reference.p_mean_variance, p_sample_step, ddim_step.
+Forward only (sampling runs without gradients).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from iddpm_fast.reference import ROW, gather
+
+from ._common import MEAN_CODES, VAR_CODES, block_size, check_contiguous_like, check_device
+
+
+@triton.jit
+def _sampling_kernel(
+    out_ptr,  # [B, C' * S] model output (C' = 2C when learned)
+    xt_ptr,  # [B, D] x_t (D = C * S)
+    noise_ptr,  # [B, D] noise (read for the sampling steps only)
+    t_ptr,  # [B] int64 timesteps
+    tables_ptr,  # [R, T] float32 coefficient tables
+    mean_ptr,  # [B, D] model mean (MODE 0), x_t's dtype
+    var_ptr,  # [B, D] variance (MODE 0, learned variances only)
+    logvar_ptr,  # [B, D] log-variance (MODE 0, learned variances only)
+    pred_ptr,  # [B, D] x_0 prediction, x_t's dtype
+    sample_ptr,  # [B, D] x_{t-1} (MODE 1 and 2), x_t's dtype
+    D, T, eta,
+    MEAN: tl.constexpr, VAR: tl.constexpr, LEARNED: tl.constexpr, CLIP: tl.constexpr, MODE: tl.constexpr,
+    R_C1: tl.constexpr, R_C2: tl.constexpr, R_PLV: tl.constexpr, R_SRA: tl.constexpr, R_SRM1: tl.constexpr,
+    R_LOGB: tl.constexpr, R_FLLV: tl.constexpr, R_RC1: tl.constexpr, R_C2C1: tl.constexpr,
+    R_AC: tl.constexpr, R_ACP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    chunk = tl.program_id(1)
+    t = tl.load(t_ptr + b)
+    offs = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < D
+    base = b.to(tl.int64) * D
+    xt = tl.load(xt_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    if LEARNED:
+        obase = b.to(tl.int64) * (2 * D)
+        eo = tl.load(out_ptr + obase + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(out_ptr + obase + D + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        eo = tl.load(out_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        v = eo * 0.0
+    c1 = tl.load(tables_ptr + R_C1 * T + t)
+    c2 = tl.load(tables_ptr + R_C2 * T + t)
+    sra = tl.load(tables_ptr + R_SRA * T + t)
+    srm1 = tl.load(tables_ptr + R_SRM1 * T + t)
+    if MEAN == 2:
+        pred = sra * xt - srm1 * eo
+    elif MEAN == 1:
+        pred = eo
+    else:
+        pred = tl.load(tables_ptr + R_RC1 * T + t) * eo - tl.load(tables_ptr + R_C2C1 * T + t) * xt
+    if CLIP:
+        pred = tl.minimum(tl.maximum(pred, -1.0), 1.0)
+    if MEAN == 0:
+        mean = eo
+    else:
+        mean = c1 * pred + c2 * xt
+    plv = tl.load(tables_ptr + R_PLV * T + t)
+    if VAR == 3:
+        frac = (v + 1.0) / 2.0
+        lv = frac * tl.load(tables_ptr + R_LOGB * T + t) + (1.0 - frac) * plv
+    elif VAR == 0:
+        lv = v
+    elif VAR == 1:
+        lv = plv + 0.0 * xt
+    else:
+        lv = tl.load(tables_ptr + R_FLLV * T + t) + 0.0 * xt
+    tl.store(pred_ptr + base + offs, pred.to(pred_ptr.dtype.element_ty), mask=mask)
+    nonzero = tl.where(t != 0, 1.0, 0.0)
+    if MODE == 0:
+        tl.store(mean_ptr + base + offs, mean.to(mean_ptr.dtype.element_ty), mask=mask)
+        if LEARNED:
+            tl.store(logvar_ptr + base + offs, lv.to(logvar_ptr.dtype.element_ty), mask=mask)
+            tl.store(var_ptr + base + offs, tl.exp(lv).to(var_ptr.dtype.element_ty), mask=mask)
+    elif MODE == 1:
+        nz = tl.load(noise_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        sample = mean + nonzero * tl.exp(0.5 * lv) * nz
+        tl.store(sample_ptr + base + offs, sample.to(sample_ptr.dtype.element_ty), mask=mask)
+    else:
+        nz = tl.load(noise_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        eps = (sra * xt - pred) / srm1
+        ab = tl.load(tables_ptr + R_AC * T + t)
+        abp = tl.load(tables_ptr + R_ACP * T + t)
+        sigma = eta * tl.sqrt((1.0 - abp) / (1.0 - ab)) * tl.sqrt(1.0 - ab / abp)
+        mean_pred = pred * tl.sqrt(abp) + tl.sqrt(1.0 - abp - sigma * sigma) * eps
+        sample = mean_pred + nonzero * sigma * nz
+        tl.store(sample_ptr + base + offs, sample.to(sample_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch(mode, model_output, x_t, noise, t, tables, model_mean_type, model_var_type, clip_denoised, eta=0.0):
+    check_device(model_output, x_t, t, tables)
+    (xt,) = check_contiguous_like(x_t)
+    out = model_output.contiguous()
+    nz = noise.contiguous() if noise is not None else xt
+    B = xt.shape[0]
+    D = xt.numel() // max(B, 1)
+    learned = model_var_type in ("learned", "learned_range")
+    pred = torch.empty_like(xt)
+    mean = torch.empty_like(xt) if mode == 0 else pred
+    var = torch.empty_like(xt) if (mode == 0 and learned) else pred
+    logvar = torch.empty_like(xt) if (mode == 0 and learned) else pred
+    sample = torch.empty_like(xt) if mode else pred
+    if B and D:
+        block = block_size(D)
+        _sampling_kernel[(B, triton.cdiv(D, block))](
+            out, xt, nz, t.contiguous(), tables.contiguous(), mean, var, logvar, pred, sample, D, tables.shape[1],
+            float(eta),
+            MEAN=MEAN_CODES[model_mean_type], VAR=VAR_CODES[model_var_type], LEARNED=learned,
+            CLIP=bool(clip_denoised), MODE=mode,
+            R_C1=ROW["posterior_mean_coef1"], R_C2=ROW["posterior_mean_coef2"],
+            R_PLV=ROW["posterior_log_variance_clipped"], R_SRA=ROW["sqrt_recip_alphas_cumprod"],
+            R_SRM1=ROW["sqrt_recipm1_alphas_cumprod"], R_LOGB=ROW["log_betas"],
+            R_FLLV=ROW["fixed_large_log_variance"], R_RC1=ROW["recip_posterior_mean_coef1"],
+            R_C2C1=ROW["posterior_mean_coef2_over_coef1"], R_AC=ROW["alphas_cumprod"],
+            R_ACP=ROW["alphas_cumprod_prev"], BLOCK=block,
+        )
+    return pred, mean, var, logvar, sample, learned
+
+
+def p_mean_variance(model_output, x_t, t, tables, model_mean_type, model_var_type, clip_denoised):
+    """(mean, variance, log_variance, pred_xstart) as reference.p_mean_variance."""
+    pred, mean, var, logvar, _, learned = _launch(
+        0, model_output, x_t, None, t, tables, model_mean_type, model_var_type, clip_denoised
+    )
+    if not learned:
+        # Fixed variances are per-sample constants: [N, 1, ...] as the reference returns them.
+        row_var, row_lv = {
+            "fixed_small": ("posterior_variance", "posterior_log_variance_clipped"),
+            "fixed_large": ("fixed_large_variance", "fixed_large_log_variance"),
+        }[model_var_type]
+        var = gather(tables, row_var, t, x_t.dim()).to(x_t.dtype)
+        logvar = gather(tables, row_lv, t, x_t.dim()).to(x_t.dtype)
+    return mean, var, logvar, pred
+
+
+def p_sample_step(model_output, x_t, t, noise, tables, model_mean_type, model_var_type, clip_denoised):
+    """(sample, pred_xstart) as reference.p_sample_step."""
+    pred, _, _, _, sample, _ = _launch(
+        1, model_output, x_t, noise, t, tables, model_mean_type, model_var_type, clip_denoised
+    )
+    return sample, pred
+
+
+def ddim_step(model_output, x_t, t, noise, tables, eta, model_mean_type, model_var_type, clip_denoised):
+    """(sample, pred_xstart) as reference.ddim_step."""
+    pred, _, _, _, sample, _ = _launch(
+        2, model_output, x_t, noise, t, tables, model_mean_type, model_var_type, clip_denoised, eta
+    )
+    return sample, pred
