@@ -101,3 +101,32 @@ def test_q_sample(benchmark, compiled, provider, shape):
     benchmark.extra_info["min_bytes"] = x0.numel() * 3 * 4
     y = benchmark(step)
     torch.testing.assert_close(y, ref.q_sample(x0, t, noise, tables))
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_p_sample_step(benchmark, compiled, provider, shape):
+    device = _device()
+    tables, x0, noise, out, t = _inputs(shape, device)
+    kinds = dict(model_mean_type="epsilon", model_var_type="learned_range", clip_denoised=True)
+    if provider == "fused":
+        _fused_or_skip("p_sample_step", device)
+        fn = ops.p_sample_step
+    elif provider == "torch_compile":
+        fn = compiled(ref.p_sample_step)
+    else:
+        fn = ref.p_sample_step
+
+    def step():
+        with torch.no_grad():
+            y = fn(out, x0, t, noise, tables, **kinds)
+        _sync(device)
+        return y
+
+    step()
+    benchmark.group = "p_sample_step fwd"
+    # reads x_t, noise and the model output (2C channels); writes the sample and pred_xstart
+    benchmark.extra_info["min_bytes"] = (x0.numel() * 4 + out.numel()) * 4
+    sample, _ = benchmark(step)
+    want, _ = ref.p_sample_step(out, x0, t, noise, tables, **kinds)
+    torch.testing.assert_close(sample, want, rtol=1e-4, atol=1e-5)
