@@ -1,13 +1,11 @@
 """Helpers shared by the kernel launchers (no kernels here)."""
 
-import torch
 import triton
 
 from . import interpreting
 
 MEAN_CODES = {"previous_x": 0, "start_x": 1, "epsilon": 2}
 VAR_CODES = {"learned": 0, "fixed_small": 1, "fixed_large": 2, "learned_range": 3}
-LOSS_CODES = {"mse": 0, "rescaled_mse": 1, "kl": 2, "rescaled_kl": 3}
 
 
 def block_size(n):
@@ -31,7 +29,3 @@ def check_device(*tensors):
         if x.device != device:
             raise ValueError(f"all inputs must be on {device}, got one on {x.device}")
     return device
-
-
-def to_float32_flat(x):
-    return x.to(torch.float32).reshape(-1)

@@ -13,6 +13,7 @@ import triton.language as tl
 from iddpm_fast.reference import ROW, gather
 
 from ._common import MEAN_CODES, VAR_CODES, block_size, check_contiguous_like, check_device
+from ._tl import load_model_output
 
 
 @triton.jit
@@ -41,13 +42,7 @@ def _sampling_kernel(
     mask = offs < D
     base = b.to(tl.int64) * D
     xt = tl.load(xt_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    if LEARNED:
-        obase = b.to(tl.int64) * (2 * D)
-        eo = tl.load(out_ptr + obase + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(out_ptr + obase + D + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        eo = tl.load(out_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        v = eo * 0.0
+    eo, v = load_model_output(out_ptr, b, offs, mask, D, LEARNED)
     c1 = tl.load(tables_ptr + R_C1 * T + t)
     c2 = tl.load(tables_ptr + R_C2 * T + t)
     sra = tl.load(tables_ptr + R_SRA * T + t)

@@ -20,7 +20,8 @@ import triton.language as tl
 
 from iddpm_fast.reference import ROW
 
-from ._common import LOSS_CODES, MEAN_CODES, VAR_CODES, block_size, check_contiguous_like, check_device
+from ._common import MEAN_CODES, VAR_CODES, block_size, check_contiguous_like, check_device
+from ._tl import load_model_output
 
 _LN2 = math.log(2.0)
 _K = math.sqrt(2.0 / math.pi)
@@ -85,13 +86,7 @@ def _load_sample(
     base = b.to(tl.int64) * D
     x0 = tl.load(x0_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     nz = tl.load(noise_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    if LEARNED:
-        obase = b.to(tl.int64) * (2 * D)
-        eo = tl.load(out_ptr + obase + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(out_ptr + obase + D + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        eo = tl.load(out_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-        v = eo * 0.0
+    eo, v = load_model_output(out_ptr, b, offs, mask, D, LEARNED)
     return t, offs, mask, x0, nz, eo, v
 
 
