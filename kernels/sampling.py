@@ -14,6 +14,42 @@ from iddpm_fast.reference import ROW, gather
 
 from ._common import MEAN_CODES, VAR_CODES, block_size, check_contiguous_like, check_device
 from ._tl import load_model_output
+from .likelihood import _K, _LN2, _log_likelihood
+
+
+@triton.jit
+def _distribution(
+    eo, v, xt, t, tables_ptr, T,
+    MEAN: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr,
+    R_C1: tl.constexpr, R_C2: tl.constexpr, R_PLV: tl.constexpr, R_SRA: tl.constexpr, R_SRM1: tl.constexpr,
+    R_LOGB: tl.constexpr, R_FLLV: tl.constexpr, R_RC1: tl.constexpr, R_C2C1: tl.constexpr,
+):
+    """The model's x_0 prediction (clipped when CLIP), mean and log-variance, fp32."""
+    c1 = tl.load(tables_ptr + R_C1 * T + t)
+    c2 = tl.load(tables_ptr + R_C2 * T + t)
+    if MEAN == 2:
+        pred = tl.load(tables_ptr + R_SRA * T + t) * xt - tl.load(tables_ptr + R_SRM1 * T + t) * eo
+    elif MEAN == 1:
+        pred = eo
+    else:
+        pred = tl.load(tables_ptr + R_RC1 * T + t) * eo - tl.load(tables_ptr + R_C2C1 * T + t) * xt
+    if CLIP:
+        pred = tl.minimum(tl.maximum(pred, -1.0), 1.0)
+    if MEAN == 0:
+        mean = eo
+    else:
+        mean = c1 * pred + c2 * xt
+    plv = tl.load(tables_ptr + R_PLV * T + t)
+    if VAR == 3:
+        frac = (v + 1.0) / 2.0
+        lv = frac * tl.load(tables_ptr + R_LOGB * T + t) + (1.0 - frac) * plv
+    elif VAR == 0:
+        lv = v
+    elif VAR == 1:
+        lv = plv + 0.0 * xt
+    else:
+        lv = tl.load(tables_ptr + R_FLLV * T + t) + 0.0 * xt
+    return pred, mean, lv
 
 
 @triton.jit
@@ -43,32 +79,11 @@ def _sampling_kernel(
     base = b.to(tl.int64) * D
     xt = tl.load(xt_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     eo, v = load_model_output(out_ptr, b, offs, mask, D, LEARNED)
-    c1 = tl.load(tables_ptr + R_C1 * T + t)
-    c2 = tl.load(tables_ptr + R_C2 * T + t)
     sra = tl.load(tables_ptr + R_SRA * T + t)
     srm1 = tl.load(tables_ptr + R_SRM1 * T + t)
-    if MEAN == 2:
-        pred = sra * xt - srm1 * eo
-    elif MEAN == 1:
-        pred = eo
-    else:
-        pred = tl.load(tables_ptr + R_RC1 * T + t) * eo - tl.load(tables_ptr + R_C2C1 * T + t) * xt
-    if CLIP:
-        pred = tl.minimum(tl.maximum(pred, -1.0), 1.0)
-    if MEAN == 0:
-        mean = eo
-    else:
-        mean = c1 * pred + c2 * xt
-    plv = tl.load(tables_ptr + R_PLV * T + t)
-    if VAR == 3:
-        frac = (v + 1.0) / 2.0
-        lv = frac * tl.load(tables_ptr + R_LOGB * T + t) + (1.0 - frac) * plv
-    elif VAR == 0:
-        lv = v
-    elif VAR == 1:
-        lv = plv + 0.0 * xt
-    else:
-        lv = tl.load(tables_ptr + R_FLLV * T + t) + 0.0 * xt
+    pred, mean, lv = _distribution(
+        eo, v, xt, t, tables_ptr, T, MEAN, VAR, CLIP, R_C1, R_C2, R_PLV, R_SRA, R_SRM1, R_LOGB, R_FLLV, R_RC1, R_C2C1
+    )
     tl.store(pred_ptr + base + offs, pred.to(pred_ptr.dtype.element_ty), mask=mask)
     nonzero = tl.where(t != 0, 1.0, 0.0)
     if MODE == 0:
@@ -91,6 +106,16 @@ def _sampling_kernel(
         tl.store(sample_ptr + base + offs, sample.to(sample_ptr.dtype.element_ty), mask=mask)
 
 
+def _rows():
+    return dict(
+        R_C1=ROW["posterior_mean_coef1"], R_C2=ROW["posterior_mean_coef2"],
+        R_PLV=ROW["posterior_log_variance_clipped"], R_SRA=ROW["sqrt_recip_alphas_cumprod"],
+        R_SRM1=ROW["sqrt_recipm1_alphas_cumprod"], R_LOGB=ROW["log_betas"],
+        R_FLLV=ROW["fixed_large_log_variance"], R_RC1=ROW["recip_posterior_mean_coef1"],
+        R_C2C1=ROW["posterior_mean_coef2_over_coef1"],
+    )
+
+
 def _launch(mode, model_output, x_t, noise, t, tables, model_mean_type, model_var_type, clip_denoised, eta=0.0):
     check_device(model_output, x_t, t, tables)
     (xt,) = check_contiguous_like(x_t)
@@ -111,12 +136,7 @@ def _launch(mode, model_output, x_t, noise, t, tables, model_mean_type, model_va
             float(eta),
             MEAN=MEAN_CODES[model_mean_type], VAR=VAR_CODES[model_var_type], LEARNED=learned,
             CLIP=bool(clip_denoised), MODE=mode,
-            R_C1=ROW["posterior_mean_coef1"], R_C2=ROW["posterior_mean_coef2"],
-            R_PLV=ROW["posterior_log_variance_clipped"], R_SRA=ROW["sqrt_recip_alphas_cumprod"],
-            R_SRM1=ROW["sqrt_recipm1_alphas_cumprod"], R_LOGB=ROW["log_betas"],
-            R_FLLV=ROW["fixed_large_log_variance"], R_RC1=ROW["recip_posterior_mean_coef1"],
-            R_C2C1=ROW["posterior_mean_coef2_over_coef1"], R_AC=ROW["alphas_cumprod"],
-            R_ACP=ROW["alphas_cumprod_prev"], BLOCK=block,
+            R_AC=ROW["alphas_cumprod"], R_ACP=ROW["alphas_cumprod_prev"], BLOCK=block, **_rows(),
         )
     return pred, mean, var, logvar, sample, learned
 
@@ -151,3 +171,60 @@ def ddim_step(model_output, x_t, t, noise, tables, eta, model_mean_type, model_v
         2, model_output, x_t, noise, t, tables, model_mean_type, model_var_type, clip_denoised, eta
     )
     return sample, pred
+
+
+@triton.jit
+def _vb_terms_kernel(
+    out_ptr,  # [B, C' * S] model output
+    x0_ptr,  # [B, D] x_0
+    xt_ptr,  # [B, D] x_t
+    t_ptr,  # [B] int64 timesteps
+    tables_ptr,  # [R, T] float32 coefficient tables
+    pred_ptr,  # [B, D] x_0 prediction, x_t's dtype
+    part_ptr,  # [B, n_chunks] float32 partial sums of the bound term (nats)
+    D, T, n_chunks,
+    MEAN: tl.constexpr, VAR: tl.constexpr, LEARNED: tl.constexpr, CLIP: tl.constexpr,
+    R_C1: tl.constexpr, R_C2: tl.constexpr, R_PLV: tl.constexpr, R_SRA: tl.constexpr, R_SRM1: tl.constexpr,
+    R_LOGB: tl.constexpr, R_FLLV: tl.constexpr, R_RC1: tl.constexpr, R_C2C1: tl.constexpr,
+    K: tl.constexpr, BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    chunk = tl.program_id(1)
+    t = tl.load(t_ptr + b)
+    offs = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < D
+    base = b.to(tl.int64) * D
+    x0 = tl.load(x0_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    xt = tl.load(xt_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    eo, v = load_model_output(out_ptr, b, offs, mask, D, LEARNED)
+    pred, m, lv = _distribution(
+        eo, v, xt, t, tables_ptr, T, MEAN, VAR, CLIP, R_C1, R_C2, R_PLV, R_SRA, R_SRM1, R_LOGB, R_FLLV, R_RC1, R_C2C1
+    )
+    tl.store(pred_ptr + base + offs, pred.to(pred_ptr.dtype.element_ty), mask=mask)
+    plv = tl.load(tables_ptr + R_PLV * T + t)
+    tm = tl.load(tables_ptr + R_C1 * T + t) * x0 + tl.load(tables_ptr + R_C2 * T + t) * xt
+    dm = tm - m
+    kl = 0.5 * (-1.0 + lv - plv + tl.exp(plv - lv) + dm * dm * tl.exp(-lv))
+    term = tl.where(t == 0, -_log_likelihood(x0, m, 0.5 * lv, K), kl)
+    tl.store(part_ptr + b.to(tl.int64) * n_chunks + chunk, tl.sum(tl.where(mask, term, 0.0), axis=0))
+
+
+def vb_terms_bpd(model_output, x_start, x_t, t, tables, model_mean_type, model_var_type, clip_denoised):
+    """(terms [B] float32 bits/dim, pred_xstart) as reference.vb_terms_bpd."""
+    check_device(model_output, x_start, x_t, t, tables)
+    x0, xt = check_contiguous_like(x_start, x_t)
+    out = model_output.contiguous()
+    B = xt.shape[0]
+    D = xt.numel() // max(B, 1)
+    block = block_size(D)
+    n_chunks = triton.cdiv(D, block) if D else 1
+    pred = torch.empty_like(xt)
+    part = torch.zeros((B, n_chunks), device=xt.device, dtype=torch.float32)
+    if B and D:
+        _vb_terms_kernel[(B, n_chunks)](
+            out, x0, xt, t.contiguous(), tables.contiguous(), pred, part, D, tables.shape[1], n_chunks,
+            MEAN=MEAN_CODES[model_mean_type], VAR=VAR_CODES[model_var_type],
+            LEARNED=model_var_type in ("learned", "learned_range"), CLIP=bool(clip_denoised),
+            K=_K, BLOCK=block, **_rows(),
+        )
+    return part.sum(dim=1) / D / _LN2, pred

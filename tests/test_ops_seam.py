@@ -40,10 +40,10 @@ def test_forcing_an_unavailable_backend_fails_clearly(monkeypatch):
     d = create_gaussian_diffusion(steps=100)
     with pytest.raises(ops.BackendUnavailableError, match="IDDPM_FAST_BACKEND=triton was requested but q_sample"):
         d.q_sample(x, torch.tensor([1, 2]))
-    # An op with no Triton kernel yet says so.
-    with pytest.raises(ops.BackendUnavailableError,
-                       match="no triton implementation of discretized_gaussian_log_likelihood is registered"):
-        ops.discretized_gaussian_log_likelihood(x, x, x)
+    # An op whose kind is not built says so.
+    monkeypatch.setenv("IDDPM_FAST_BACKEND", "cpp")
+    with pytest.raises(ops.BackendUnavailableError, match="no cpp implementation of group_norm_silu is registered"):
+        ops.group_norm_silu(torch.randn(2, 32, 4, 4), None, None, 32)
 
 
 def test_bad_backend_name_is_rejected(monkeypatch):

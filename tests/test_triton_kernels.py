@@ -256,3 +256,83 @@ def test_sampling_opcheck():
     torch.library.opcheck(_triton.ddim_step_triton,
                           (out, noise, t, x0, tables, 0.5, "start_x", "learned", False),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+# -------------------------------------------------- posterior, likelihood, bound
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["batch1", "grayscale_odd", "odd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_posterior_and_likelihood_match_reference(shape, dtype):
+    x0, noise, _, t = _data(shape, False, dtype)
+    tables = _tables()
+    x_t = (noise.float() * 0.7 + x0.float() * 0.5).to(dtype)
+    got = _triton.q_posterior_mean_variance_triton(x0, x_t, t, tables)
+    want = ref.q_posterior_mean_variance(x0, x_t, t, tables)
+    rtol, atol = _tol(dtype)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        torch.testing.assert_close(g.float(), w.float(), rtol=rtol, atol=atol)
+    means = (x0.float() + 0.01 * noise.float()).to(dtype)
+    log_scales = torch.full_like(means, -3.0)
+    log_scales[0] = -5.0  # sharp: probabilities near the 1e-12 clamp
+    ll = _triton.discretized_gaussian_log_likelihood_triton(x0, means, log_scales)
+    want_ll = ref.discretized_gaussian_log_likelihood(x0, means, log_scales)
+    assert ll.dtype == dtype
+    torch.testing.assert_close(ll.float(), want_ll.float(), rtol=max(rtol, 1e-4), atol=max(atol, 1e-4))
+    bpd = _triton.discretized_gaussian_nll_bpd_triton(x0, means, log_scales)
+    torch.testing.assert_close(bpd, ref.discretized_gaussian_nll_bpd(x0, means, log_scales), rtol=1e-4, atol=1e-5)
+
+
+def test_likelihood_broadcast_log_scales():
+    x0, noise, _, _ = _data((3, 2, 4, 4), False)
+    log_scales = torch.tensor([-2.0, -3.0, -4.0], device=DEVICE).view(3, 1, 1, 1)
+    got = _triton.discretized_gaussian_nll_bpd_triton(x0, x0 + 0.01 * noise, log_scales)
+    torch.testing.assert_close(got, ref.discretized_gaussian_nll_bpd(x0, x0 + 0.01 * noise, log_scales),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mean,var,clip", SAMPLING_KINDS)
+def test_vb_terms_match_reference(mean, var, clip):
+    learned = var in ref.LEARNED_VAR_TYPES
+    x0, noise, out, t = _data((3, 2, 5, 3), learned)
+    tables = _tables()
+    x_t = ref.q_sample(x0, t, noise, tables)
+    got, pred = _triton.vb_terms_bpd_triton(out, x0, x_t, t, tables, mean, var, clip)
+    want, want_pred = ref.vb_terms_bpd(out, x0, x_t, t, tables, model_mean_type=mean, model_var_type=var,
+                                       clip_denoised=clip)
+    truth, _ = ref.vb_terms_bpd(out.double(), x0.double(), x_t.double(), t, tables.double(), model_mean_type=mean,
+                                model_var_type=var, clip_denoised=clip)
+    # as for the loss: within twice the fp32 reference's own distance to the float64 value
+    assert ((got.double() - truth).abs() <= 2 * (want.double() - truth).abs() + 1e-5 * truth.abs() + 1e-6).all()
+    torch.testing.assert_close(pred, want_pred, rtol=1e-5, atol=1e-5)
+
+
+def test_calc_bpd_loop_with_the_triton_backend_equals_the_reference():
+    d = create_gaussian_diffusion(steps=T, learn_sigma=True, noise_schedule="cosine", timestep_respacing="6")
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(3, 6, 3, padding=1).to(DEVICE)
+    x0, _, _, _ = _data((2, 3, 4, 4), False)
+    results = []
+    for backend in ("reference", "triton"):
+        with ops.use_backend(backend):
+            torch.manual_seed(3)
+            results.append(d.calc_bpd_loop(lambda x, ts: torch.tanh(net(x)), x0))
+    for key in ("total_bpd", "vb", "mse", "xstart_mse"):
+        torch.testing.assert_close(results[1][key], results[0][key], rtol=2e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("op,args", [
+    ("q_posterior_mean_variance_triton", lambda x0, n, o, t, tb: (x0, n, t, tb)),
+    ("discretized_gaussian_log_likelihood_triton", lambda x0, n, o, t, tb: (x0, x0 + 0.1 * n, n * 0 - 2)),
+    ("discretized_gaussian_nll_bpd_triton", lambda x0, n, o, t, tb: (x0, x0 + 0.1 * n, n * 0 - 2)),
+    ("vb_terms_bpd_triton", lambda x0, n, o, t, tb: (o, x0, n, t, tb, "epsilon", "learned_range", True)),
+])
+def test_likelihood_ops_opcheck_and_compile(op, args):
+    x0, noise, out, t = _data((2, 3, 4, 4), True)
+    fn = getattr(_triton, op)
+    a = args(x0, noise, out, t, _tables())
+    torch.library.opcheck(fn, a, test_utils=("test_schema", "test_faketensor"))
+    compiled = torch.compile(lambda *z: fn(*z), fullgraph=True, backend="aot_eager")
+    for g, w in zip(torch.utils._pytree.tree_leaves(compiled(*a)), torch.utils._pytree.tree_leaves(fn(*a))):
+        torch.testing.assert_close(g, w)

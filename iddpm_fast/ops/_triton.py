@@ -228,3 +228,89 @@ def _ddim_step(model_output, x_t, t, noise, tables, *, eta, model_mean_type, mod
 register("p_mean_variance", "triton", _p_mean_variance, available=kernels.unavailable_reason)
 register("p_sample_step", "triton", _p_sample_step, available=kernels.unavailable_reason)
 register("ddim_step", "triton", _ddim_step, available=kernels.unavailable_reason)
+
+
+# ----------------------------------------------- posterior, likelihood, bound
+
+
+@torch.library.custom_op("iddpm_fast::q_posterior_mean_variance_triton", mutates_args=())
+def q_posterior_mean_variance_triton(
+    x_start: _Tensor, x_t: _Tensor, t: _Tensor, tables: _Tensor
+) -> Tuple[_Tensor, _Tensor, _Tensor]:
+    from ..kernels import likelihood as k
+
+    return k.q_posterior_mean_variance(x_start, x_t, t, tables)
+
+
+@q_posterior_mean_variance_triton.register_fake
+def _(x_start, x_t, t, tables):
+    small = x_t.new_empty((x_t.shape[0],) + (1,) * (x_t.dim() - 1), dtype=torch.float32)
+    return torch.empty_like(x_t, memory_format=torch.contiguous_format), small, torch.empty_like(small)
+
+
+@torch.library.custom_op("iddpm_fast::discretized_gaussian_log_likelihood_triton", mutates_args=())
+def discretized_gaussian_log_likelihood_triton(x: _Tensor, means: _Tensor, log_scales: _Tensor) -> _Tensor:
+    from ..kernels import likelihood as k
+
+    return k.discretized_gaussian_log_likelihood(x, means, log_scales)
+
+
+@discretized_gaussian_log_likelihood_triton.register_fake
+def _(x, means, log_scales):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("iddpm_fast::discretized_gaussian_nll_bpd_triton", mutates_args=())
+def discretized_gaussian_nll_bpd_triton(x: _Tensor, means: _Tensor, log_scales: _Tensor) -> _Tensor:
+    from ..kernels import likelihood as k
+
+    return k.discretized_gaussian_nll_bpd(x, means, log_scales)
+
+
+@discretized_gaussian_nll_bpd_triton.register_fake
+def _(x, means, log_scales):
+    return x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("iddpm_fast::vb_terms_bpd_triton", mutates_args=())
+def vb_terms_bpd_triton(
+    model_output: _Tensor, x_start: _Tensor, x_t: _Tensor, t: _Tensor, tables: _Tensor, model_mean_type: str,
+    model_var_type: str, clip_denoised: bool,
+) -> Tuple[_Tensor, _Tensor]:
+    from ..kernels import sampling as k
+
+    return k.vb_terms_bpd(model_output, x_start, x_t, t, tables, model_mean_type, model_var_type, clip_denoised)
+
+
+@vb_terms_bpd_triton.register_fake
+def _(model_output, x_start, x_t, t, tables, model_mean_type, model_var_type, clip_denoised):
+    return (x_t.new_empty((x_t.shape[0],), dtype=torch.float32),
+            torch.empty_like(x_t, memory_format=torch.contiguous_format))
+
+
+def _with_reference_for_grad(name, triton_fn, *grad_inputs_idx):
+    """The seam entry of a forward-only op: the reference runs when gradients are wanted."""
+
+    def run(*args, **kwargs):
+        if _wants_grad(*(args[i] for i in grad_inputs_idx)):
+            from .. import reference
+
+            return getattr(reference, name)(*args, **kwargs)
+        return triton_fn(*args, *kwargs.values())
+
+    return run
+
+
+register("q_posterior_mean_variance", "triton",
+         _with_reference_for_grad("q_posterior_mean_variance", q_posterior_mean_variance_triton, 0, 1),
+         available=kernels.unavailable_reason)
+register("discretized_gaussian_log_likelihood", "triton",
+         _with_reference_for_grad("discretized_gaussian_log_likelihood", discretized_gaussian_log_likelihood_triton,
+                                  0, 1, 2),
+         available=kernels.unavailable_reason)
+register("discretized_gaussian_nll_bpd", "triton",
+         _with_reference_for_grad("discretized_gaussian_nll_bpd", discretized_gaussian_nll_bpd_triton, 0, 1, 2),
+         available=kernels.unavailable_reason)
+register("vb_terms_bpd", "triton",
+         _with_reference_for_grad("vb_terms_bpd", vb_terms_bpd_triton, 0, 1, 2),
+         available=kernels.unavailable_reason)

@@ -1,0 +1,123 @@
+"""
+The discretised Gaussian log-likelihood of 8-bit data (the original's tanh
+CDF approximation, bins of 2/255, edge bins open at +-0.999, probabilities
+clamped at 1e-12), elementwise and reduced per sample to bits/dim; and the
+posterior q(x_{t-1} | x_t, x_0). Twins: reference.discretized_gaussian_log_likelihood,
+discretized_gaussian_nll_bpd, q_posterior_mean_variance.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from iddpm_fast.reference import ROW, gather
+
+from ._common import block_size, check_contiguous_like, check_device
+from .training_loss import _cdf
+
+_K = math.sqrt(2.0 / math.pi)
+_LN2 = math.log(2.0)
+
+
+@triton.jit
+def _log_likelihood(x, m, ls, K: tl.constexpr):
+    c = x - m
+    inv = tl.exp(-ls)
+    cp = _cdf(inv * (c + 1.0 / 255.0), K)
+    cm = _cdf(inv * (c - 1.0 / 255.0), K)
+    ll_lo = tl.log(tl.maximum(cp, 1e-12))
+    ll_hi = tl.log(tl.maximum(1.0 - cm, 1e-12))
+    ll_mid = tl.log(tl.maximum(cp - cm, 1e-12))
+    return tl.where(x < -0.999, ll_lo, tl.where(x > 0.999, ll_hi, ll_mid))
+
+
+@triton.jit
+def _dgll_kernel(
+    x_ptr,  # [B, D] targets in [-1, 1]
+    m_ptr,  # [B, D] means
+    ls_ptr,  # [B, D] log standard deviations
+    out_ptr,  # [B, D] log-likelihoods (REDUCE=False), x's dtype
+    part_ptr,  # [B, n_chunks] float32 partial sums of -log-likelihood (REDUCE=True)
+    D, n_chunks,
+    REDUCE: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    chunk = tl.program_id(1)
+    offs = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < D
+    base = b.to(tl.int64) * D
+    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    ls = tl.load(ls_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    ll = _log_likelihood(x, m, ls, K)
+    if REDUCE:
+        tl.store(part_ptr + b.to(tl.int64) * n_chunks + chunk, tl.sum(tl.where(mask, -ll, 0.0), axis=0))
+    else:
+        tl.store(out_ptr + base + offs, ll.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_dgll(x, means, log_scales, reduce):
+    check_device(x, means, log_scales)
+    xc, mc, lc = check_contiguous_like(x, means, log_scales.expand_as(x))
+    B = xc.shape[0] if xc.dim() else 1
+    D = xc.numel() // max(B, 1)
+    block = block_size(D)
+    n_chunks = triton.cdiv(D, block) if D else 1
+    out = torch.empty_like(xc)
+    part = torch.zeros((B, n_chunks), device=xc.device, dtype=torch.float32)
+    if xc.numel():
+        _dgll_kernel[(B, n_chunks)](xc, mc, lc, out, part, D, n_chunks, REDUCE=reduce, K=_K, BLOCK=block)
+    return out, part, D
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """Elementwise log-probabilities (nats), x's shape and dtype."""
+    out, _, _ = _launch_dgll(x, means, log_scales, False)
+    return out
+
+
+def discretized_gaussian_nll_bpd(x, means, log_scales):
+    """[B] float32 negative log-likelihood in bits per dimension."""
+    _, part, D = _launch_dgll(x, means, log_scales, True)
+    return part.sum(dim=1) / D / _LN2
+
+
+@triton.jit
+def _posterior_kernel(
+    x0_ptr,  # [B, D] x_0
+    xt_ptr,  # [B, D] x_t
+    t_ptr,  # [B] int64 timesteps
+    tables_ptr,  # [R, T] float32 coefficient tables
+    out_ptr,  # [B, D] posterior mean, x_t's dtype
+    D, T,
+    R_C1: tl.constexpr, R_C2: tl.constexpr, BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    chunk = tl.program_id(1)
+    t = tl.load(t_ptr + b)
+    offs = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < D
+    base = b.to(tl.int64) * D
+    x0 = tl.load(x0_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    xt = tl.load(xt_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(tables_ptr + R_C1 * T + t) * x0 + tl.load(tables_ptr + R_C2 * T + t) * xt
+    tl.store(out_ptr + base + offs, mean.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def q_posterior_mean_variance(x_start, x_t, t, tables):
+    """(mean [x_t's shape and dtype], variance [N,1,..], clipped log-variance [N,1,..])."""
+    check_device(x_start, x_t, t, tables)
+    x0, xt = check_contiguous_like(x_start, x_t)
+    B = xt.shape[0]
+    D = xt.numel() // max(B, 1)
+    mean = torch.empty_like(xt)
+    if xt.numel():
+        block = block_size(D)
+        _posterior_kernel[(B, triton.cdiv(D, block))](
+            x0, xt, t.contiguous(), tables.contiguous(), mean, D, tables.shape[1],
+            R_C1=ROW["posterior_mean_coef1"], R_C2=ROW["posterior_mean_coef2"], BLOCK=block,
+        )
+    nd = xt.dim()
+    return mean, gather(tables, "posterior_variance", t, nd), gather(tables, "posterior_log_variance_clipped", t, nd)
