@@ -253,9 +253,14 @@ def test_sampling_opcheck():
                               test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(_triton.p_sample_step_triton, (out, noise, t, x0, tables, "epsilon", "learned_range", True),
                           test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(_triton.ddim_step_triton,
-                          (out, noise, t, x0, tables, 0.5, "start_x", "learned", False),
-                          test_utils=("test_schema", "test_faketensor"))
+    ddim_args = (out, noise, t, x0, tables, 0.5, "start_x", "learned", False)
+    torch.library.opcheck(_triton.ddim_step_triton, ddim_args, test_utils=("test_schema", "test_faketensor"))
+    for fn, a in ((_triton.p_sample_step_triton, (out, noise, t, x0, tables, "epsilon", "learned_range", True)),
+                  (_triton.ddim_step_triton, ddim_args),
+                  (_triton.p_mean_variance_triton, (out, noise, t, tables, "epsilon", "learned_range", True))):
+        compiled = torch.compile(lambda *z, fn=fn: fn(*z), fullgraph=True, backend="aot_eager")
+        for g, w in zip(compiled(*a), fn(*a)):
+            torch.testing.assert_close(g, w)
 
 
 # -------------------------------------------------- posterior, likelihood, bound
