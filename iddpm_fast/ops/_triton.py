@@ -198,36 +198,25 @@ def _wants_grad(*tensors):
     return torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
 
 
-def _p_mean_variance(model_output, x_t, t, tables, *, model_mean_type, model_var_type, clip_denoised):
-    if _wants_grad(model_output, x_t):
-        from .. import reference
+def _with_reference_for_grad(name, triton_fn, *grad_inputs_idx):
+    """The seam entry of a forward-only op: the reference runs when gradients are wanted."""
 
-        return reference.p_mean_variance(model_output, x_t, t, tables, model_mean_type=model_mean_type,
-                                         model_var_type=model_var_type, clip_denoised=clip_denoised)
-    return p_mean_variance_triton(model_output, x_t, t, tables, model_mean_type, model_var_type, clip_denoised)
+    def run(*args, **kwargs):
+        if _wants_grad(*(args[i] for i in grad_inputs_idx)):
+            from .. import reference
 
+            return getattr(reference, name)(*args, **kwargs)
+        return triton_fn(*args, **kwargs)
 
-def _p_sample_step(model_output, x_t, t, noise, tables, *, model_mean_type, model_var_type, clip_denoised):
-    if _wants_grad(model_output, x_t, noise):
-        from .. import reference
-
-        return reference.p_sample_step(model_output, x_t, t, noise, tables, model_mean_type=model_mean_type,
-                                       model_var_type=model_var_type, clip_denoised=clip_denoised)
-    return p_sample_step_triton(model_output, x_t, t, noise, tables, model_mean_type, model_var_type, clip_denoised)
+    return run
 
 
-def _ddim_step(model_output, x_t, t, noise, tables, *, eta, model_mean_type, model_var_type, clip_denoised):
-    if _wants_grad(model_output, x_t, noise):
-        from .. import reference
-
-        return reference.ddim_step(model_output, x_t, t, noise, tables, eta=eta, model_mean_type=model_mean_type,
-                                   model_var_type=model_var_type, clip_denoised=clip_denoised)
-    return ddim_step_triton(model_output, x_t, t, noise, tables, eta, model_mean_type, model_var_type, clip_denoised)
-
-
-register("p_mean_variance", "triton", _p_mean_variance, available=kernels.unavailable_reason)
-register("p_sample_step", "triton", _p_sample_step, available=kernels.unavailable_reason)
-register("ddim_step", "triton", _ddim_step, available=kernels.unavailable_reason)
+register("p_mean_variance", "triton", _with_reference_for_grad("p_mean_variance", p_mean_variance_triton, 0, 1),
+         available=kernels.unavailable_reason)
+register("p_sample_step", "triton", _with_reference_for_grad("p_sample_step", p_sample_step_triton, 0, 1, 3),
+         available=kernels.unavailable_reason)
+register("ddim_step", "triton", _with_reference_for_grad("ddim_step", ddim_step_triton, 0, 1, 3),
+         available=kernels.unavailable_reason)
 
 
 # ----------------------------------------------- posterior, likelihood, bound
@@ -286,19 +275,6 @@ def vb_terms_bpd_triton(
 def _(model_output, x_start, x_t, t, tables, model_mean_type, model_var_type, clip_denoised):
     return (x_t.new_empty((x_t.shape[0],), dtype=torch.float32),
             torch.empty_like(x_t, memory_format=torch.contiguous_format))
-
-
-def _with_reference_for_grad(name, triton_fn, *grad_inputs_idx):
-    """The seam entry of a forward-only op: the reference runs when gradients are wanted."""
-
-    def run(*args, **kwargs):
-        if _wants_grad(*(args[i] for i in grad_inputs_idx)):
-            from .. import reference
-
-            return getattr(reference, name)(*args, **kwargs)
-        return triton_fn(*args, *kwargs.values())
-
-    return run
 
 
 register("q_posterior_mean_variance", "triton",
