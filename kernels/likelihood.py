@@ -15,22 +15,10 @@ import triton.language as tl
 from iddpm_fast.reference import ROW, gather
 
 from ._common import block_size, check_contiguous_like, check_device
-from .training_loss import _cdf
+from ._tl import log_likelihood
 
 _K = math.sqrt(2.0 / math.pi)
 _LN2 = math.log(2.0)
-
-
-@triton.jit
-def _log_likelihood(x, m, ls, K: tl.constexpr):
-    c = x - m
-    inv = tl.exp(-ls)
-    cp = _cdf(inv * (c + 1.0 / 255.0), K)
-    cm = _cdf(inv * (c - 1.0 / 255.0), K)
-    ll_lo = tl.log(tl.maximum(cp, 1e-12))
-    ll_hi = tl.log(tl.maximum(1.0 - cm, 1e-12))
-    ll_mid = tl.log(tl.maximum(cp - cm, 1e-12))
-    return tl.where(x < -0.999, ll_lo, tl.where(x > 0.999, ll_hi, ll_mid))
 
 
 @triton.jit
@@ -51,7 +39,7 @@ def _dgll_kernel(
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     ls = tl.load(ls_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    ll = _log_likelihood(x, m, ls, K)
+    ll = log_likelihood(x, m, ls, K)
     if REDUCE:
         tl.store(part_ptr + b.to(tl.int64) * n_chunks + chunk, tl.sum(tl.where(mask, -ll, 0.0), axis=0))
     else:

@@ -13,43 +13,8 @@ import triton.language as tl
 from iddpm_fast.reference import ROW, gather
 
 from ._common import MEAN_CODES, VAR_CODES, block_size, check_contiguous_like, check_device
-from ._tl import load_model_output
-from .likelihood import _K, _LN2, _log_likelihood
-
-
-@triton.jit
-def _distribution(
-    eo, v, xt, t, tables_ptr, T,
-    MEAN: tl.constexpr, VAR: tl.constexpr, CLIP: tl.constexpr,
-    R_C1: tl.constexpr, R_C2: tl.constexpr, R_PLV: tl.constexpr, R_SRA: tl.constexpr, R_SRM1: tl.constexpr,
-    R_LOGB: tl.constexpr, R_FLLV: tl.constexpr, R_RC1: tl.constexpr, R_C2C1: tl.constexpr,
-):
-    """The model's x_0 prediction (clipped when CLIP), mean and log-variance, fp32."""
-    c1 = tl.load(tables_ptr + R_C1 * T + t)
-    c2 = tl.load(tables_ptr + R_C2 * T + t)
-    if MEAN == 2:
-        pred = tl.load(tables_ptr + R_SRA * T + t) * xt - tl.load(tables_ptr + R_SRM1 * T + t) * eo
-    elif MEAN == 1:
-        pred = eo
-    else:
-        pred = tl.load(tables_ptr + R_RC1 * T + t) * eo - tl.load(tables_ptr + R_C2C1 * T + t) * xt
-    if CLIP:
-        pred = tl.minimum(tl.maximum(pred, -1.0), 1.0)
-    if MEAN == 0:
-        mean = eo
-    else:
-        mean = c1 * pred + c2 * xt
-    plv = tl.load(tables_ptr + R_PLV * T + t)
-    if VAR == 3:
-        frac = (v + 1.0) / 2.0
-        lv = frac * tl.load(tables_ptr + R_LOGB * T + t) + (1.0 - frac) * plv
-    elif VAR == 0:
-        lv = v
-    elif VAR == 1:
-        lv = plv + 0.0 * xt
-    else:
-        lv = tl.load(tables_ptr + R_FLLV * T + t) + 0.0 * xt
-    return pred, mean, lv
+from ._tl import bound_term, load_model_output, model_distribution
+from .likelihood import _K, _LN2
 
 
 @triton.jit
@@ -81,7 +46,7 @@ def _sampling_kernel(
     eo, v = load_model_output(out_ptr, b, offs, mask, D, LEARNED)
     sra = tl.load(tables_ptr + R_SRA * T + t)
     srm1 = tl.load(tables_ptr + R_SRM1 * T + t)
-    pred, mean, lv = _distribution(
+    pred, mean, lv = model_distribution(
         eo, v, xt, t, tables_ptr, T, MEAN, VAR, CLIP, R_C1, R_C2, R_PLV, R_SRA, R_SRM1, R_LOGB, R_FLLV, R_RC1, R_C2C1
     )
     tl.store(pred_ptr + base + offs, pred.to(pred_ptr.dtype.element_ty), mask=mask)
@@ -197,15 +162,13 @@ def _vb_terms_kernel(
     x0 = tl.load(x0_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     xt = tl.load(xt_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     eo, v = load_model_output(out_ptr, b, offs, mask, D, LEARNED)
-    pred, m, lv = _distribution(
+    pred, m, lv = model_distribution(
         eo, v, xt, t, tables_ptr, T, MEAN, VAR, CLIP, R_C1, R_C2, R_PLV, R_SRA, R_SRM1, R_LOGB, R_FLLV, R_RC1, R_C2C1
     )
     tl.store(pred_ptr + base + offs, pred.to(pred_ptr.dtype.element_ty), mask=mask)
     plv = tl.load(tables_ptr + R_PLV * T + t)
     tm = tl.load(tables_ptr + R_C1 * T + t) * x0 + tl.load(tables_ptr + R_C2 * T + t) * xt
-    dm = tm - m
-    kl = 0.5 * (-1.0 + lv - plv + tl.exp(plv - lv) + dm * dm * tl.exp(-lv))
-    term = tl.where(t == 0, -_log_likelihood(x0, m, 0.5 * lv, K), kl)
+    term = bound_term(x0, tm, plv, m, lv, t, K)
     tl.store(part_ptr + b.to(tl.int64) * n_chunks + chunk, tl.sum(tl.where(mask, term, 0.0), axis=0))
 
 

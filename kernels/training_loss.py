@@ -21,57 +21,32 @@ import triton.language as tl
 from iddpm_fast.reference import ROW
 
 from ._common import MEAN_CODES, VAR_CODES, block_size, check_contiguous_like, check_device
-from ._tl import load_model_output
+from ._tl import bound_term, cdf, cdf_grad, load_model_output, model_distribution
 
 _LN2 = math.log(2.0)
 _K = math.sqrt(2.0 / math.pi)
 
 
 @triton.jit
-def _tanh(z):
-    # No libdevice under the interpreter: tanh(z) = 2 sigmoid(2z) - 1.
-    return 2.0 * tl.sigmoid(2.0 * z) - 1.0
-
-
-@triton.jit
-def _cdf(u, K: tl.constexpr):
-    # The original's approximation 0.5 (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3))).
-    return 0.5 * (1.0 + _tanh(K * (u + 0.044715 * u * u * u)))
-
-
-@triton.jit
-def _cdf_grad(u, K: tl.constexpr):
-    th = _tanh(K * (u + 0.044715 * u * u * u))
-    return 0.5 * (1.0 - th * th) * K * (1.0 + 3.0 * 0.044715 * u * u)
-
-
-@triton.jit
 def _elements(
-    x0, nz, eo, v, t,
-    sa, s1a, c1, c2, plv, sra, srm1, logb, fllv,
+    x0, nz, eo, v, t, tables_ptr, T,
     MEAN: tl.constexpr, VAR: tl.constexpr,
+    R_SA: tl.constexpr, R_S1A: tl.constexpr, R_C1: tl.constexpr, R_C2: tl.constexpr, R_PLV: tl.constexpr,
+    R_SRA: tl.constexpr, R_SRM1: tl.constexpr, R_LOGB: tl.constexpr, R_FLLV: tl.constexpr,
+    R_RC1: tl.constexpr, R_C2C1: tl.constexpr,
 ):
-    """x_t, the posterior mean, the model's mean / log-variance and the MSE target."""
-    xt = sa * x0 + s1a * nz
-    tm = c1 * x0 + c2 * xt
+    """x_t, the posterior mean, the model's mean / log-variance (unclipped) and the MSE target."""
+    xt = tl.load(tables_ptr + R_SA * T + t) * x0 + tl.load(tables_ptr + R_S1A * T + t) * nz
+    tm = tl.load(tables_ptr + R_C1 * T + t) * x0 + tl.load(tables_ptr + R_C2 * T + t) * xt
+    _, m, lv = model_distribution(
+        eo, v, xt, t, tables_ptr, T, MEAN, VAR, False, R_C1, R_C2, R_PLV, R_SRA, R_SRM1, R_LOGB, R_FLLV, R_RC1, R_C2C1
+    )
     if MEAN == 2:
-        m = c1 * (sra * xt - srm1 * eo) + c2 * xt
         tgt = nz
     elif MEAN == 1:
-        m = c1 * eo + c2 * xt
         tgt = x0
     else:
-        m = eo
         tgt = tm
-    if VAR == 3:
-        frac = (v + 1.0) / 2.0
-        lv = frac * logb + (1.0 - frac) * plv
-    elif VAR == 0:
-        lv = v
-    elif VAR == 1:
-        lv = plv + 0.0 * x0
-    else:
-        lv = fllv + 0.0 * x0
     return xt, tm, m, lv, tgt
 
 
@@ -91,11 +66,6 @@ def _load_sample(
 
 
 @triton.jit
-def _coefs(tables_ptr, t, T, R: tl.constexpr):
-    return tl.load(tables_ptr + R * T + t)
-
-
-@triton.jit
 def _training_loss_fwd_kernel(
     out_ptr,  # [B, C' * S] model output (C' = 2C when learned), any float dtype
     x0_ptr,  # [B, D] clean data (D = C * S)
@@ -108,39 +78,23 @@ def _training_loss_fwd_kernel(
     MEAN: tl.constexpr, VAR: tl.constexpr, LEARNED: tl.constexpr, NEED_VB: tl.constexpr,
     R_SA: tl.constexpr, R_S1A: tl.constexpr, R_C1: tl.constexpr, R_C2: tl.constexpr, R_PLV: tl.constexpr,
     R_SRA: tl.constexpr, R_SRM1: tl.constexpr, R_LOGB: tl.constexpr, R_FLLV: tl.constexpr,
-    K: tl.constexpr, BLOCK: tl.constexpr,
+    R_RC1: tl.constexpr, R_C2C1: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0)
     chunk = tl.program_id(1)
     t, offs, mask, x0, nz, eo, v = _load_sample(
         b, chunk, x0_ptr, noise_ptr, out_ptr, t_ptr, tables_ptr, D, T, LEARNED, BLOCK
     )
-    plv = _coefs(tables_ptr, t, T, R_PLV)
     xt, tm, m, lv, tgt = _elements(
-        x0, nz, eo, v, t,
-        _coefs(tables_ptr, t, T, R_SA), _coefs(tables_ptr, t, T, R_S1A),
-        _coefs(tables_ptr, t, T, R_C1), _coefs(tables_ptr, t, T, R_C2), plv,
-        _coefs(tables_ptr, t, T, R_SRA), _coefs(tables_ptr, t, T, R_SRM1),
-        _coefs(tables_ptr, t, T, R_LOGB), _coefs(tables_ptr, t, T, R_FLLV),
-        MEAN, VAR,
+        x0, nz, eo, v, t, tables_ptr, T, MEAN, VAR,
+        R_SA, R_S1A, R_C1, R_C2, R_PLV, R_SRA, R_SRM1, R_LOGB, R_FLLV, R_RC1, R_C2C1,
     )
     diff = tgt - eo
     se = tl.where(mask, diff * diff, 0.0)
     tl.store(se_ptr + b.to(tl.int64) * n_chunks + chunk, tl.sum(se, axis=0))
     if NEED_VB:
-        dm = tm - m
-        kl = 0.5 * (-1.0 + lv - plv + tl.exp(plv - lv) + dm * dm * tl.exp(-lv))
-        # Decoder NLL of the discretised Gaussian (bins of 2/255, edges at +-0.999).
-        c = x0 - m
-        inv = tl.exp(-0.5 * lv)
-        cp = _cdf(inv * (c + 1.0 / 255.0), K)
-        cm = _cdf(inv * (c - 1.0 / 255.0), K)
-        ll_lo = tl.log(tl.maximum(cp, 1e-12))
-        ll_hi = tl.log(tl.maximum(1.0 - cm, 1e-12))
-        ll_mid = tl.log(tl.maximum(cp - cm, 1e-12))
-        ll = tl.where(x0 < -0.999, ll_lo, tl.where(x0 > 0.999, ll_hi, ll_mid))
-        term = tl.where(t == 0, -ll, kl)
-        term = tl.where(mask, term, 0.0)
+        plv = tl.load(tables_ptr + R_PLV * T + t)
+        term = tl.where(mask, bound_term(x0, tm, plv, m, lv, t, K), 0.0)
         tl.store(vb_ptr + b.to(tl.int64) * n_chunks + chunk, tl.sum(term, axis=0))
 
 
@@ -159,24 +113,20 @@ def _training_loss_bwd_kernel(
     NEED_VB: tl.constexpr, VB_TRAINS_MEAN: tl.constexpr,
     R_SA: tl.constexpr, R_S1A: tl.constexpr, R_C1: tl.constexpr, R_C2: tl.constexpr, R_PLV: tl.constexpr,
     R_SRA: tl.constexpr, R_SRM1: tl.constexpr, R_LOGB: tl.constexpr, R_FLLV: tl.constexpr,
-    K: tl.constexpr, BLOCK: tl.constexpr,
+    R_RC1: tl.constexpr, R_C2C1: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0)
     chunk = tl.program_id(1)
     t, offs, mask, x0, nz, eo, v = _load_sample(
         b, chunk, x0_ptr, noise_ptr, out_ptr, t_ptr, tables_ptr, D, T, LEARNED, BLOCK
     )
-    c1 = _coefs(tables_ptr, t, T, R_C1)
-    plv = _coefs(tables_ptr, t, T, R_PLV)
-    srm1 = _coefs(tables_ptr, t, T, R_SRM1)
-    logb = _coefs(tables_ptr, t, T, R_LOGB)
+    c1 = tl.load(tables_ptr + R_C1 * T + t)
+    plv = tl.load(tables_ptr + R_PLV * T + t)
+    srm1 = tl.load(tables_ptr + R_SRM1 * T + t)
+    logb = tl.load(tables_ptr + R_LOGB * T + t)
     xt, tm, m, lv, tgt = _elements(
-        x0, nz, eo, v, t,
-        _coefs(tables_ptr, t, T, R_SA), _coefs(tables_ptr, t, T, R_S1A),
-        c1, _coefs(tables_ptr, t, T, R_C2), plv,
-        _coefs(tables_ptr, t, T, R_SRA), srm1,
-        logb, _coefs(tables_ptr, t, T, R_FLLV),
-        MEAN, VAR,
+        x0, nz, eo, v, t, tables_ptr, T, MEAN, VAR,
+        R_SA, R_S1A, R_C1, R_C2, R_PLV, R_SRA, R_SRM1, R_LOGB, R_FLLV, R_RC1, R_C2C1,
     )
     wse = tl.load(wse_ptr + b)
     wvb = tl.load(wvb_ptr + b)
@@ -194,10 +144,10 @@ def _training_loss_bwd_kernel(
         inv = tl.exp(-0.5 * lv)
         up = inv * (c + 1.0 / 255.0)
         um = inv * (c - 1.0 / 255.0)
-        cp = _cdf(up, K)
-        cm = _cdf(um, K)
-        gp = _cdf_grad(up, K)
-        gm = _cdf_grad(um, K)
+        cp = cdf(up, K)
+        cm = cdf(um, K)
+        gp = cdf_grad(up, K)
+        gm = cdf_grad(um, K)
         delta = cp - cm
         # d ll / d u+ and d ll / d u-, zero where the clamp at 1e-12 is active.
         lo = x0 < -0.999
@@ -241,7 +191,8 @@ def _rows():
         R_C1=ROW["posterior_mean_coef1"], R_C2=ROW["posterior_mean_coef2"],
         R_PLV=ROW["posterior_log_variance_clipped"], R_SRA=ROW["sqrt_recip_alphas_cumprod"],
         R_SRM1=ROW["sqrt_recipm1_alphas_cumprod"], R_LOGB=ROW["log_betas"],
-        R_FLLV=ROW["fixed_large_log_variance"],
+        R_FLLV=ROW["fixed_large_log_variance"], R_RC1=ROW["recip_posterior_mean_coef1"],
+        R_C2C1=ROW["posterior_mean_coef2_over_coef1"],
     )
 
 
