@@ -1,8 +1,13 @@
 """Helpers shared by the kernel launchers (no kernels here)."""
 
+import math
+
 import triton
 
 from . import interpreting
+
+LN2 = math.log(2.0)
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)  # the constant of the original's tanh CDF approximation
 
 MEAN_CODES = {"previous_x": 0, "start_x": 1, "epsilon": 2}
 VAR_CODES = {"learned": 0, "fixed_small": 1, "fixed_large": 2, "learned_range": 3}

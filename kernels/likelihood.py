@@ -6,19 +6,21 @@ posterior q(x_{t-1} | x_t, x_0). Twins: reference.discretized_gaussian_log_likel
 discretized_gaussian_nll_bpd, q_posterior_mean_variance.
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from iddpm_fast.reference import ROW, gather
 
-from ._common import block_size, check_contiguous_like, check_device
+from ._common import (
+    LN2 as _LN2,
+    SQRT_2_OVER_PI as _K,
+    block_size,
+    check_contiguous_like,
+    check_device,
+)
 from ._tl import log_likelihood
 
-_K = math.sqrt(2.0 / math.pi)
-_LN2 = math.log(2.0)
 
 
 @triton.jit

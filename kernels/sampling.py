@@ -12,9 +12,16 @@ import triton.language as tl
 
 from iddpm_fast.reference import ROW, gather
 
-from ._common import MEAN_CODES, VAR_CODES, block_size, check_contiguous_like, check_device
+from ._common import (
+    LN2 as _LN2,
+    SQRT_2_OVER_PI as _K,
+    MEAN_CODES,
+    VAR_CODES,
+    block_size,
+    check_contiguous_like,
+    check_device,
+)
 from ._tl import bound_term, load_model_output, model_distribution
-from .likelihood import _K, _LN2
 
 
 @triton.jit

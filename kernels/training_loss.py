@@ -12,19 +12,23 @@ Backward: elementwise, given per-sample weights of the two sums derived from
 the upstream gradients of (loss, mse, vb).
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from iddpm_fast.reference import ROW
 
-from ._common import MEAN_CODES, VAR_CODES, block_size, check_contiguous_like, check_device
+from ._common import (
+    LN2 as _LN2,
+    SQRT_2_OVER_PI as _K,
+    MEAN_CODES,
+    VAR_CODES,
+    block_size,
+    check_contiguous_like,
+    check_device,
+)
 from ._tl import bound_term, cdf, cdf_grad, load_model_output, model_distribution
 
-_LN2 = math.log(2.0)
-_K = math.sqrt(2.0 / math.pi)
 
 
 @triton.jit
