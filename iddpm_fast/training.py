@@ -178,8 +178,7 @@ class _StepBatches:
         return self
 
     def __next__(self):
-        batch, cond = next(self._it)
-        return batch, cond
+        return next(self._it)
 
 
 def _seed_everything(seed):
