@@ -596,14 +596,14 @@ def prior_bpd(x_start, tables):
 
 def group_norm_silu(x, weight, bias, num_groups, eps=1e-5):
     """
-    SiLU(GroupNorm(x)) with float32 statistics, as the original's
-    GroupNorm32 followed by x * sigmoid(x).
+    SiLU(GroupNorm(x)) with float32 statistics (float64 for float64 x), as
+    the original's GroupNorm32 followed by x * sigmoid(x).
 
     :param x: [N x C x ...], C divisible by num_groups.
     :param weight, bias: [C] affine parameters.
     :return: x's shape and dtype.
     """
-    h = F.group_norm(x.float(), num_groups, weight, bias, eps).to(x.dtype)
+    h = F.group_norm(_up(x), num_groups, weight, bias, eps).to(x.dtype)
     return h * torch.sigmoid(h)
 
 
@@ -616,6 +616,6 @@ def group_norm_scale_shift_silu(x, weight, bias, scale, shift, num_groups, eps=1
     :return: x's shape and dtype.
     """
     extra = [1] * (x.dim() - 2)
-    h = F.group_norm(x.float(), num_groups, weight, bias, eps).to(x.dtype)
+    h = F.group_norm(_up(x), num_groups, weight, bias, eps).to(x.dtype)
     h = h * (1 + scale.to(x.dtype).view(*scale.shape, *extra)) + shift.to(x.dtype).view(*shift.shape, *extra)
     return h * torch.sigmoid(h)

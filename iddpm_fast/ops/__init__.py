@@ -50,6 +50,7 @@ for _name in _NORM_OPS:
     register(_name, "reference", getattr(ref, _name))
 
 from . import _triton  # noqa: E402,F401  (registers the Triton kernels; they load on first use)
+from . import _cpp  # noqa: E402,F401  (registers the C++ ops; the extension loads on first use)
 
 
 def _types(model_mean_type=None, model_var_type=None, loss_type=None):

@@ -1,0 +1,112 @@
+// Input checks and layout handling shared by the CPU and CUDA implementations
+// of the fused GroupNorm-SiLU ops (schemas in ops.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+namespace iddpm_fast {
+
+// The problem size: N samples, C channels in G groups of D = C / G channels,
+// L positions (the product of the spatial dims).
+struct GnShape {
+  int64_t N, C, G, D, L;
+  bool channels_last;  // memory [N, L, C] instead of [N, C, L]
+};
+
+// True when x is stored channels-last ([N, *spatial, C] in memory) and not
+// also plain contiguous (for C == 1 or L == 1 both hold; plain wins).
+inline bool stored_channels_last(const at::Tensor& x) {
+  if (x.dim() < 3 || x.is_contiguous()) {
+    return false;
+  }
+  return x.movedim(1, -1).is_contiguous();
+}
+
+// x itself when it is contiguous or channels-last, else a contiguous copy
+// (strided views are computed correctly, at the price of one copy).
+inline at::Tensor dense(const at::Tensor& x) {
+  if (x.is_contiguous() || stored_channels_last(x)) {
+    return x;
+  }
+  return x.contiguous();
+}
+
+// t laid out like `like` (plain or channels-last); grad_y may arrive in a
+// different layout from x.
+inline at::Tensor dense_like(const at::Tensor& t, const at::Tensor& like) {
+  if (stored_channels_last(like)) {
+    return t.movedim(1, -1).contiguous().movedim(-1, 1);
+  }
+  return t.contiguous();
+}
+
+inline void check_param(const char* op, const char* name, const c10::optional<at::Tensor>& p,
+                        const at::Tensor& x, at::IntArrayRef shape) {
+  if (!p.has_value() || !p->defined()) {
+    return;
+  }
+  TORCH_CHECK(p->device() == x.device(), op, ": ", name, " is on ", p->device(), " but x is on ", x.device());
+  TORCH_CHECK(at::isFloatingType(p->scalar_type()), op, ": ", name, " must be a floating-point tensor, got ",
+              p->scalar_type());
+  TORCH_CHECK(p->sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", p->sizes());
+}
+
+inline GnShape check_inputs(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                            const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scale,
+                            const c10::optional<at::Tensor>& shift, int64_t num_groups) {
+  TORCH_CHECK(x.dim() >= 2, op, ": x must be [N, C, ...], got shape ", x.sizes());
+  auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": x must be float32, float64, float16 or bfloat16, got ", dt);
+  GnShape s;
+  s.N = x.size(0);
+  s.C = x.size(1);
+  s.G = num_groups;
+  TORCH_CHECK(num_groups > 0 && s.C % num_groups == 0, op, ": ", s.C, " channels cannot be split into ",
+              num_groups, " groups");
+  s.D = s.C / num_groups;
+  s.L = s.C == 0 ? 0 : (s.N == 0 ? 0 : x.numel() / (s.N * s.C));
+  if (s.N == 0) {
+    int64_t l = 1;
+    for (int64_t d = 2; d < x.dim(); ++d) l *= x.size(d);
+    s.L = l;
+  }
+  s.channels_last = stored_channels_last(x);
+  check_param(op, "weight", weight, x, {s.C});
+  check_param(op, "bias", bias, x, {s.C});
+  bool has_scale = scale.has_value() && scale->defined();
+  bool has_shift = shift.has_value() && shift->defined();
+  TORCH_CHECK(has_scale == has_shift, op, ": scale and shift must be given together");
+  check_param(op, "scale", scale, x, {s.N, s.C});
+  check_param(op, "shift", shift, x, {s.N, s.C});
+  return s;
+}
+
+inline void check_stats(const char* op, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& x,
+                        const GnShape& s) {
+  auto want = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const auto* t : {&mean, &rstd}) {
+    TORCH_CHECK(t->device() == x.device(), op, ": saved statistics are on ", t->device(), " but x is on ",
+                x.device());
+    TORCH_CHECK(t->scalar_type() == want, op, ": saved statistics must be ", want, ", got ", t->scalar_type());
+    TORCH_CHECK(t->sizes() == at::IntArrayRef({s.N, s.G}), op, ": saved statistics must have shape [",
+                s.N, ", ", s.G, "], got ", t->sizes());
+  }
+}
+
+// The statistics dtype: float64 for float64 inputs, float32 otherwise.
+inline at::ScalarType stat_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A [C] or [N, C] parameter as a contiguous tensor in the statistics dtype,
+// or an undefined tensor when absent.
+inline at::Tensor as_stat(const c10::optional<at::Tensor>& p, at::ScalarType dt) {
+  if (!p.has_value() || !p->defined()) {
+    return at::Tensor();
+  }
+  return p->to(dt).contiguous();
+}
+
+}  // namespace iddpm_fast

@@ -1,0 +1,26 @@
+// Op schemas of the iddpm_fast extension; no math here. The implementations
+// register themselves per device in cpu/ and cuda/.
+//
+// One pair of ops covers both fused norms of the UNet:
+//   y = SiLU((GroupNorm(x) * weight + bias) * (1 + scale) + shift)
+// with scale/shift optional ([N, C], per sample and channel). Without them it
+// is GroupNorm + SiLU (ResBlock in_layers, output head); with them it is the
+// ResBlock's out_layers under use_scale_shift_norm.
+#include <torch/library.h>
+
+TORCH_LIBRARY(iddpm_fast, m) {
+  // x: [N, C, *] contiguous or channels-last; weight, bias: [C] or None;
+  // scale, shift: [N, C] or None. Returns y (x's dtype and layout) and the
+  // per-(sample, group) mean and 1/std in float32 (float64 for float64 x),
+  // saved for the backward.
+  m.def(
+      "gn_silu_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, "
+      "int num_groups, float eps) -> (Tensor y, Tensor mean, Tensor rstd)");
+  // Gradients with respect to x, weight, bias, scale and shift. d weight and
+  // d bias are [C] (weight's dtype, float32 when there is none); d scale and
+  // d shift are [N, C] in scale's dtype, or empty [0] without scale/shift.
+  m.def(
+      "gn_silu_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, "
+      "Tensor? shift, Tensor mean, Tensor rstd, int num_groups) "
+      "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_scale, Tensor grad_shift)");
+}
