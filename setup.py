@@ -31,7 +31,9 @@ def _extension():
     cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     with_cuda = bool(cu) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     # -fopenmp: at::parallel_for is an inline `#pragma omp parallel`.
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std: torch.utils.cpp_extension picks the standard its headers need
+    # (C++17 for torch 2.13, C++20 for 2.14).
+    cxx = ["-O3", "-fopenmp"]
     if os.uname().machine == "x86_64":
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"]
     if with_cuda:

@@ -29,7 +29,7 @@ _ENV_DIR = "IDDPM_FAST_EXT_DIR"
 _OPS = ("gn_silu_forward", "gn_silu_backward")
 # -fopenmp: at::parallel_for is an inline `#pragma omp parallel`, serial
 # without it. The extension then binds to the libgomp torch already loaded.
-_CPU_FLAGS = ["-O3", "-std=c++17", "-fopenmp"]
+_CPU_FLAGS = ["-O3", "-fopenmp"]  # no -std: cpp_extension picks what the torch headers need
 if platform.machine() in ("x86_64", "AMD64"):
     # at::vec::Vectorized is only vectorised with these; see _cpu_reason().
     _CPU_FLAGS += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"]

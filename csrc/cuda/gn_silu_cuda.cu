@@ -1,0 +1,494 @@
+// CUDA implementation of the fused GroupNorm(-scale-shift)-SiLU ops declared
+// in ops.cpp (the CPU twin, with the math written out, is cpu/gn_silu_cpu.cpp).
+//
+// The reduction over a group is split across many blocks, not one block per
+// (sample, group): each block reduces one (sample, channel, slice of
+// positions), kPositionsPerSlice positions long, so a 256x256 image gives
+// dozens of blocks per channel. Two block shapes keep the loads coalesced:
+//   contiguous [N, C, L]:  grid (N*C, S), 256 threads along the positions;
+//   channels-last [N, L, C]: grid (N, ceil(C/32), S), 32 threads along the
+//                            channels x 8 along the positions.
+// Small kernels then merge the slices per (sample, group) (Chan's parallel
+// Welford merge, in float64), fold the affine/scale/shift parameters into
+// a, b per (sample, channel), and one elementwise pass writes
+// y = SiLU(a * x + b). The backward follows the same plan with the sums of
+// dz * x and dz (dz = dy * SiLU'(z)) in place of the statistics, then writes
+// dx = gamma (1 + scale) rstd dz + c2 x + c3 elementwise.
+//
+// All math in float32 (float64 for float64 inputs); x/y in any of
+// fp32/fp64/fp16/bf16.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include "../gn_silu.h"
+
+namespace iddpm_fast {
+namespace {
+
+constexpr int64_t kPositionsPerSlice = 2048;
+constexpr int kRowThreads = 256;  // contiguous layout: threads per block
+constexpr int kTileC = 32;        // channels-last: channels per block
+constexpr int kTileL = 8;         // channels-last: position lanes per block
+
+__device__ __forceinline__ int64_t lmin(int64_t a, int64_t b) {
+  return a < b ? a : b;
+}
+
+template <typename A>
+__device__ __forceinline__ A sigmoid_(A z) {
+  return A(1) / (A(1) + exp(-z));
+}
+template <>
+__device__ __forceinline__ float sigmoid_<float>(float z) {
+  return 1.f / (1.f + __expf(-z));
+}
+
+template <typename A>
+struct Welford {
+  A mean, m2, n;
+};
+
+template <typename A>
+__device__ __forceinline__ Welford<A> merge(const Welford<A>& a, const Welford<A>& b) {
+  if (b.n == A(0)) return a;
+  if (a.n == A(0)) return b;
+  const A n = a.n + b.n;
+  const A delta = b.mean - a.mean;
+  const A wb = b.n / n;
+  return {a.mean + delta * wb, a.m2 + b.m2 + delta * delta * a.n * wb, n};
+}
+
+template <typename A>
+__device__ __forceinline__ Welford<A> push(Welford<A> w, A x) {
+  w.n += A(1);
+  const A delta = x - w.mean;
+  w.mean += delta / w.n;
+  w.m2 += delta * (x - w.mean);
+  return w;
+}
+
+// The sums the backward reduces: sum(dz * x) and sum(dz).
+template <typename A>
+struct GradSums {
+  A ds, db;
+};
+
+template <typename A>
+__device__ __forceinline__ GradSums<A> merge(const GradSums<A>& a, const GradSums<A>& b) {
+  return {a.ds + b.ds, a.db + b.db};
+}
+
+// dz = dy * SiLU'(z), z = a x + b.
+template <typename A>
+__device__ __forceinline__ A silu_grad(A dy, A z) {
+  const A s = sigmoid_(z);
+  return dy * s * (A(1) + z * (A(1) - s));
+}
+
+// ---------------------------------------------------------------- partials
+
+// Welford statistics of (n, c, slice) for contiguous x; grid (N*C, S).
+template <typename T, typename A>
+__global__ void stats_partial_rows(const T* __restrict__ x, int64_t L, int64_t S, Welford<A>* __restrict__ out) {
+  const int64_t nc = blockIdx.x, s = blockIdx.y;
+  const int64_t l0 = s * kPositionsPerSlice, l1 = lmin(L, l0 + kPositionsPerSlice);
+  const T* row = x + nc * L;
+  Welford<A> w{A(0), A(0), A(0)};
+  for (int64_t l = l0 + threadIdx.x; l < l1; l += blockDim.x) w = push(w, static_cast<A>(row[l]));
+  __shared__ Welford<A> shared[kRowThreads];
+  shared[threadIdx.x] = w;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) shared[threadIdx.x] = merge(shared[threadIdx.x], shared[threadIdx.x + stride]);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[nc * S + s] = shared[0];
+}
+
+// The same for channels-last x; grid (N, ceil(C/32), S), block (32, 8).
+template <typename T, typename A>
+__global__ void stats_partial_tiles(const T* __restrict__ x, int64_t L, int64_t C, int64_t S,
+                                    Welford<A>* __restrict__ out) {
+  const int64_t n = blockIdx.x, c = blockIdx.y * kTileC + threadIdx.x, s = blockIdx.z;
+  const int64_t l0 = s * kPositionsPerSlice, l1 = lmin(L, l0 + kPositionsPerSlice);
+  Welford<A> w{A(0), A(0), A(0)};
+  if (c < C) {
+    for (int64_t l = l0 + threadIdx.y; l < l1; l += kTileL) w = push(w, static_cast<A>(x[(n * L + l) * C + c]));
+  }
+  __shared__ Welford<A> shared[kTileL][kTileC];
+  shared[threadIdx.y][threadIdx.x] = w;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    for (int k = 1; k < kTileL; ++k) w = merge(w, shared[k][threadIdx.x]);
+    out[(n * C + c) * S + s] = w;
+  }
+}
+
+// sum(dz * x), sum(dz) of (n, c, slice), contiguous; grid (N*C, S).
+template <typename T, typename A>
+__global__ void grad_partial_rows(const T* __restrict__ dy, const T* __restrict__ x, const A* __restrict__ a,
+                                  const A* __restrict__ b, int64_t L, int64_t S, GradSums<A>* __restrict__ out) {
+  const int64_t nc = blockIdx.x, s = blockIdx.y;
+  const int64_t l0 = s * kPositionsPerSlice, l1 = lmin(L, l0 + kPositionsPerSlice);
+  const A an = a[nc], bn = b[nc];
+  GradSums<A> g{A(0), A(0)};
+  for (int64_t l = l0 + threadIdx.x; l < l1; l += blockDim.x) {
+    const A xv = static_cast<A>(x[nc * L + l]);
+    const A d = silu_grad(static_cast<A>(dy[nc * L + l]), an * xv + bn);
+    g.ds += d * xv;
+    g.db += d;
+  }
+  __shared__ GradSums<A> shared[kRowThreads];
+  shared[threadIdx.x] = g;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) shared[threadIdx.x] = merge(shared[threadIdx.x], shared[threadIdx.x + stride]);
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[nc * S + s] = shared[0];
+}
+
+// The same for channels-last; grid (N, ceil(C/32), S), block (32, 8).
+template <typename T, typename A>
+__global__ void grad_partial_tiles(const T* __restrict__ dy, const T* __restrict__ x, const A* __restrict__ a,
+                                   const A* __restrict__ b, int64_t L, int64_t C, int64_t S,
+                                   GradSums<A>* __restrict__ out) {
+  const int64_t n = blockIdx.x, c = blockIdx.y * kTileC + threadIdx.x, s = blockIdx.z;
+  const int64_t l0 = s * kPositionsPerSlice, l1 = lmin(L, l0 + kPositionsPerSlice);
+  GradSums<A> g{A(0), A(0)};
+  if (c < C) {
+    const A an = a[n * C + c], bn = b[n * C + c];
+    for (int64_t l = l0 + threadIdx.y; l < l1; l += kTileL) {
+      const int64_t i = (n * L + l) * C + c;
+      const A xv = static_cast<A>(x[i]);
+      const A d = silu_grad(static_cast<A>(dy[i]), an * xv + bn);
+      g.ds += d * xv;
+      g.db += d;
+    }
+  }
+  __shared__ GradSums<A> shared[kTileL][kTileC];
+  shared[threadIdx.y][threadIdx.x] = g;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    for (int k = 1; k < kTileL; ++k) g = merge(g, shared[k][threadIdx.x]);
+    out[(n * C + c) * S + s] = g;
+  }
+}
+
+// ------------------------------------------------------------ small kernels
+
+// Per (n, g): merge the D * S partials (float64) into mean and 1/std.
+template <typename A>
+__global__ void stats_finalize(const Welford<A>* __restrict__ partial, int64_t N, int64_t G, int64_t D, int64_t S,
+                               double eps, A* __restrict__ mean, A* __restrict__ rstd) {
+  const int64_t ng = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (ng >= N * G) return;
+  Welford<double> w{0.0, 0.0, 0.0};
+  const Welford<A>* p = partial + ng * D * S;  // channels g*D .. g*D+D-1 of sample n are consecutive
+  for (int64_t i = 0; i < D * S; ++i) {
+    w = merge(w, Welford<double>{static_cast<double>(p[i].mean), static_cast<double>(p[i].m2),
+                                 static_cast<double>(p[i].n)});
+  }
+  const double var = w.n > 0 ? w.m2 / w.n : 0.0;
+  mean[ng] = static_cast<A>(w.mean);
+  rstd[ng] = static_cast<A>(rsqrt(var + eps));
+}
+
+// Per (n, c): z = a x + b, and the backward's dx coefficient k = w (1 + scale) rstd.
+template <typename A>
+__global__ void fold_coefficients(const A* __restrict__ mean, const A* __restrict__ rstd, const A* __restrict__ w,
+                                  const A* __restrict__ bias, const A* __restrict__ scale, const A* __restrict__ shift,
+                                  int64_t N, int64_t C, int64_t D, A* __restrict__ a, A* __restrict__ b,
+                                  A* __restrict__ k) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= N * C) return;
+  const int64_t n = i / C, c = i % C, ng = n * (C / D) + c / D;
+  const A gamma = w ? w[c] : A(1), beta = bias ? bias[c] : A(0);
+  const A mod = scale ? A(1) + scale[i] : A(1), off = shift ? shift[i] : A(0);
+  const A g = gamma * rstd[ng];
+  a[i] = g * mod;
+  b[i] = (beta - mean[ng] * g) * mod + off;
+  k[i] = g * mod;
+}
+
+// Per (n, c): total the slices; d scale, d shift.
+template <typename A>
+__global__ void grad_finalize_channels(const GradSums<A>* __restrict__ partial, const A* __restrict__ mean,
+                                       const A* __restrict__ rstd, const A* __restrict__ w, const A* __restrict__ bias,
+                                       int64_t N, int64_t C, int64_t D, int64_t S, bool has_scale,
+                                       double* __restrict__ ds, double* __restrict__ db, A* __restrict__ dscale,
+                                       A* __restrict__ dshift) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= N * C) return;
+  double s1 = 0, s2 = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    s1 += static_cast<double>(partial[i * S + s].ds);
+    s2 += static_cast<double>(partial[i * S + s].db);
+  }
+  ds[i] = s1;
+  db[i] = s2;
+  if (has_scale) {
+    const int64_t n = i / C, c = i % C, ng = n * (C / D) + c / D;
+    const double gamma = w ? static_cast<double>(w[c]) : 1.0, beta = bias ? static_cast<double>(bias[c]) : 0.0;
+    const double dz_xhat = static_cast<double>(rstd[ng]) * (s1 - static_cast<double>(mean[ng]) * s2);
+    dscale[i] = static_cast<A>(gamma * dz_xhat + beta * s2);
+    dshift[i] = static_cast<A>(s2);
+  }
+}
+
+// Per (n, g): the GroupNorm backward's c2, c3 (M elements per group).
+template <typename A>
+__global__ void grad_group_coefficients(const double* __restrict__ ds, const double* __restrict__ db,
+                                          const A* __restrict__ mean, const A* __restrict__ rstd,
+                                          const A* __restrict__ w, const A* __restrict__ scale, int64_t N, int64_t C,
+                                          int64_t D, double M, A* __restrict__ c2, A* __restrict__ c3) {
+  const int64_t G = C / D;
+  const int64_t ng = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (ng >= N * G) return;
+  const int64_t n = ng / G, g = ng % G;
+  double sa = 0, sb = 0;
+  for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+    const double gk =
+        (w ? static_cast<double>(w[c]) : 1.0) * (scale ? 1.0 + static_cast<double>(scale[n * C + c]) : 1.0);
+    sa += gk * ds[n * C + c];
+    sb += gk * db[n * C + c];
+  }
+  const double m = mean[ng], r = rstd[ng];
+  const double q = (sb * m - sa) * r * r * r / M;
+  c2[ng] = static_cast<A>(q);
+  c3[ng] = static_cast<A>(-q * m - sb * r / M);
+}
+
+// Per c: d weight = sum_n (1 + scale) rstd (DS - mean DB), d bias = sum_n (1 + scale) DB.
+template <typename A>
+__global__ void grad_params(const double* __restrict__ ds, const double* __restrict__ db, const A* __restrict__ mean,
+                            const A* __restrict__ rstd, const A* __restrict__ scale, int64_t N, int64_t C, int64_t D,
+                            double* __restrict__ dw, double* __restrict__ dbias) {
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (c >= C) return;
+  const int64_t G = C / D;
+  double sw = 0, sb = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t i = n * C + c, ng = n * G + c / D;
+    const double k = scale ? 1.0 + static_cast<double>(scale[i]) : 1.0;
+    sw += k * static_cast<double>(rstd[ng]) * (ds[i] - static_cast<double>(mean[ng]) * db[i]);
+    sb += k * db[i];
+  }
+  dw[c] = sw;
+  dbias[c] = sb;
+}
+
+// ------------------------------------------------------------ elementwise
+
+template <typename T, typename A, bool ChannelsLast>
+__global__ void apply_forward(const T* __restrict__ x, T* __restrict__ y, const A* __restrict__ a,
+                              const A* __restrict__ b, int64_t numel, int64_t C, int64_t L) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < numel;
+       i += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t nc = ChannelsLast ? (i / (L * C)) * C + i % C : i / L;
+    const A z = a[nc] * static_cast<A>(x[i]) + b[nc];
+    y[i] = static_cast<T>(z * sigmoid_(z));
+  }
+}
+
+template <typename T, typename A, bool ChannelsLast>
+__global__ void apply_backward(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                               const A* __restrict__ a, const A* __restrict__ b, const A* __restrict__ k,
+                               const A* __restrict__ c2, const A* __restrict__ c3, int64_t numel, int64_t C,
+                               int64_t D, int64_t L) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < numel;
+       i += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t n = i / (L * C);
+    const int64_t c = ChannelsLast ? i % C : (i / L) % C;
+    const int64_t nc = n * C + c, ng = n * (C / D) + c / D;
+    const A xv = static_cast<A>(x[i]);
+    const A d = silu_grad(static_cast<A>(dy[i]), a[nc] * xv + b[nc]);
+    dx[i] = static_cast<T>(k[nc] * d + c2[ng] * xv + c3[ng]);
+  }
+}
+
+// ---------------------------------------------------------------- launchers
+
+inline int blocks_for(int64_t n, int threads) {
+  return static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 65535));
+}
+
+inline int elementwise_blocks(int64_t numel) {
+  int device = 0, sms = 132;
+  if (cudaGetDevice(&device) == cudaSuccess) {
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  }
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((numel + 255) / 256, int64_t(sms) * 32)));
+}
+
+template <typename A>
+const A* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<A>() : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_cuda(const at::Tensor& x_in,
+                                                                     const c10::optional<at::Tensor>& weight,
+                                                                     const c10::optional<at::Tensor>& bias,
+                                                                     const c10::optional<at::Tensor>& scale,
+                                                                     const c10::optional<at::Tensor>& shift,
+                                                                     int64_t num_groups, double eps) {
+  const char* op = "iddpm_fast::gn_silu_forward";
+  GnShape s = check_inputs(op, x_in, weight, bias, scale, shift, num_groups);
+  TORCH_CHECK(x_in.is_cuda(), op, " (CUDA kernel): x must be on a CUDA device, got ", x_in.device());
+  c10::cuda::CUDAGuard guard(x_in.device());
+  at::Tensor x = dense(x_in);
+  s.channels_last = stored_channels_last(x);
+  const auto st = stat_type(x);
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::zeros({s.N, s.G}, x.options().dtype(st));
+  at::Tensor rstd = at::zeros({s.N, s.G}, x.options().dtype(st));
+  if (x.numel() == 0) return {y, mean, rstd};
+  at::Tensor w = as_stat(weight, st), b = as_stat(bias, st), sc = as_stat(scale, st), sh = as_stat(shift, st);
+  const int64_t S = (s.L + kPositionsPerSlice - 1) / kPositionsPerSlice;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gn_silu_forward_cuda", [&] {
+    using A = at::opmath_type<scalar_t>;
+    at::Tensor partial = at::empty({s.N * s.C * S * 3}, x.options().dtype(st));
+    auto* pw = reinterpret_cast<Welford<A>*>(partial.data_ptr<A>());
+    if (s.channels_last) {
+      dim3 grid(s.N, (s.C + kTileC - 1) / kTileC, S), block(kTileC, kTileL);
+      stats_partial_tiles<scalar_t, A><<<grid, block, 0, stream>>>(x.data_ptr<scalar_t>(), s.L, s.C, S, pw);
+    } else {
+      dim3 grid(s.N * s.C, S);
+      stats_partial_rows<scalar_t, A><<<grid, kRowThreads, 0, stream>>>(x.data_ptr<scalar_t>(), s.L, S, pw);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    stats_finalize<A><<<blocks_for(s.N * s.G, 256), 256, 0, stream>>>(pw, s.N, s.G, s.D, S, eps, mean.data_ptr<A>(),
+                                                                       rstd.data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    at::Tensor coef = at::empty({3, s.N, s.C}, x.options().dtype(st));
+    A* pa = coef[0].data_ptr<A>();
+    A* pb = coef[1].data_ptr<A>();
+    A* pk = coef[2].data_ptr<A>();
+    fold_coefficients<A><<<blocks_for(s.N * s.C, 256), 256, 0, stream>>>(
+        mean.data_ptr<A>(), rstd.data_ptr<A>(), ptr_or_null<A>(w), ptr_or_null<A>(b), ptr_or_null<A>(sc),
+        ptr_or_null<A>(sh), s.N, s.C, s.D, pa, pb, pk);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t numel = x.numel();
+    if (s.channels_last) {
+      apply_forward<scalar_t, A, true><<<elementwise_blocks(numel), 256, 0, stream>>>(
+          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), pa, pb, numel, s.C, s.L);
+    } else {
+      apply_forward<scalar_t, A, false><<<elementwise_blocks(numel), 256, 0, stream>>>(
+          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), pa, pb, numel, s.C, s.L);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scale,
+    const c10::optional<at::Tensor>& shift, const at::Tensor& mean_in, const at::Tensor& rstd_in,
+    int64_t num_groups) {
+  const char* op = "iddpm_fast::gn_silu_backward";
+  GnShape s = check_inputs(op, x_in, weight, bias, scale, shift, num_groups);
+  TORCH_CHECK(x_in.is_cuda(), op, " (CUDA kernel): x must be on a CUDA device, got ", x_in.device());
+  TORCH_CHECK(grad_y.sizes() == x_in.sizes(), op, ": grad_y has shape ", grad_y.sizes(), " but x has ",
+              x_in.sizes());
+  TORCH_CHECK(grad_y.device() == x_in.device() && grad_y.scalar_type() == x_in.scalar_type(), op,
+              ": grad_y must match x's device and dtype (", x_in.device(), ", ", x_in.scalar_type(), "), got ",
+              grad_y.device(), ", ", grad_y.scalar_type());
+  check_stats(op, mean_in, rstd_in, x_in, s);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  at::Tensor x = dense(x_in);
+  s.channels_last = stored_channels_last(x);
+  at::Tensor dy = dense_like(grad_y, x);
+  const auto st = stat_type(x);
+  const bool has_scale = scale.has_value() && scale->defined();
+  at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  at::Tensor w = as_stat(weight, st), b = as_stat(bias, st), sc = as_stat(scale, st), sh = as_stat(shift, st);
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor gw = at::zeros({s.C}, x.options().dtype(at::kDouble));
+  at::Tensor gb = at::zeros({s.C}, x.options().dtype(at::kDouble));
+  at::Tensor gsc = at::zeros({has_scale ? s.N : 0, s.C}, x.options().dtype(st));
+  at::Tensor gsh = at::zeros({has_scale ? s.N : 0, s.C}, x.options().dtype(st));
+  if (x.numel() > 0) {
+    const int64_t S = (s.L + kPositionsPerSlice - 1) / kPositionsPerSlice;
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gn_silu_backward_cuda", [&] {
+      using A = at::opmath_type<scalar_t>;
+      at::Tensor coef = at::empty({3, s.N, s.C}, x.options().dtype(st));
+      A* pa = coef[0].data_ptr<A>();
+      A* pb = coef[1].data_ptr<A>();
+      A* pk = coef[2].data_ptr<A>();
+      const A* pm = mean.data_ptr<A>();
+      const A* pr = rstd.data_ptr<A>();
+      fold_coefficients<A><<<blocks_for(s.N * s.C, 256), 256, 0, stream>>>(
+          pm, pr, ptr_or_null<A>(w), ptr_or_null<A>(b), ptr_or_null<A>(sc), ptr_or_null<A>(sh), s.N, s.C, s.D, pa,
+          pb, pk);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      at::Tensor partial = at::empty({s.N * s.C * S * 2}, x.options().dtype(st));
+      auto* pg = reinterpret_cast<GradSums<A>*>(partial.data_ptr<A>());
+      if (s.channels_last) {
+        dim3 grid(s.N, (s.C + kTileC - 1) / kTileC, S), block(kTileC, kTileL);
+        grad_partial_tiles<scalar_t, A><<<grid, block, 0, stream>>>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                                                                    pa, pb, s.L, s.C, S, pg);
+      } else {
+        dim3 grid(s.N * s.C, S);
+        grad_partial_rows<scalar_t, A><<<grid, kRowThreads, 0, stream>>>(dy.data_ptr<scalar_t>(),
+                                                                          x.data_ptr<scalar_t>(), pa, pb, s.L, S, pg);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      at::Tensor sums = at::empty({2, s.N, s.C}, x.options().dtype(at::kDouble));
+      double* ds = sums[0].data_ptr<double>();
+      double* db = sums[1].data_ptr<double>();
+      grad_finalize_channels<A><<<blocks_for(s.N * s.C, 256), 256, 0, stream>>>(
+          pg, pm, pr, ptr_or_null<A>(w), ptr_or_null<A>(b), s.N, s.C, s.D, S, has_scale, ds, db,
+          has_scale ? gsc.data_ptr<A>() : nullptr, has_scale ? gsh.data_ptr<A>() : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      at::Tensor groups = at::empty({2, s.N, s.G}, x.options().dtype(st));
+      A* c2 = groups[0].data_ptr<A>();
+      A* c3 = groups[1].data_ptr<A>();
+      grad_group_coefficients<A><<<blocks_for(s.N * s.G, 256), 256, 0, stream>>>(
+          ds, db, pm, pr, ptr_or_null<A>(w), ptr_or_null<A>(sc), s.N, s.C, s.D, static_cast<double>(s.D * s.L), c2,
+          c3);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      grad_params<A><<<blocks_for(s.C, 256), 256, 0, stream>>>(ds, db, pm, pr, ptr_or_null<A>(sc), s.N, s.C, s.D,
+                                                               gw.data_ptr<double>(), gb.data_ptr<double>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const int64_t numel = x.numel();
+      if (s.channels_last) {
+        apply_backward<scalar_t, A, true><<<elementwise_blocks(numel), 256, 0, stream>>>(
+            dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), pa, pb, pk, c2, c3, numel, s.C,
+            s.D, s.L);
+      } else {
+        apply_backward<scalar_t, A, false><<<elementwise_blocks(numel), 256, 0, stream>>>(
+            dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), pa, pb, pk, c2, c3, numel, s.C,
+            s.D, s.L);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  auto wdt = (weight.has_value() && weight->defined()) ? weight->scalar_type() : at::kFloat;
+  auto bdt = (bias.has_value() && bias->defined()) ? bias->scalar_type() : at::kFloat;
+  at::Tensor dscale, dshift;
+  if (has_scale) {
+    dscale = gsc.to(scale->scalar_type());
+    dshift = gsh.to(shift->scalar_type());
+  } else {
+    dscale = at::empty({0}, x.options());
+    dshift = at::empty({0}, x.options());
+  }
+  return {dx, gw.to(wdt), gb.to(bdt), dscale, dshift};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(iddpm_fast, CUDA, m) {
+  m.impl("gn_silu_forward", &gn_silu_forward_cuda);
+  m.impl("gn_silu_backward", &gn_silu_backward_cuda);
+}
+
+}  // namespace iddpm_fast
