@@ -4,17 +4,19 @@
 // Forward: per (sample, group) two passes over the group's data for the
 // statistics (the mean, then the squared deviations around it: stable for
 // inputs far from zero mean) and one pass writing
-//   y = SiLU(a * x + b),   a = rstd * w * (1 + scale),
-//                          b = (bias - mean * rstd * w) * (1 + scale) + shift,
+//   y = SiLU((x - mean) * a + b),   a = rstd * w * (1 + scale),
+//                                   b = bias * (1 + scale) + shift,
 // with a and b folded per (sample, channel), so the scale-shift variant costs
-// the same as the plain one. A group's data is a few KiB to a few MiB, so the
+// the same as the plain one (x is centred first: folding the mean into b
+// would cost precision when |mean| * rstd is large). A group's data is a few KiB to a few MiB, so the
 // second and third passes mostly hit the cache: memory traffic is one read of
 // x and one write of y.
 //
 // Backward: one pass computes dz = dy * SiLU'(z) into a per-thread buffer and
-// the per-(sample, channel) sums of dz * x and dz; the GroupNorm backward is
-// then closed-form in those sums, and a second pass over the buffer writes
-//   dx = w * (1 + scale) * rstd * dz + c2 * x + c3   (c2, c3 per group).
+// the per-(sample, channel) sums of dz * (x - mean) and dz; the GroupNorm
+// backward is then closed-form in those sums, and a second pass over the
+// buffer writes
+//   dx = w * (1 + scale) * rstd * dz + c2 * (x - mean) + c3   (c2, c3 per group).
 //
 // Both layouts are native: contiguous [N, C, L] (tasks per (sample, group),
 // vectorised along L) and channels-last [N, L, C] (tasks per sample,
@@ -179,48 +181,51 @@ void rows_moment(const T* x, int64_t m, int64_t C, const acc_t<T>* center, doubl
   }
 }
 
-// y = SiLU(a * x + b) over n elements; a, b per element when PerElem, else
-// a[0], b[0] for all.
+// y = SiLU((x - m) * a + b) over n elements; m, a, b per element when
+// PerElem, else m[0], a[0], b[0] for all. Centering before scaling keeps the
+// error at ulp((x - mean) * rstd) even when |mean| * rstd is large.
 template <bool PerElem, typename T>
-void forward_row(T* y, const T* x, int64_t n, const acc_t<T>* a, const acc_t<T>* b) {
+void forward_row(T* y, const T* x, int64_t n, const acc_t<T>* m, const acc_t<T>* a, const acc_t<T>* b) {
   using A = acc_t<T>;
   int64_t j = 0;
   if constexpr (kVectorised<T>) {
-    const Vec a0(PerElem ? 0.f : a[0]);
-    const Vec b0(PerElem ? 0.f : b[0]);
+    const Vec m0(PerElem ? 0.f : m[0]), a0(PerElem ? 0.f : a[0]), b0(PerElem ? 0.f : b[0]);
     for (; j + kV <= n; j += kV) {
+      Vec mv = PerElem ? Vec::loadu(m + j) : m0;
       Vec av = PerElem ? Vec::loadu(a + j) : a0;
       Vec bv = PerElem ? Vec::loadu(b + j) : b0;
-      Vec z = at::vec::fmadd(vload(x + j), av, bv);
+      Vec z = at::vec::fmadd(vload(x + j) - mv, av, bv);
       vstore(y + j, z * vsigmoid(z));
     }
   }
   for (; j < n; ++j) {
-    A z = static_cast<A>(x[j]) * a[PerElem ? j : 0] + b[PerElem ? j : 0];
+    const int64_t i = PerElem ? j : 0;
+    A z = (static_cast<A>(x[j]) - m[i]) * a[i] + b[i];
     y[j] = static_cast<T>(z * sigmoid(z));
   }
 }
 
-// dz = dy * SiLU'(a x + b) into dz[0:n] with a, b scalars; adds sum(dz * x)
-// and sum(dz) into ds, db (float64, flushed every kFlush elements).
+// dz = dy * SiLU'(z), z = (x - m) a + b with scalars m, a, b, into dz[0:n];
+// adds sum(dz * (x - m)) and sum(dz) into ds, db (float64, flushed every
+// kFlush elements).
 template <typename T>
-void backward_row_scalar(acc_t<T>* dz, const T* dy, const T* x, int64_t n, acc_t<T> a, acc_t<T> b, double& ds,
-                         double& db) {
+void backward_row_scalar(acc_t<T>* dz, const T* dy, const T* x, int64_t n, acc_t<T> m, acc_t<T> a, acc_t<T> b,
+                         double& ds, double& db) {
   using A = acc_t<T>;
   for (int64_t start = 0; start < n; start += kFlush) {
     const int64_t stop = std::min(n, start + kFlush);
     int64_t j = start;
     double ps = 0, pb = 0;
     if constexpr (kVectorised<T>) {
-      const Vec av(a), bv(b), one(1.f);
+      const Vec mv(m), av(a), bv(b), one(1.f);
       Vec as(0.f), ab(0.f);
       for (; j + kV <= stop; j += kV) {
-        Vec xv = vload(x + j);
-        Vec z = at::vec::fmadd(xv, av, bv);
+        Vec xc = vload(x + j) - mv;
+        Vec z = at::vec::fmadd(xc, av, bv);
         Vec s = vsigmoid(z);
         Vec d = vload(dy + j) * s * at::vec::fmadd(z, one - s, one);
         d.store(dz + j);
-        as = at::vec::fmadd(d, xv, as);
+        as = at::vec::fmadd(d, xc, as);
         ab = ab + d;
       }
       float ls[kV], lb[kV];
@@ -233,12 +238,12 @@ void backward_row_scalar(acc_t<T>* dz, const T* dy, const T* x, int64_t n, acc_t
     }
     A ts = 0, tb = 0;
     for (; j < stop; ++j) {
-      A xv = static_cast<A>(x[j]);
-      A z = xv * a + b;
+      A xc = static_cast<A>(x[j]) - m;
+      A z = xc * a + b;
       A s = sigmoid(z);
       A d = static_cast<A>(dy[j]) * s * (A(1) + z * (A(1) - s));
       dz[j] = d;
-      ts += d * xv;
+      ts += d * xc;
       tb += d;
     }
     ds += ps + ts;
@@ -246,55 +251,57 @@ void backward_row_scalar(acc_t<T>* dz, const T* dy, const T* x, int64_t n, acc_t
   }
 }
 
-// The same with a, b per channel along a channels-last row of C channels;
-// sums go into per-channel scratch arrays ss, sb.
+// The same with m, a, b per channel along a channels-last row of C
+// channels; sums go into per-channel scratch arrays ss, sb.
 template <typename T>
-void backward_row_channels(acc_t<T>* dz, const T* dy, const T* x, int64_t C, const acc_t<T>* a,
-                           const acc_t<T>* b, acc_t<T>* ss, acc_t<T>* sb) {
+void backward_row_channels(acc_t<T>* dz, const T* dy, const T* x, int64_t C, const acc_t<T>* m,
+                           const acc_t<T>* a, const acc_t<T>* b, acc_t<T>* ss, acc_t<T>* sb) {
   using A = acc_t<T>;
   int64_t c = 0;
   if constexpr (kVectorised<T>) {
     const Vec one(1.f);
     for (; c + kV <= C; c += kV) {
-      Vec xv = vload(x + c);
-      Vec z = at::vec::fmadd(xv, Vec::loadu(a + c), Vec::loadu(b + c));
+      Vec xc = vload(x + c) - Vec::loadu(m + c);
+      Vec z = at::vec::fmadd(xc, Vec::loadu(a + c), Vec::loadu(b + c));
       Vec s = vsigmoid(z);
       Vec d = vload(dy + c) * s * at::vec::fmadd(z, one - s, one);
       d.store(dz + c);
-      at::vec::fmadd(d, xv, Vec::loadu(ss + c)).store(ss + c);
+      at::vec::fmadd(d, xc, Vec::loadu(ss + c)).store(ss + c);
       (Vec::loadu(sb + c) + d).store(sb + c);
     }
   }
   for (; c < C; ++c) {
-    A xv = static_cast<A>(x[c]);
-    A z = xv * a[c] + b[c];
+    A xc = static_cast<A>(x[c]) - m[c];
+    A z = xc * a[c] + b[c];
     A s = sigmoid(z);
     A d = static_cast<A>(dy[c]) * s * (A(1) + z * (A(1) - s));
     dz[c] = d;
-    ss[c] += d * xv;
+    ss[c] += d * xc;
     sb[c] += d;
   }
 }
 
-// dx = k * dz + c2 * x + c3 over n elements (per element or broadcast).
+// dx = k * dz + c2 * (x - m) + c3 over n elements (per element or broadcast).
 template <bool PerElem, typename T>
-void dx_row(T* dx, const acc_t<T>* dz, const T* x, int64_t n, const acc_t<T>* k, const acc_t<T>* c2,
-            const acc_t<T>* c3) {
+void dx_row(T* dx, const acc_t<T>* dz, const T* x, int64_t n, const acc_t<T>* m, const acc_t<T>* k,
+            const acc_t<T>* c2, const acc_t<T>* c3) {
   using A = acc_t<T>;
   int64_t j = 0;
   if constexpr (kVectorised<T>) {
-    const Vec k0(PerElem ? 0.f : k[0]), c20(PerElem ? 0.f : c2[0]), c30(PerElem ? 0.f : c3[0]);
+    const Vec m0(PerElem ? 0.f : m[0]), k0(PerElem ? 0.f : k[0]), c20(PerElem ? 0.f : c2[0]),
+        c30(PerElem ? 0.f : c3[0]);
     for (; j + kV <= n; j += kV) {
+      Vec mv = PerElem ? Vec::loadu(m + j) : m0;
       Vec kv = PerElem ? Vec::loadu(k + j) : k0;
       Vec c2v = PerElem ? Vec::loadu(c2 + j) : c20;
       Vec c3v = PerElem ? Vec::loadu(c3 + j) : c30;
-      Vec out = at::vec::fmadd(kv, Vec::loadu(dz + j), at::vec::fmadd(c2v, vload(x + j), c3v));
+      Vec out = at::vec::fmadd(kv, Vec::loadu(dz + j), at::vec::fmadd(c2v, vload(x + j) - mv, c3v));
       vstore(dx + j, out);
     }
   }
   for (; j < n; ++j) {
     const int64_t i = PerElem ? j : 0;
-    dx[j] = static_cast<T>(k[i] * dz[j] + c2[i] * static_cast<A>(x[j]) + c3[i]);
+    dx[j] = static_cast<T>(k[i] * dz[j] + c2[i] * (static_cast<A>(x[j]) - m[i]) + c3[i]);
   }
 }
 
@@ -311,12 +318,11 @@ struct Params {
   A beta(int64_t c) const { return b ? b[c] : A(0); }
   A k(int64_t n, int64_t c) const { return sc ? A(1) + sc[n * C + c] : A(1); }
   A shift(int64_t n, int64_t c) const { return sh ? sh[n * C + c] : A(0); }
-  // z = a * x + b for sample n, channel c with group statistics mean, rstd.
-  void fold(int64_t n, int64_t c, A mean, A rstd, A& a, A& b_out) const {
-    const A g = gamma(c) * rstd;
+  // z = (x - mean) * a + b for sample n, channel c with 1/std rstd.
+  void fold(int64_t n, int64_t c, A rstd, A& a, A& b_out) const {
     const A kk = k(n, c);
-    a = g * kk;
-    b_out = (beta(c) - mean * g) * kk + shift(n, c);
+    a = gamma(c) * rstd * kk;
+    b_out = beta(c) * kk + shift(n, c);
   }
 };
 
@@ -342,11 +348,12 @@ void forward_impl(const T* X, T* Y, acc_t<T>* MEAN, acc_t<T>* RSTD, const Params
         const A rstd = static_cast<A>(1.0 / std::sqrt(var + eps));
         MEAN[ng] = static_cast<A>(mean);
         RSTD[ng] = rstd;
+        const A m = static_cast<A>(mean);
         for (int64_t d = 0; d < D; ++d) {
           const int64_t c = g * D + d;
           A a, b;
-          P.fold(n, c, static_cast<A>(mean), rstd, a, b);
-          forward_row<false>(Y + (n * C + c) * L, X + (n * C + c) * L, L, &a, &b);
+          P.fold(n, c, rstd, a, b);
+          forward_row<false>(Y + (n * C + c) * L, X + (n * C + c) * L, L, &m, &a, &b);
         }
       }
     });
@@ -372,16 +379,18 @@ void forward_impl(const T* X, T* Y, acc_t<T>* MEAN, acc_t<T>* RSTD, const Params
         RSTD[n * G + g] = rstd;
       }
       for (int64_t c = 0; c < C; ++c) {
-        P.fold(n, c, MEAN[n * G + c / D], RSTD[n * G + c / D], a[c], b[c]);
+        P.fold(n, c, RSTD[n * G + c / D], a[c], b[c]);
+        center[c] = MEAN[n * G + c / D];
       }
       for (int64_t l = 0; l < L; ++l) {
-        forward_row<true>(Y + (n * L + l) * C, xn + l * C, C, a.data(), b.data());
+        forward_row<true>(Y + (n * L + l) * C, xn + l * C, C, center.data(), a.data(), b.data());
       }
     }
   });
 }
 
-// dx plus the per-(sample, channel) sums DS = sum(dz * x), DB = sum(dz).
+// dx plus the per-(sample, channel) sums DS = sum(dz * (x - mean)),
+// DB = sum(dz).
 template <typename T>
 void backward_impl(const T* DY, const T* X, T* DX, const acc_t<T>* MEAN, const acc_t<T>* RSTD,
                    const Params<acc_t<T>>& P, const GnShape& s, double* DS, double* DB) {
@@ -389,7 +398,9 @@ void backward_impl(const T* DY, const T* X, T* DX, const acc_t<T>* MEAN, const a
   const int64_t N = s.N, C = s.C, G = s.G, D = s.D, L = s.L;
   const double M = static_cast<double>(D * L);
   // The GroupNorm backward's per-group coefficients, from the channel sums:
-  // dx = gamma k rstd dz + c2 x + c3.
+  // dx = gamma k rstd dz + c2 (x - mean) + c3, with dh = gamma k dz the
+  // gradient reaching xhat:
+  //   c2 = -rstd^3 / M * sum(dh (x - mean)),  c3 = -rstd / M * sum(dh).
   auto coefficients = [&](int64_t n, int64_t g, A& c2, A& c3) {
     double sa = 0, sb = 0;
     for (int64_t c = g * D; c < (g + 1) * D; ++c) {
@@ -397,10 +408,9 @@ void backward_impl(const T* DY, const T* X, T* DX, const acc_t<T>* MEAN, const a
       sa += gk * DS[n * C + c];
       sb += gk * DB[n * C + c];
     }
-    const double mean = MEAN[n * G + g], rstd = RSTD[n * G + g];
-    const double q = (sb * mean - sa) * rstd * rstd * rstd / M;
-    c2 = static_cast<A>(q);
-    c3 = static_cast<A>(-q * mean - sb * rstd / M);
+    const double rstd = RSTD[n * G + g];
+    c2 = static_cast<A>(-sa * rstd * rstd * rstd / M);
+    c3 = static_cast<A>(-sb * rstd / M);
   };
   if (!s.channels_last) {
     at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
@@ -411,9 +421,9 @@ void backward_impl(const T* DY, const T* X, T* DX, const acc_t<T>* MEAN, const a
         for (int64_t d = 0; d < D; ++d) {
           const int64_t c = g * D + d;
           A a, b;
-          P.fold(n, c, mean, rstd, a, b);
+          P.fold(n, c, rstd, a, b);
           double ds = 0, db = 0;
-          backward_row_scalar(dz.data() + d * L, DY + (n * C + c) * L, X + (n * C + c) * L, L, a, b, ds, db);
+          backward_row_scalar(dz.data() + d * L, DY + (n * C + c) * L, X + (n * C + c) * L, L, mean, a, b, ds, db);
           DS[n * C + c] = ds;
           DB[n * C + c] = db;
         }
@@ -422,17 +432,18 @@ void backward_impl(const T* DY, const T* X, T* DX, const acc_t<T>* MEAN, const a
         for (int64_t d = 0; d < D; ++d) {
           const int64_t c = g * D + d;
           const A k = P.gamma(c) * P.k(n, c) * rstd;
-          dx_row<false>(DX + (n * C + c) * L, dz.data() + d * L, X + (n * C + c) * L, L, &k, &c2, &c3);
+          dx_row<false>(DX + (n * C + c) * L, dz.data() + d * L, X + (n * C + c) * L, L, &mean, &k, &c2, &c3);
         }
       }
     });
     return;
   }
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> dz(L * C), a(C), b(C), ss(C), sb(C), k(C), c2v(C), c3v(C);
+    std::vector<A> dz(L * C), m(C), a(C), b(C), ss(C), sb(C), k(C), c2v(C), c3v(C);
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t c = 0; c < C; ++c) {
-        P.fold(n, c, MEAN[n * G + c / D], RSTD[n * G + c / D], a[c], b[c]);
+        P.fold(n, c, RSTD[n * G + c / D], a[c], b[c]);
+        m[c] = MEAN[n * G + c / D];
         DS[n * C + c] = 0;
         DB[n * C + c] = 0;
       }
@@ -443,8 +454,8 @@ void backward_impl(const T* DY, const T* X, T* DX, const acc_t<T>* MEAN, const a
         std::fill(ss.begin(), ss.end(), A(0));
         std::fill(sb.begin(), sb.end(), A(0));
         for (int64_t l = start; l < stop; ++l) {
-          backward_row_channels(dz.data() + l * C, dyn + l * C, xn + l * C, C, a.data(), b.data(), ss.data(),
-                                sb.data());
+          backward_row_channels(dz.data() + l * C, dyn + l * C, xn + l * C, C, m.data(), a.data(), b.data(),
+                                ss.data(), sb.data());
         }
         for (int64_t c = 0; c < C; ++c) {
           DS[n * C + c] += ss[c];
@@ -461,7 +472,8 @@ void backward_impl(const T* DY, const T* X, T* DX, const acc_t<T>* MEAN, const a
         }
       }
       for (int64_t l = 0; l < L; ++l) {
-        dx_row<true>(DX + (n * L + l) * C, dz.data() + l * C, xn + l * C, C, k.data(), c2v.data(), c3v.data());
+        dx_row<true>(DX + (n * L + l) * C, dz.data() + l * C, xn + l * C, C, m.data(), k.data(), c2v.data(),
+                     c3v.data());
       }
     }
   });
@@ -528,7 +540,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
   }
   // Parameter gradients from the channel sums, in float64 (N x C work).
   // With xhat = (x - mean) * rstd and h = w * xhat + bias:
-  //   sum(dz * xhat) = rstd * (DS - mean * DB),  dh = dz * (1 + scale).
+  //   sum(dz * xhat) = rstd * DS,  dh = dz * (1 + scale).
   at::Tensor gw = at::zeros({s.C}, DS.options()), gb = at::zeros({s.C}, DS.options());
   at::Tensor gsc = at::empty({has_scale ? s.N : 0, s.C}, DS.options()), gsh = DB;
   {
@@ -539,12 +551,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
     double* psc = gsc.data_ptr<double>();
     AT_DISPATCH_FLOATING_TYPES(st, "gn_silu_param_grads", [&] {
       const auto P = params<scalar_t>(w, b, sc, sh, s.C);
-      const scalar_t* pm = mean.data_ptr<scalar_t>();
       const scalar_t* pr = rstd.data_ptr<scalar_t>();
       for (int64_t n = 0; n < s.N; ++n) {
         for (int64_t c = 0; c < s.C; ++c) {
           const int64_t i = n * s.C + c, g = n * s.G + c / s.D;
-          const double dz_xhat = static_cast<double>(pr[g]) * (ds[i] - static_cast<double>(pm[g]) * db[i]);
+          const double dz_xhat = static_cast<double>(pr[g]) * ds[i];
           const double k = P.k(n, c);
           pw[c] += k * dz_xhat;
           pb[c] += k * db[i];

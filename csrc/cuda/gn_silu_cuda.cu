@@ -11,9 +11,9 @@
 // Small kernels then merge the slices per (sample, group) (Chan's parallel
 // Welford merge, in float64), fold the affine/scale/shift parameters into
 // a, b per (sample, channel), and one elementwise pass writes
-// y = SiLU(a * x + b). The backward follows the same plan with the sums of
-// dz * x and dz (dz = dy * SiLU'(z)) in place of the statistics, then writes
-// dx = gamma (1 + scale) rstd dz + c2 x + c3 elementwise.
+// y = SiLU((x - mean) a + b). The backward follows the same plan with the
+// sums of dz (x - mean) and dz (dz = dy * SiLU'(z)) in place of the
+// statistics, then writes dx = a dz + c2 (x - mean) + c3 elementwise.
 //
 // All math in float32 (float64 for float64 inputs); x/y in any of
 // fp32/fp64/fp16/bf16.
@@ -131,16 +131,17 @@ __global__ void stats_partial_tiles(const T* __restrict__ x, int64_t L, int64_t 
 
 // sum(dz * x), sum(dz) of (n, c, slice), contiguous; grid (N*C, S).
 template <typename T, typename A>
-__global__ void grad_partial_rows(const T* __restrict__ dy, const T* __restrict__ x, const A* __restrict__ a,
-                                  const A* __restrict__ b, int64_t L, int64_t S, GradSums<A>* __restrict__ out) {
+__global__ void grad_partial_rows(const T* __restrict__ dy, const T* __restrict__ x, const A* __restrict__ mean,
+                                  const A* __restrict__ a, const A* __restrict__ b, int64_t L, int64_t D, int64_t S,
+                                  GradSums<A>* __restrict__ out) {
   const int64_t nc = blockIdx.x, s = blockIdx.y;
   const int64_t l0 = s * kPositionsPerSlice, l1 = lmin(L, l0 + kPositionsPerSlice);
-  const A an = a[nc], bn = b[nc];
+  const A m = mean[nc / D], an = a[nc], bn = b[nc];  // nc / D = n * G + c / D
   GradSums<A> g{A(0), A(0)};
   for (int64_t l = l0 + threadIdx.x; l < l1; l += blockDim.x) {
-    const A xv = static_cast<A>(x[nc * L + l]);
-    const A d = silu_grad(static_cast<A>(dy[nc * L + l]), an * xv + bn);
-    g.ds += d * xv;
+    const A xc = static_cast<A>(x[nc * L + l]) - m;
+    const A d = silu_grad(static_cast<A>(dy[nc * L + l]), xc * an + bn);
+    g.ds += d * xc;
     g.db += d;
   }
   __shared__ GradSums<A> shared[kRowThreads];
@@ -155,19 +156,19 @@ __global__ void grad_partial_rows(const T* __restrict__ dy, const T* __restrict_
 
 // The same for channels-last; grid (N, ceil(C/32), S), block (32, 8).
 template <typename T, typename A>
-__global__ void grad_partial_tiles(const T* __restrict__ dy, const T* __restrict__ x, const A* __restrict__ a,
-                                   const A* __restrict__ b, int64_t L, int64_t C, int64_t S,
-                                   GradSums<A>* __restrict__ out) {
+__global__ void grad_partial_tiles(const T* __restrict__ dy, const T* __restrict__ x, const A* __restrict__ mean,
+                                   const A* __restrict__ a, const A* __restrict__ b, int64_t L, int64_t C, int64_t D,
+                                   int64_t S, GradSums<A>* __restrict__ out) {
   const int64_t n = blockIdx.x, c = blockIdx.y * kTileC + threadIdx.x, s = blockIdx.z;
   const int64_t l0 = s * kPositionsPerSlice, l1 = lmin(L, l0 + kPositionsPerSlice);
   GradSums<A> g{A(0), A(0)};
   if (c < C) {
-    const A an = a[n * C + c], bn = b[n * C + c];
+    const A m = mean[(n * C + c) / D], an = a[n * C + c], bn = b[n * C + c];
     for (int64_t l = l0 + threadIdx.y; l < l1; l += kTileL) {
       const int64_t i = (n * L + l) * C + c;
-      const A xv = static_cast<A>(x[i]);
-      const A d = silu_grad(static_cast<A>(dy[i]), an * xv + bn);
-      g.ds += d * xv;
+      const A xc = static_cast<A>(x[i]) - m;
+      const A d = silu_grad(static_cast<A>(dy[i]), xc * an + bn);
+      g.ds += d * xc;
       g.db += d;
     }
   }
@@ -199,21 +200,20 @@ __global__ void stats_finalize(const Welford<A>* __restrict__ partial, int64_t N
   rstd[ng] = static_cast<A>(rsqrt(var + eps));
 }
 
-// Per (n, c): z = a x + b, and the backward's dx coefficient k = w (1 + scale) rstd.
+// Per (n, c): z = (x - mean) a + b; a = w (1 + scale) rstd is also the
+// backward's dx coefficient. (x is centred before scaling: folding the mean
+// into b would cost precision when |mean| * rstd is large.)
 template <typename A>
-__global__ void fold_coefficients(const A* __restrict__ mean, const A* __restrict__ rstd, const A* __restrict__ w,
-                                  const A* __restrict__ bias, const A* __restrict__ scale, const A* __restrict__ shift,
-                                  int64_t N, int64_t C, int64_t D, A* __restrict__ a, A* __restrict__ b,
-                                  A* __restrict__ k) {
+__global__ void fold_coefficients(const A* __restrict__ rstd, const A* __restrict__ w, const A* __restrict__ bias,
+                                  const A* __restrict__ scale, const A* __restrict__ shift, int64_t N, int64_t C,
+                                  int64_t D, A* __restrict__ a, A* __restrict__ b) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i >= N * C) return;
-  const int64_t n = i / C, c = i % C, ng = n * (C / D) + c / D;
+  const int64_t c = i % C;
   const A gamma = w ? w[c] : A(1), beta = bias ? bias[c] : A(0);
   const A mod = scale ? A(1) + scale[i] : A(1), off = shift ? shift[i] : A(0);
-  const A g = gamma * rstd[ng];
-  a[i] = g * mod;
-  b[i] = (beta - mean[ng] * g) * mod + off;
-  k[i] = g * mod;
+  a[i] = gamma * rstd[i / D] * mod;  // i / D = n * G + c / D
+  b[i] = beta * mod + off;
 }
 
 // Per (n, c): total the slices; d scale, d shift.
@@ -235,7 +235,7 @@ __global__ void grad_finalize_channels(const GradSums<A>* __restrict__ partial, 
   if (has_scale) {
     const int64_t n = i / C, c = i % C, ng = n * (C / D) + c / D;
     const double gamma = w ? static_cast<double>(w[c]) : 1.0, beta = bias ? static_cast<double>(bias[c]) : 0.0;
-    const double dz_xhat = static_cast<double>(rstd[ng]) * (s1 - static_cast<double>(mean[ng]) * s2);
+    const double dz_xhat = static_cast<double>(rstd[ng]) * s1;
     dscale[i] = static_cast<A>(gamma * dz_xhat + beta * s2);
     dshift[i] = static_cast<A>(s2);
   }
@@ -258,10 +258,9 @@ __global__ void grad_group_coefficients(const double* __restrict__ ds, const dou
     sa += gk * ds[n * C + c];
     sb += gk * db[n * C + c];
   }
-  const double m = mean[ng], r = rstd[ng];
-  const double q = (sb * m - sa) * r * r * r / M;
-  c2[ng] = static_cast<A>(q);
-  c3[ng] = static_cast<A>(-q * m - sb * r / M);
+  const double r = rstd[ng];
+  c2[ng] = static_cast<A>(-sa * r * r * r / M);
+  c3[ng] = static_cast<A>(-sb * r / M);
 }
 
 // Per c: d weight = sum_n (1 + scale) rstd (DS - mean DB), d bias = sum_n (1 + scale) DB.
@@ -276,7 +275,7 @@ __global__ void grad_params(const double* __restrict__ ds, const double* __restr
   for (int64_t n = 0; n < N; ++n) {
     const int64_t i = n * C + c, ng = n * G + c / D;
     const double k = scale ? 1.0 + static_cast<double>(scale[i]) : 1.0;
-    sw += k * static_cast<double>(rstd[ng]) * (ds[i] - static_cast<double>(mean[ng]) * db[i]);
+    sw += k * static_cast<double>(rstd[ng]) * ds[i];
     sb += k * db[i];
   }
   dw[c] = sw;
@@ -286,19 +285,20 @@ __global__ void grad_params(const double* __restrict__ ds, const double* __restr
 // ------------------------------------------------------------ elementwise
 
 template <typename T, typename A, bool ChannelsLast>
-__global__ void apply_forward(const T* __restrict__ x, T* __restrict__ y, const A* __restrict__ a,
-                              const A* __restrict__ b, int64_t numel, int64_t C, int64_t L) {
+__global__ void apply_forward(const T* __restrict__ x, T* __restrict__ y, const A* __restrict__ mean,
+                              const A* __restrict__ a, const A* __restrict__ b, int64_t numel, int64_t C, int64_t D,
+                              int64_t L) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < numel;
        i += int64_t(blockDim.x) * gridDim.x) {
     const int64_t nc = ChannelsLast ? (i / (L * C)) * C + i % C : i / L;
-    const A z = a[nc] * static_cast<A>(x[i]) + b[nc];
+    const A z = (static_cast<A>(x[i]) - mean[nc / D]) * a[nc] + b[nc];
     y[i] = static_cast<T>(z * sigmoid_(z));
   }
 }
 
 template <typename T, typename A, bool ChannelsLast>
 __global__ void apply_backward(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
-                               const A* __restrict__ a, const A* __restrict__ b, const A* __restrict__ k,
+                               const A* __restrict__ mean, const A* __restrict__ a, const A* __restrict__ b,
                                const A* __restrict__ c2, const A* __restrict__ c3, int64_t numel, int64_t C,
                                int64_t D, int64_t L) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < numel;
@@ -306,9 +306,9 @@ __global__ void apply_backward(const T* __restrict__ dy, const T* __restrict__ x
     const int64_t n = i / (L * C);
     const int64_t c = ChannelsLast ? i % C : (i / L) % C;
     const int64_t nc = n * C + c, ng = n * (C / D) + c / D;
-    const A xv = static_cast<A>(x[i]);
-    const A d = silu_grad(static_cast<A>(dy[i]), a[nc] * xv + b[nc]);
-    dx[i] = static_cast<T>(k[nc] * d + c2[ng] * xv + c3[ng]);
+    const A xc = static_cast<A>(x[i]) - mean[ng];
+    const A d = silu_grad(static_cast<A>(dy[i]), xc * a[nc] + b[nc]);
+    dx[i] = static_cast<T>(a[nc] * d + c2[ng] * xc + c3[ng]);
   }
 }
 
@@ -366,21 +366,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_cuda(const at::Te
     stats_finalize<A><<<blocks_for(s.N * s.G, 256), 256, 0, stream>>>(pw, s.N, s.G, s.D, S, eps, mean.data_ptr<A>(),
                                                                        rstd.data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    at::Tensor coef = at::empty({3, s.N, s.C}, x.options().dtype(st));
+    at::Tensor coef = at::empty({2, s.N, s.C}, x.options().dtype(st));
     A* pa = coef[0].data_ptr<A>();
     A* pb = coef[1].data_ptr<A>();
-    A* pk = coef[2].data_ptr<A>();
     fold_coefficients<A><<<blocks_for(s.N * s.C, 256), 256, 0, stream>>>(
-        mean.data_ptr<A>(), rstd.data_ptr<A>(), ptr_or_null<A>(w), ptr_or_null<A>(b), ptr_or_null<A>(sc),
-        ptr_or_null<A>(sh), s.N, s.C, s.D, pa, pb, pk);
+        rstd.data_ptr<A>(), ptr_or_null<A>(w), ptr_or_null<A>(b), ptr_or_null<A>(sc), ptr_or_null<A>(sh), s.N, s.C,
+        s.D, pa, pb);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const int64_t numel = x.numel();
     if (s.channels_last) {
       apply_forward<scalar_t, A, true><<<elementwise_blocks(numel), 256, 0, stream>>>(
-          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), pa, pb, numel, s.C, s.L);
+          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), mean.data_ptr<A>(), pa, pb, numel, s.C, s.D, s.L);
     } else {
       apply_forward<scalar_t, A, false><<<elementwise_blocks(numel), 256, 0, stream>>>(
-          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), pa, pb, numel, s.C, s.L);
+          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), mean.data_ptr<A>(), pa, pb, numel, s.C, s.D, s.L);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -419,26 +418,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gn_silu_backward_cuda", [&] {
       using A = at::opmath_type<scalar_t>;
-      at::Tensor coef = at::empty({3, s.N, s.C}, x.options().dtype(st));
+      at::Tensor coef = at::empty({2, s.N, s.C}, x.options().dtype(st));
       A* pa = coef[0].data_ptr<A>();
       A* pb = coef[1].data_ptr<A>();
-      A* pk = coef[2].data_ptr<A>();
       const A* pm = mean.data_ptr<A>();
       const A* pr = rstd.data_ptr<A>();
       fold_coefficients<A><<<blocks_for(s.N * s.C, 256), 256, 0, stream>>>(
-          pm, pr, ptr_or_null<A>(w), ptr_or_null<A>(b), ptr_or_null<A>(sc), ptr_or_null<A>(sh), s.N, s.C, s.D, pa,
-          pb, pk);
+          pr, ptr_or_null<A>(w), ptr_or_null<A>(b), ptr_or_null<A>(sc), ptr_or_null<A>(sh), s.N, s.C, s.D, pa, pb);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       at::Tensor partial = at::empty({s.N * s.C * S * 2}, x.options().dtype(st));
       auto* pg = reinterpret_cast<GradSums<A>*>(partial.data_ptr<A>());
       if (s.channels_last) {
         dim3 grid(s.N, (s.C + kTileC - 1) / kTileC, S), block(kTileC, kTileL);
         grad_partial_tiles<scalar_t, A><<<grid, block, 0, stream>>>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                                                                    pa, pb, s.L, s.C, S, pg);
+                                                                    pm, pa, pb, s.L, s.C, s.D, S, pg);
       } else {
         dim3 grid(s.N * s.C, S);
-        grad_partial_rows<scalar_t, A><<<grid, kRowThreads, 0, stream>>>(dy.data_ptr<scalar_t>(),
-                                                                          x.data_ptr<scalar_t>(), pa, pb, s.L, S, pg);
+        grad_partial_rows<scalar_t, A><<<grid, kRowThreads, 0, stream>>>(
+            dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), pm, pa, pb, s.L, s.D, S, pg);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       at::Tensor sums = at::empty({2, s.N, s.C}, x.options().dtype(at::kDouble));
@@ -461,11 +458,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
       const int64_t numel = x.numel();
       if (s.channels_last) {
         apply_backward<scalar_t, A, true><<<elementwise_blocks(numel), 256, 0, stream>>>(
-            dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), pa, pb, pk, c2, c3, numel, s.C,
+            dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), pm, pa, pb, c2, c3, numel, s.C,
             s.D, s.L);
       } else {
         apply_backward<scalar_t, A, false><<<elementwise_blocks(numel), 256, 0, stream>>>(
-            dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), pa, pb, pk, c2, c3, numel, s.C,
+            dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), pm, pa, pb, c2, c3, numel, s.C,
             s.D, s.L);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,0 +1,252 @@
+"""
+The C++ extension's fused GroupNorm-SiLU ops (csrc/) against their twins in
+iddpm_fast/reference.py: forward and every gradient, fp32/bf16/fp16 with
+tolerances tied to the error PyTorch itself makes in that dtype, fp64
+gradcheck, both memory layouts, strided input, opcheck, torch.compile, input
+errors, and the package's fallback when the extension cannot be built.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from iddpm_fast import _ext, ops
+from iddpm_fast import reference as ref
+from iddpm_fast.ops import _cpp
+
+REASON = _ext.load()
+needs_ext = pytest.mark.skipif(REASON is not None, reason=f"C++ extension unavailable: {REASON}")
+
+SHAPES = {
+    "minimal": ((1, 2, 1, 1), 1),
+    "group == channel": ((2, 8, 3, 3), 8),
+    "single group": ((2, 6, 4, 5), 1),
+    "odd HxW": ((2, 64, 7, 9), 32),
+    "batch 1": ((1, 32, 8, 8), 32),
+    "1-D attention input": ((2, 96, 10), 32),
+    "UNet 16x16": ((2, 128, 16, 16), 32),
+    "channels not a multiple of the vector width": ((3, 12, 5, 5), 4),
+}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _inputs(shape, dtype, scale_shift, layout, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n, c = shape[:2]
+    # Non-zero mean: breaks one-pass variance formulas.
+    x = -2.3 + 0.5 * torch.randn(shape, generator=g, dtype=torch.float64)
+    w = 1 + 0.3 * torch.randn(c, generator=g, dtype=torch.float64)
+    b = 0.2 * torch.randn(c, generator=g, dtype=torch.float64)
+    sc = 0.5 * torch.randn(n, c, generator=g, dtype=torch.float64) if scale_shift else None
+    sh = 0.5 * torch.randn(n, c, generator=g, dtype=torch.float64) if scale_shift else None
+    gy = torch.randn(shape, generator=g, dtype=torch.float64)
+    x = x.to(dtype)
+    if layout == "channels_last":
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    elif layout == "strided":
+        x = torch.cat([x, x], dim=-1)[..., : shape[-1]]  # a view with a padded last dim
+    return x, w, b, sc, sh, gy
+
+
+def _run(fn, x, w, b, sc, sh, gy, groups, param_dtype):
+    """Output and gradients (x, w, b[, scale, shift]) of fn at these inputs."""
+    # A leaf with x's exact strides (clone() would compact a strided view).
+    leaf = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype).copy_(x.detach())
+    leaves = [leaf.requires_grad_()]
+    leaves += [p.detach().to(param_dtype).clone().requires_grad_() for p in (w, b)]
+    if sc is not None:
+        leaves += [p.detach().to(x.dtype).clone().requires_grad_() for p in (sc, sh)]
+        y = fn(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], groups)
+    else:
+        y = fn(leaves[0], leaves[1], leaves[2], groups)
+    grads = torch.autograd.grad(y, leaves, gy.to(y.dtype))
+    return [y.detach()] + [gr.detach() for gr in grads]
+
+
+def _reference(scale_shift):
+    return ref.group_norm_scale_shift_silu if scale_shift else ref.group_norm_silu
+
+
+def _fused(scale_shift):
+    return _cpp.group_norm_scale_shift_silu if scale_shift else _cpp.group_norm_silu
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+@needs_ext
+@pytest.mark.parametrize("name", list(SHAPES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("scale_shift", [False, True], ids=["plain", "scale_shift"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_forward_and_gradients_match_reference(name, dtype, scale_shift, layout):
+    shape, groups = SHAPES[name]
+    x, w, b, sc, sh, gy = _inputs(shape, dtype, scale_shift, layout)
+    truth = _run(_reference(scale_shift), x.double(), w, b, sc, sh, gy, groups, torch.float64)
+    torch_err = _run(_reference(scale_shift), x, w, b, sc, sh, gy, groups, torch.float32)
+    fused = _run(_fused(scale_shift), x, w, b, sc, sh, gy, groups, torch.float32)
+    names = ["y", "dx", "dweight", "dbias", "dscale", "dshift"]
+    eps = torch.finfo(dtype).eps
+    for what, t, p, f in zip(names, truth, torch_err, fused):
+        assert f.dtype == p.dtype and f.shape == p.shape, what
+        # Inputs are O(1), so terms of O(1) can cancel into a small result
+        # (dx of a 2-element group): measure ulps against at least 1.
+        scale = max(t.abs().max().item(), 1.0)
+        # At most twice PyTorch's own error in this dtype, plus a few ulps
+        # (PyTorch is sometimes exact by luck).
+        allowed = 2 * _max_err(p, t) + 8 * eps * scale
+        assert _max_err(f, t) <= allowed, f"{what}: fused error {_max_err(f, t):.3g} > allowed {allowed:.3g}"
+    if layout == "channels_last" and x.dim() == 4:
+        assert fused[0].is_contiguous(memory_format=torch.channels_last)
+        assert fused[1].is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_ext
+@pytest.mark.parametrize("scale_shift", [False, True], ids=["plain", "scale_shift"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape,groups", [((2, 4, 3, 2), 2), ((1, 6, 5), 3)], ids=["4-D", "1-D attention input"])
+def test_gradcheck_float64(scale_shift, layout, shape, groups):
+    x, w, b, sc, sh, _ = _inputs(shape, torch.float64, scale_shift, layout)
+    args = [x.requires_grad_(), w.requires_grad_(), b.requires_grad_()]
+    if scale_shift:
+        args += [sc.requires_grad_(), sh.requires_grad_()]
+    fn = _fused(scale_shift)
+    assert torch.autograd.gradcheck(lambda *a: fn(*a, groups), args, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@needs_ext
+def test_no_affine_and_edge_values():
+    # weight/bias None (GroupNorm(affine=False)); a constant group (variance
+    # 0: rstd = 1/sqrt(eps)); very large |z| where the sigmoid saturates.
+    x = torch.full((2, 4, 3, 3), 5.0)
+    x[1] = torch.linspace(-200, 200, 36).reshape(4, 3, 3)
+    y = _cpp.group_norm_silu(x, None, None, 2)
+    truth = ref.group_norm_silu(x.double(), None, None, 2).float()
+    torch.testing.assert_close(y, truth, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(y).all()
+    w = torch.full((4,), 300.0)  # z = +-600: exp overflows without the cap
+    x.requires_grad_(True)
+    y = _cpp.group_norm_silu(x, w, None, 2)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    assert torch.isfinite(y).all() and torch.isfinite(gx).all()
+    truth = ref.group_norm_silu(x.detach().double(), w.double(), None, 2).float()
+    torch.testing.assert_close(y, truth, rtol=1e-5, atol=1e-4)
+
+
+@needs_ext
+def test_empty_batch():
+    x = torch.empty(0, 8, 4, 4)
+    assert _cpp.group_norm_silu(x, torch.ones(8), torch.zeros(8), 4).shape == x.shape
+
+
+@needs_ext
+@pytest.mark.parametrize("scale_shift", [False, True], ids=["plain", "scale_shift"])
+def test_opcheck(scale_shift):
+    x, w, b, sc, sh, gy = _inputs((2, 8, 3, 3), torch.float32, scale_shift, "contiguous")
+    params = [w.float(), b.float()] + ([sc.float(), sh.float()] if scale_shift else [None, None])
+    args = (x.requires_grad_(), *[p.requires_grad_() if p is not None else None for p in params], 4, 1e-5)
+    torch.library.opcheck(torch.ops.iddpm_fast.gn_silu_forward.default, args)
+    plain = [a.detach() if torch.is_tensor(a) else a for a in args]
+    _y, mean, rstd = torch.ops.iddpm_fast.gn_silu_forward(*plain)
+    bargs = (gy.float(), *plain[:5], mean, rstd, 4)
+    torch.library.opcheck(torch.ops.iddpm_fast.gn_silu_backward.default, bargs)
+
+
+@needs_ext
+@pytest.mark.parametrize("scale_shift", [False, True], ids=["plain", "scale_shift"])
+def test_torch_compile_fullgraph(scale_shift):
+    x, w, b, sc, sh, gy = _inputs((2, 8, 5, 5), torch.float32, scale_shift, "channels_last")
+    fn = _fused(scale_shift)
+
+    def block(x, w, b, sc, sh):
+        h = fn(x, w, b, sc, sh, 4) if scale_shift else fn(x, w, b, 4)
+        return (h * 2).sum()
+
+    w, b = w.float(), b.float()
+    sc = sc.float() if scale_shift else None
+    sh = sh.float() if scale_shift else None
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    xe = x.clone().requires_grad_()
+    xc = x.clone().requires_grad_()
+    eager_out, compiled_out = block(xe, w, b, sc, sh), compiled(xc, w, b, sc, sh)
+    torch.testing.assert_close(compiled_out, eager_out)
+    (ge,) = torch.autograd.grad(eager_out, xe)
+    (gc,) = torch.autograd.grad(compiled_out, xc)
+    torch.testing.assert_close(gc, ge)
+
+
+@needs_ext
+def test_clear_errors_from_the_cpp_op():
+    x = torch.randn(2, 6, 4, 4)
+    with pytest.raises(RuntimeError, match="6 channels cannot be split into 4 groups"):
+        torch.ops.iddpm_fast.gn_silu_forward(x, None, None, None, None, 4, 1e-5)
+    with pytest.raises(RuntimeError, match=r"weight must have shape \[6\]"):
+        torch.ops.iddpm_fast.gn_silu_forward(x, torch.ones(5), None, None, None, 3, 1e-5)
+    with pytest.raises(RuntimeError, match="scale and shift must be given together"):
+        torch.ops.iddpm_fast.gn_silu_forward(x, None, None, torch.zeros(2, 6), None, 3, 1e-5)
+    with pytest.raises(RuntimeError, match="must be float32, float64, float16 or bfloat16"):
+        torch.ops.iddpm_fast.gn_silu_forward(x.int(), None, None, None, None, 3, 1e-5)
+    with pytest.raises(RuntimeError, match=r"saved statistics must have shape \[2, 3\]"):
+        torch.ops.iddpm_fast.gn_silu_backward(x, x, None, None, None, None, torch.zeros(2, 2), torch.zeros(2, 2), 3)
+
+
+def test_seam_rejects_bad_shapes_before_any_kernel():
+    x = torch.randn(2, 6, 4, 4)
+    with pytest.raises(ValueError, match="6 channels cannot be split into 4 groups"):
+        ops.group_norm_silu(x, None, None, 4)
+    with pytest.raises(ValueError, match=r"scale must have shape \[N x C\]"):
+        ops.group_norm_scale_shift_silu(x, None, None, torch.zeros(6), torch.zeros(2, 6), 3)
+
+
+@needs_ext
+def test_seam_picks_cpp_on_cpu_and_reference_when_asked():
+    assert ops.resolve_name("group_norm_silu", torch.device("cpu")) == "cpp"
+    with ops.use_backend("reference"):
+        assert ops.resolve_name("group_norm_silu", torch.device("cpu")) == "reference"
+
+
+def test_extension_builds_where_a_compiler_and_ninja_exist():
+    """The JIT build must work on a machine with the tools (CI is one); a
+    broken source or build script fails here instead of silently falling back."""
+    if os.environ.get("IDDPM_FAST_NO_EXT") == "1":
+        pytest.skip("extension disabled by IDDPM_FAST_NO_EXT=1")
+    if not (shutil.which("c++") or shutil.which("g++")) or not shutil.which("ninja"):
+        pytest.skip("no C++ compiler or ninja here")
+    if _ext._cpu_reason() is not None:
+        pytest.skip(_ext._cpu_reason())
+    assert REASON is None, REASON
+
+
+def test_package_works_without_the_extension(tmp_path):
+    """Simulate a machine where the extension cannot be had: the package
+    imports, the ops warn once naming the reason and run the reference, and
+    the UNet trains a step."""
+    code = r"""
+import warnings, torch
+from iddpm_fast import ops, reference as ref
+from iddpm_fast.script_util import create_model
+x = torch.randn(2, 8, 4, 4)
+w, b = torch.randn(8), torch.randn(8)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    y1 = ops.group_norm_silu(x, w, b, 4)
+    y2 = ops.group_norm_silu(x, w, b, 4)
+msgs = [str(c.message) for c in caught if "falls back from cpp" in str(c.message)]
+assert len(msgs) == 1, msgs
+assert "IDDPM_FAST_NO_EXT" in msgs[0], msgs[0]
+assert torch.equal(y1, ref.group_norm_silu(x, w, b, 4))
+model = create_model(32, 32, 1, learn_sigma=False, class_cond=False, use_checkpoint=False,
+                     attention_resolutions="16", num_heads=1, num_heads_upsample=-1,
+                     use_scale_shift_norm=True, dropout=0.0)
+out = model(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))
+out.square().mean().backward()
+print("ok")
+"""
+    env = dict(os.environ, IDDPM_FAST_NO_EXT="1", PYTHONPATH=os.getcwd())
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
