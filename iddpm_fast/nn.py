@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint as _torch_checkpoint
 
+from . import ops
 from .reference import mean_flat  # noqa: F401  (public here, as in the original)
 
 _CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -45,6 +46,43 @@ class GroupNorm32(nn.GroupNorm):
     def forward(self, x):
         out = super().forward(x.float())
         return out.type(x.dtype)
+
+
+class GroupNormSiLU(GroupNorm32):
+    """``SiLU(GroupNorm32(x))`` as one op: the fused C++ kernel when the
+    extension is available (see :mod:`iddpm_fast.ops`), else exactly the
+    original's GroupNorm32 followed by ``x * sigmoid(x)``.
+
+    A GroupNorm subclass with the same parameters, so state dicts are those
+    of the original's ``normalization(ch)``; the SiLU that followed it in the
+    original's ``nn.Sequential`` becomes an ``nn.Identity`` placeholder that
+    keeps the later layers' indices (and checkpoint keys) unchanged. Works in
+    both memory layouts (channels-last stays channels-last) and under bf16
+    autocast (x keeps its dtype, statistics in float32).
+    """
+
+    def forward(self, x):
+        return ops.group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps)
+
+
+class GroupNormScaleShiftSiLU(GroupNorm32):
+    """``SiLU(GroupNorm32(x) * (1 + scale) + shift)``, the ResBlock's
+    ``out_layers`` with ``use_scale_shift_norm``, as one op.
+
+    :param scale, shift: ``[N x C]`` or ``[N x C x 1 ...]`` modulation.
+    """
+
+    def forward(self, x, scale, shift):
+        n, c = x.shape[:2]
+        return ops.group_norm_scale_shift_silu(
+            x, self.weight, self.bias, scale.reshape(n, c), shift.reshape(n, c), self.num_groups, self.eps
+        )
+
+
+def normalization_silu(channels, scale_shift=False):
+    """The fused ``normalization(channels)`` + SiLU (optionally with the
+    scale-shift modulation in between)."""
+    return (GroupNormScaleShiftSiLU if scale_shift else GroupNormSiLU)(32, channels)
 
 
 def conv_nd(dims, *args, **kwargs):

@@ -25,6 +25,7 @@ from .nn import (
     conv_nd,
     linear,
     normalization,
+    normalization_silu,
     timestep_embedding,
     zero_module,
 )
@@ -147,16 +148,18 @@ class ResBlock(TimestepBlock):
 
         # Construction order fixes the RNG draws of the default inits:
         # in conv, embedding linear, out conv, skip conv.
+        # GroupNorm + SiLU run fused; the Identity holds the SiLU's old index
+        # so that parameter names (checkpoint keys) are the original's.
         self.in_layers = nn.Sequential(
-            normalization(channels),
-            SiLU(),
+            normalization_silu(channels),
+            nn.Identity(),
             conv_nd(dims, channels, c_out, 3, padding=1),
         )
         emb_width = 2 * c_out if use_scale_shift_norm else c_out
         self.emb_layers = nn.Sequential(SiLU(), linear(emb_channels, emb_width))
         self.out_layers = nn.Sequential(
-            normalization(c_out),
-            SiLU(),
+            normalization_silu(c_out, scale_shift=use_scale_shift_norm),
+            nn.Identity(),
             nn.Dropout(p=dropout),
             zero_module(conv_nd(dims, c_out, c_out, 3, padding=1)),
         )
@@ -180,9 +183,8 @@ class ResBlock(TimestepBlock):
         # Broadcast [N, C] over the spatial dims of h.
         emb_out = emb_out.reshape(emb_out.shape + (1,) * (h.dim() - emb_out.dim()))
         if self.use_scale_shift_norm:
-            norm = self.out_layers[0]
             scale, shift = torch.chunk(emb_out, 2, dim=1)
-            h = norm(h) * (1 + scale) + shift
+            h = self.out_layers[0](h, scale, shift)
             for layer in self.out_layers[1:]:
                 h = layer(h)
         else:
@@ -376,8 +378,8 @@ class UNetModel(nn.Module):
         # The reference built this conv with `model_channels` inputs, which
         # only works when channel_mult[0] == 1; `ch` is the same number then.
         self.out = nn.Sequential(
-            normalization(ch),
-            SiLU(),
+            normalization_silu(ch),
+            nn.Identity(),
             zero_module(conv_nd(dims, ch, out_channels, 3, padding=1)),
         )
 

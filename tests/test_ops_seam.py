@@ -40,9 +40,13 @@ def test_forcing_an_unavailable_backend_fails_clearly(monkeypatch):
     d = create_gaussian_diffusion(steps=100)
     with pytest.raises(ops.BackendUnavailableError, match="IDDPM_FAST_BACKEND=triton was requested but q_sample"):
         d.q_sample(x, torch.tensor([1, 2]))
-    # An op whose kind is not built says so.
+    # An op whose C++ extension cannot be had says why (simulated here).
+    from iddpm_fast import _ext
+
+    monkeypatch.setitem(_ext._state, "done", True)
+    monkeypatch.setitem(_ext._state, "reason", "simulated: no C++ compiler")
     monkeypatch.setenv("IDDPM_FAST_BACKEND", "cpp")
-    with pytest.raises(ops.BackendUnavailableError, match="no cpp implementation of group_norm_silu is registered"):
+    with pytest.raises(ops.BackendUnavailableError, match="group_norm_silu cannot run it on cpu: simulated"):
         ops.group_norm_silu(torch.randn(2, 32, 4, 4), None, None, 32)
 
 
