@@ -64,19 +64,22 @@ def pytest_terminal_summary(terminalreporter, config):
         if provider is None or not bench.stats:
             continue
         key = (bench.group, *(f"{k}={v}" for k, v in sorted(bench.params.items()) if k != "provider"))
-        cases.setdefault(key, {})[provider] = bench.stats.median
+        cases.setdefault(key, {})[provider] = (bench.stats.median, bench.extra_info.get("min_bytes"))
     if not cases:
         return
     tr = terminalreporter
-    tr.write_sep("=", "iddpm_fast: median time and speed-up (same run)")
-    tr.write_line(f"{'case':60s} {'provider':14s} {'median':>12s} {'vs ref':>8s} {'vs compile':>10s}")
+    tr.write_sep("=", "iddpm_fast: median time, speed-up (same run) and GB/s against the minimal bytes")
+    tr.write_line(
+        f"{'case':60s} {'provider':14s} {'median':>12s} {'vs ref':>8s} {'vs compile':>10s} {'vs eager':>8s} {'GB/s':>7s}"
+    )
     for key, by in sorted(cases.items()):
-        for provider, median in sorted(by.items()):
-            ref = by.get("reference")
-            comp = by.get("torch_compile")
-            r1 = f"{ref / median:8.2f}" if ref else f"{'-':>8s}"
-            r2 = f"{comp / median:10.2f}" if comp else f"{'-':>10s}"
-            tr.write_line(f"{' '.join(key)[:60]:60s} {provider:14s} {median * 1e3:10.3f}ms {r1} {r2}")
+        for provider, (median, nbytes) in sorted(by.items()):
+            cols = []
+            for base, width in (("reference", 8), ("torch_compile", 10), ("eager", 8)):
+                other = by.get(base)
+                cols.append(f"{other[0] / median:{width}.2f}" if other else f"{'-':>{width}s}")
+            gbs = f"{nbytes / median / 1e9:7.1f}" if nbytes else f"{'-':>7s}"
+            tr.write_line(f"{' '.join(key)[:60]:60s} {provider:14s} {median * 1e3:10.3f}ms {' '.join(cols)} {gbs}")
     path = getattr(config, "_iddpm_bench_json", None)
     if path:
         tr.write_line(f"results: {path}")

@@ -5,14 +5,9 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
-namespace iddpm_fast {
+#include "gn_silu_shape.h"
 
-// The problem size: N samples, C channels in G groups of D = C / G channels,
-// L positions (the product of the spatial dims).
-struct GnShape {
-  int64_t N, C, G, D, L;
-  bool channels_last;  // memory [N, L, C] instead of [N, C, L]
-};
+namespace iddpm_fast {
 
 // True when x is stored channels-last ([N, *spatial, C] in memory) and not
 // also plain contiguous (for C == 1 or L == 1 both hold; plain wins).

@@ -54,6 +54,16 @@ def sources(with_cuda=False):
     return found
 
 
+def headers():
+    """The extension's header files (a change in one means a rebuild)."""
+    root = _source_dir()
+    found = []
+    for folder in (root, os.path.join(root, "cpu"), os.path.join(root, "cuda")):
+        if os.path.isdir(folder):
+            found += sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".h"))
+    return found
+
+
 def _cpu_reason():
     """Why this CPU cannot run the AVX2-compiled kernels, or None."""
     if platform.machine() not in ("x86_64", "AMD64"):
@@ -116,7 +126,7 @@ def _jit_build():
     build_dir = _cache_dir(with_cuda)
     os.makedirs(build_dir, exist_ok=True)
     built = os.path.join(build_dir, "iddpm_fast_C.so")
-    inputs = sources(with_cuda) + [os.path.join(_source_dir(), "gn_silu.h")]
+    inputs = sources(with_cuda) + headers()
     stale = not os.path.exists(built) or os.path.getmtime(built) < max(
         os.path.getmtime(f) for f in inputs if os.path.exists(f)
     )
@@ -143,7 +153,8 @@ def _jit_build():
         )
     except Exception as e:  # compiler missing, compile error, ...
         lines = str(e).strip().splitlines()
-        errors = [line.strip() for line in lines if "error" in line.lower()]
+        errors = [line.strip() for line in lines if "error:" in line.lower()]
+        errors += [line.strip() for line in lines if "error" in line.lower() and "error:" not in line.lower()]
         detail = (errors or lines or [type(e).__name__])[0]
         return f"compiling it failed ({detail}; build directory {build_dir})"
     return None

@@ -250,3 +250,38 @@ print("ok")
     env = dict(os.environ, IDDPM_FAST_NO_EXT="1", PYTHONPATH=os.getcwd())
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+@needs_ext
+def test_avx2_build_of_the_kernels_also_matches_the_reference():
+    """The CPU kernels are compiled twice (AVX-512 and AVX2) and chosen at run
+    time; this CPU may pick AVX-512, so force the AVX2 build in a subprocess."""
+    code = r"""
+import torch
+from iddpm_fast import _ext, reference as ref
+from iddpm_fast.ops import _cpp
+assert _ext.load() is None
+assert torch.ops.iddpm_fast.cpu_kernel_isa() == "avx2"
+g = torch.Generator().manual_seed(0)
+for shape, groups in [((2, 64, 7, 9), 32), ((3, 12, 5), 4)]:
+    for cl in (False, True):
+        x = (-2.3 + 0.5 * torch.randn(shape, generator=g, dtype=torch.float64))
+        if cl:
+            x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+        w, b = torch.randn(shape[1], dtype=torch.float64), torch.randn(shape[1], dtype=torch.float64)
+        sc, sh = torch.randn(shape[0], shape[1], dtype=torch.float64), torch.randn(shape[0], shape[1], dtype=torch.float64)
+        for dt in (torch.float32, torch.bfloat16):
+            xd = x.to(dt).requires_grad_()
+            y = _cpp.group_norm_scale_shift_silu(xd, w.float(), b.float(), sc.to(dt), sh.to(dt), groups)
+            (gx,) = torch.autograd.grad(y.float().sum(), xd)
+            xr = x.to(dt).double().requires_grad_()
+            yr = ref.group_norm_scale_shift_silu(xr, w, b, sc.to(dt).double(), sh.to(dt).double(), groups)
+            (gr,) = torch.autograd.grad(yr.sum(), xr)
+            tol = 2e-5 if dt == torch.float32 else 3e-2
+            assert (y.double() - yr).abs().max() <= tol * max(1, yr.abs().max()), (shape, cl, dt)
+            assert (gx.double() - gr).abs().max() <= tol * max(1, gr.abs().max()), (shape, cl, dt)
+print("ok")
+"""
+    env = dict(os.environ, IDDPM_FAST_CPU_CAPABILITY="avx2", PYTHONPATH=os.getcwd())
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]

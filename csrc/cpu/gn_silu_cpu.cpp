@@ -1,482 +1,51 @@
 // CPU implementation of the fused GroupNorm(-scale-shift)-SiLU ops declared in
-// ops.cpp.
-//
-// Forward: per (sample, group) two passes over the group's data for the
-// statistics (the mean, then the squared deviations around it: stable for
-// inputs far from zero mean) and one pass writing
-//   y = SiLU((x - mean) * a + b),   a = rstd * w * (1 + scale),
-//                                   b = bias * (1 + scale) + shift,
-// with a and b folded per (sample, channel), so the scale-shift variant costs
-// the same as the plain one (x is centred first: folding the mean into b
-// would cost precision when |mean| * rstd is large). A group's data is a few KiB to a few MiB, so the
-// second and third passes mostly hit the cache: memory traffic is one read of
-// x and one write of y.
-//
-// Backward: one pass computes dz = dy * SiLU'(z) into a per-thread buffer and
-// the per-(sample, channel) sums of dz * (x - mean) and dz; the GroupNorm
-// backward is then closed-form in those sums, and a second pass over the
-// buffer writes
-//   dx = w * (1 + scale) * rstd * dz + c2 * (x - mean) + c3   (c2, c3 per group).
-//
-// Both layouts are native: contiguous [N, C, L] (tasks per (sample, group),
-// vectorised along L) and channels-last [N, L, C] (tasks per sample,
-// vectorised along C). Statistics and all math are float32 (float64 for
-// float64 inputs); partial sums are flushed into float64 every few thousand
-// elements.
-//
-// at::vec::Vectorized<float> uses AVX2/FMA only when this file is compiled
-// with -mavx2 -mfma -DCPU_CAPABILITY_AVX2 (setup.py and the loader do); the
-// Python loader refuses to load the library on CPUs without AVX2.
+// ops.cpp: input checks, outputs, the parameter gradients, and the choice of
+// kernel build (gn_silu_kernel.h compiled for AVX-512 or AVX2) from what the
+// CPU supports at run time. IDDPM_FAST_CPU_CAPABILITY=avx2 forces the AVX2
+// build (tests use it to cover both).
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cmath>
-#include <type_traits>
-#include <vector>
+#include <cstdlib>
+#include <cstring>
 
 #include "../gn_silu.h"
 
 namespace iddpm_fast {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kV = Vec::size();
-// Elements (contiguous layout) or positions (channels-last) summed in float
-// before the partial sum is added into a float64 total.
-constexpr int64_t kFlush = 2048;
-constexpr int64_t kFlushPositions = 128;
-
-template <typename T>
-constexpr bool kVectorised = !std::is_same_v<T, double>;
-template <typename T>
-using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-template <typename T>
-inline Vec vload(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return Vec::loadu(p);
-  } else {
-    Vec out;
-    at::vec::load_to_float<T>(p, out);
-    return out;
-  }
-}
-
-template <typename T>
-inline void vstore(T* p, const Vec& v) {
-  if constexpr (std::is_same_v<T, float>) {
-    v.store(p);
-  } else {
-    at::vec::convert_from_float<T>(v, v).store(p, kV);
-  }
-}
-
-// 1 / d for d >= 1: the hardware reciprocal estimate refined by one Newton
-// step (~1 ulp); a full-precision division made the op compute-bound.
-inline Vec vrecip(const Vec& d) {
-#if defined(CPU_CAPABILITY_AVX2)
-  const __m256 dv = d;
-  const __m256 r = _mm256_rcp_ps(dv);
-  return _mm256_mul_ps(r, _mm256_fnmadd_ps(dv, r, _mm256_set1_ps(2.f)));
+bool cpu_has_avx512() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 #else
-  return Vec(1.f) / d;
+  return false;
 #endif
 }
 
-// sigmoid(z) = 1 / (1 + exp(-z)). exp_u20 is ATen's inline polynomial exp
-// (at most 20 ulp, ~2e-6 relative, inside float32 tolerances once it passes
-// through the sigmoid), where Sleef's exp is an out-of-line call. exp's
-// argument is capped at 80 so that 1 + exp(-z) stays finite (sigmoid is then
-// below 2e-35, i.e. 0 for every purpose here).
-inline Vec vsigmoid(const Vec& z) {
-  const Vec one(1.f);
-  return vrecip(one + at::vec::minimum(z.neg(), Vec(80.f)).exp_u20());
-}
-
-template <typename A>
-inline A sigmoid(A z) {
-  return A(1) / (A(1) + std::exp(-z));
-}
-
-// sum over x[0:n] of (x - center), or of (x - center)^2 when Sq.
-template <bool Sq, typename T>
-double block_moment(const T* x, int64_t n, double center) {
-  using A = acc_t<T>;
-  const A c = static_cast<A>(center);
-  double total = 0;
-  for (int64_t start = 0; start < n; start += kFlush) {
-    const int64_t m = std::min(kFlush, n - start);
-    const T* p = x + start;
-    int64_t j = 0;
-    double part = 0;
-    if constexpr (kVectorised<T>) {
-      // Four independent accumulators: one would serialise on the add latency.
-      Vec acc0(0.f), acc1(0.f), acc2(0.f), acc3(0.f);
-      const Vec cv(c);
-      auto add = [&](Vec& acc, int64_t at) {
-        Vec d = vload(p + at) - cv;
-        if constexpr (Sq) {
-          acc = at::vec::fmadd(d, d, acc);
-        } else {
-          acc = acc + d;
-        }
-      };
-      for (; j + 4 * kV <= m; j += 4 * kV) {
-        add(acc0, j);
-        add(acc1, j + kV);
-        add(acc2, j + 2 * kV);
-        add(acc3, j + 3 * kV);
-      }
-      for (; j + kV <= m; j += kV) {
-        add(acc0, j);
-      }
-      float lanes[kV];
-      ((acc0 + acc1) + (acc2 + acc3)).store(lanes);
-      for (int64_t k = 0; k < kV; ++k) part += lanes[k];
-    }
-    A tail = 0;
-    for (; j < m; ++j) {
-      A d = static_cast<A>(p[j]) - c;
-      tail += Sq ? d * d : d;
-    }
-    total += part + tail;
+bool use_avx512() {
+  const char* forced = std::getenv("IDDPM_FAST_CPU_CAPABILITY");
+  if (forced != nullptr && std::strcmp(forced, "avx2") == 0) {
+    return false;
   }
-  return total;
+  static const bool ok = avx512_compiled() && cpu_has_avx512();
+  return ok;
 }
 
-// out[c] += sum over positions l in [0, m) of (x[l, c] - center[c]) (or its
-// square when Sq); x is [m, C] with channels contiguous; center may be null.
-template <bool Sq, typename T>
-void rows_moment(const T* x, int64_t m, int64_t C, const acc_t<T>* center, double* out, acc_t<T>* scratch) {
-  using A = acc_t<T>;
-  for (int64_t start = 0; start < m; start += kFlushPositions) {
-    const int64_t stop = std::min(m, start + kFlushPositions);
-    std::fill(scratch, scratch + C, A(0));
-    for (int64_t l = start; l < stop; ++l) {
-      const T* row = x + l * C;
-      int64_t c = 0;
-      if constexpr (kVectorised<T>) {
-        for (; c + kV <= C; c += kV) {
-          Vec d = vload(row + c);
-          if (center != nullptr) d = d - Vec::loadu(center + c);
-          Vec s = Vec::loadu(scratch + c);
-          if constexpr (Sq) {
-            s = at::vec::fmadd(d, d, s);
-          } else {
-            s = s + d;
-          }
-          s.store(scratch + c);
-        }
-      }
-      for (; c < C; ++c) {
-        A d = static_cast<A>(row[c]) - (center != nullptr ? center[c] : A(0));
-        scratch[c] += Sq ? d * d : d;
-      }
-    }
-    for (int64_t c = 0; c < C; ++c) out[c] += scratch[c];
+ElementType element_type(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return ElementType::Float;
+    case at::kDouble: return ElementType::Double;
+    case at::kHalf: return ElementType::Half;
+    case at::kBFloat16: return ElementType::BFloat16;
+    default: TORCH_CHECK(false, "iddpm_fast: unsupported dtype ", x.scalar_type());
   }
 }
 
-// y = SiLU((x - m) * a + b) over n elements; m, a, b per element when
-// PerElem, else m[0], a[0], b[0] for all. Centering before scaling keeps the
-// error at ulp((x - mean) * rstd) even when |mean| * rstd is large.
-template <bool PerElem, typename T>
-void forward_row(T* y, const T* x, int64_t n, const acc_t<T>* m, const acc_t<T>* a, const acc_t<T>* b) {
-  using A = acc_t<T>;
-  int64_t j = 0;
-  if constexpr (kVectorised<T>) {
-    const Vec m0(PerElem ? 0.f : m[0]), a0(PerElem ? 0.f : a[0]), b0(PerElem ? 0.f : b[0]);
-    for (; j + kV <= n; j += kV) {
-      Vec mv = PerElem ? Vec::loadu(m + j) : m0;
-      Vec av = PerElem ? Vec::loadu(a + j) : a0;
-      Vec bv = PerElem ? Vec::loadu(b + j) : b0;
-      Vec z = at::vec::fmadd(vload(x + j) - mv, av, bv);
-      vstore(y + j, z * vsigmoid(z));
-    }
-  }
-  for (; j < n; ++j) {
-    const int64_t i = PerElem ? j : 0;
-    A z = (static_cast<A>(x[j]) - m[i]) * a[i] + b[i];
-    y[j] = static_cast<T>(z * sigmoid(z));
-  }
-}
-
-// dz = dy * SiLU'(z), z = (x - m) a + b with scalars m, a, b, into dz[0:n];
-// adds sum(dz * (x - m)) and sum(dz) into ds, db (float64, flushed every
-// kFlush elements).
-template <typename T>
-void backward_row_scalar(acc_t<T>* dz, const T* dy, const T* x, int64_t n, acc_t<T> m, acc_t<T> a, acc_t<T> b,
-                         double& ds, double& db) {
-  using A = acc_t<T>;
-  for (int64_t start = 0; start < n; start += kFlush) {
-    const int64_t stop = std::min(n, start + kFlush);
-    int64_t j = start;
-    double ps = 0, pb = 0;
-    if constexpr (kVectorised<T>) {
-      const Vec mv(m), av(a), bv(b), one(1.f);
-      Vec as(0.f), ab(0.f);
-      for (; j + kV <= stop; j += kV) {
-        Vec xc = vload(x + j) - mv;
-        Vec z = at::vec::fmadd(xc, av, bv);
-        Vec s = vsigmoid(z);
-        Vec d = vload(dy + j) * s * at::vec::fmadd(z, one - s, one);
-        d.store(dz + j);
-        as = at::vec::fmadd(d, xc, as);
-        ab = ab + d;
-      }
-      float ls[kV], lb[kV];
-      as.store(ls);
-      ab.store(lb);
-      for (int64_t k = 0; k < kV; ++k) {
-        ps += ls[k];
-        pb += lb[k];
-      }
-    }
-    A ts = 0, tb = 0;
-    for (; j < stop; ++j) {
-      A xc = static_cast<A>(x[j]) - m;
-      A z = xc * a + b;
-      A s = sigmoid(z);
-      A d = static_cast<A>(dy[j]) * s * (A(1) + z * (A(1) - s));
-      dz[j] = d;
-      ts += d * xc;
-      tb += d;
-    }
-    ds += ps + ts;
-    db += pb + tb;
-  }
-}
-
-// The same with m, a, b per channel along a channels-last row of C
-// channels; sums go into per-channel scratch arrays ss, sb.
-template <typename T>
-void backward_row_channels(acc_t<T>* dz, const T* dy, const T* x, int64_t C, const acc_t<T>* m,
-                           const acc_t<T>* a, const acc_t<T>* b, acc_t<T>* ss, acc_t<T>* sb) {
-  using A = acc_t<T>;
-  int64_t c = 0;
-  if constexpr (kVectorised<T>) {
-    const Vec one(1.f);
-    for (; c + kV <= C; c += kV) {
-      Vec xc = vload(x + c) - Vec::loadu(m + c);
-      Vec z = at::vec::fmadd(xc, Vec::loadu(a + c), Vec::loadu(b + c));
-      Vec s = vsigmoid(z);
-      Vec d = vload(dy + c) * s * at::vec::fmadd(z, one - s, one);
-      d.store(dz + c);
-      at::vec::fmadd(d, xc, Vec::loadu(ss + c)).store(ss + c);
-      (Vec::loadu(sb + c) + d).store(sb + c);
-    }
-  }
-  for (; c < C; ++c) {
-    A xc = static_cast<A>(x[c]) - m[c];
-    A z = xc * a[c] + b[c];
-    A s = sigmoid(z);
-    A d = static_cast<A>(dy[c]) * s * (A(1) + z * (A(1) - s));
-    dz[c] = d;
-    ss[c] += d * xc;
-    sb[c] += d;
-  }
-}
-
-// dx = k * dz + c2 * (x - m) + c3 over n elements (per element or broadcast).
-template <bool PerElem, typename T>
-void dx_row(T* dx, const acc_t<T>* dz, const T* x, int64_t n, const acc_t<T>* m, const acc_t<T>* k,
-            const acc_t<T>* c2, const acc_t<T>* c3) {
-  using A = acc_t<T>;
-  int64_t j = 0;
-  if constexpr (kVectorised<T>) {
-    const Vec m0(PerElem ? 0.f : m[0]), k0(PerElem ? 0.f : k[0]), c20(PerElem ? 0.f : c2[0]),
-        c30(PerElem ? 0.f : c3[0]);
-    for (; j + kV <= n; j += kV) {
-      Vec mv = PerElem ? Vec::loadu(m + j) : m0;
-      Vec kv = PerElem ? Vec::loadu(k + j) : k0;
-      Vec c2v = PerElem ? Vec::loadu(c2 + j) : c20;
-      Vec c3v = PerElem ? Vec::loadu(c3 + j) : c30;
-      Vec out = at::vec::fmadd(kv, Vec::loadu(dz + j), at::vec::fmadd(c2v, vload(x + j) - mv, c3v));
-      vstore(dx + j, out);
-    }
-  }
-  for (; j < n; ++j) {
-    const int64_t i = PerElem ? j : 0;
-    dx[j] = static_cast<T>(k[i] * dz[j] + c2[i] * (static_cast<A>(x[j]) - m[i]) + c3[i]);
-  }
-}
-
-// Per-(sample, channel) affine parameters: gamma, beta, and the modulation
-// factor k = 1 + scale and offset shift.
-template <typename A>
-struct Params {
-  const A* w;   // [C] or null
-  const A* b;   // [C] or null
-  const A* sc;  // [N, C] or null
-  const A* sh;  // [N, C] or null
-  int64_t C;
-  A gamma(int64_t c) const { return w ? w[c] : A(1); }
-  A beta(int64_t c) const { return b ? b[c] : A(0); }
-  A k(int64_t n, int64_t c) const { return sc ? A(1) + sc[n * C + c] : A(1); }
-  A shift(int64_t n, int64_t c) const { return sh ? sh[n * C + c] : A(0); }
-  // z = (x - mean) * a + b for sample n, channel c with 1/std rstd.
-  void fold(int64_t n, int64_t c, A rstd, A& a, A& b_out) const {
-    const A kk = k(n, c);
-    a = gamma(c) * rstd * kk;
-    b_out = beta(c) * kk + shift(n, c);
-  }
-};
-
-template <typename A>
-Params<A> params(const at::Tensor& w, const at::Tensor& b, const at::Tensor& sc, const at::Tensor& sh, int64_t C) {
-  return Params<A>{w.defined() ? w.data_ptr<A>() : nullptr, b.defined() ? b.data_ptr<A>() : nullptr,
-                   sc.defined() ? sc.data_ptr<A>() : nullptr, sh.defined() ? sh.data_ptr<A>() : nullptr, C};
-}
-
-template <typename T>
-void forward_impl(const T* X, T* Y, acc_t<T>* MEAN, acc_t<T>* RSTD, const Params<acc_t<T>>& P, const GnShape& s,
-                  double eps) {
-  using A = acc_t<T>;
-  const int64_t N = s.N, C = s.C, G = s.G, D = s.D, L = s.L;
-  const double M = static_cast<double>(D * L);
-  if (!s.channels_last) {
-    at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t ng = begin; ng < end; ++ng) {
-        const int64_t n = ng / G, g = ng % G;
-        const T* xg = X + ng * D * L;
-        const double mean = block_moment<false>(xg, D * L, 0.0) / M;
-        const double var = block_moment<true>(xg, D * L, mean) / M;
-        const A rstd = static_cast<A>(1.0 / std::sqrt(var + eps));
-        MEAN[ng] = static_cast<A>(mean);
-        RSTD[ng] = rstd;
-        const A m = static_cast<A>(mean);
-        for (int64_t d = 0; d < D; ++d) {
-          const int64_t c = g * D + d;
-          A a, b;
-          P.fold(n, c, rstd, a, b);
-          forward_row<false>(Y + (n * C + c) * L, X + (n * C + c) * L, L, &m, &a, &b);
-        }
-      }
-    });
-    return;
-  }
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> sums(C);
-    std::vector<A> scratch(C), center(C), a(C), b(C);
-    for (int64_t n = begin; n < end; ++n) {
-      const T* xn = X + n * L * C;
-      std::fill(sums.begin(), sums.end(), 0.0);
-      rows_moment<false>(xn, L, C, static_cast<const A*>(nullptr), sums.data(), scratch.data());
-      std::vector<double> mean(G, 0.0), var(G, 0.0);
-      for (int64_t c = 0; c < C; ++c) mean[c / D] += sums[c];
-      for (int64_t g = 0; g < G; ++g) mean[g] /= M;
-      for (int64_t c = 0; c < C; ++c) center[c] = static_cast<A>(mean[c / D]);
-      std::fill(sums.begin(), sums.end(), 0.0);
-      rows_moment<true>(xn, L, C, center.data(), sums.data(), scratch.data());
-      for (int64_t c = 0; c < C; ++c) var[c / D] += sums[c];
-      for (int64_t g = 0; g < G; ++g) {
-        const A rstd = static_cast<A>(1.0 / std::sqrt(var[g] / M + eps));
-        MEAN[n * G + g] = static_cast<A>(mean[g]);
-        RSTD[n * G + g] = rstd;
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        P.fold(n, c, RSTD[n * G + c / D], a[c], b[c]);
-        center[c] = MEAN[n * G + c / D];
-      }
-      for (int64_t l = 0; l < L; ++l) {
-        forward_row<true>(Y + (n * L + l) * C, xn + l * C, C, center.data(), a.data(), b.data());
-      }
-    }
-  });
-}
-
-// dx plus the per-(sample, channel) sums DS = sum(dz * (x - mean)),
-// DB = sum(dz).
-template <typename T>
-void backward_impl(const T* DY, const T* X, T* DX, const acc_t<T>* MEAN, const acc_t<T>* RSTD,
-                   const Params<acc_t<T>>& P, const GnShape& s, double* DS, double* DB) {
-  using A = acc_t<T>;
-  const int64_t N = s.N, C = s.C, G = s.G, D = s.D, L = s.L;
-  const double M = static_cast<double>(D * L);
-  // The GroupNorm backward's per-group coefficients, from the channel sums:
-  // dx = gamma k rstd dz + c2 (x - mean) + c3, with dh = gamma k dz the
-  // gradient reaching xhat:
-  //   c2 = -rstd^3 / M * sum(dh (x - mean)),  c3 = -rstd / M * sum(dh).
-  auto coefficients = [&](int64_t n, int64_t g, A& c2, A& c3) {
-    double sa = 0, sb = 0;
-    for (int64_t c = g * D; c < (g + 1) * D; ++c) {
-      const double gk = static_cast<double>(P.gamma(c)) * P.k(n, c);
-      sa += gk * DS[n * C + c];
-      sb += gk * DB[n * C + c];
-    }
-    const double rstd = RSTD[n * G + g];
-    c2 = static_cast<A>(-sa * rstd * rstd * rstd / M);
-    c3 = static_cast<A>(-sb * rstd / M);
-  };
-  if (!s.channels_last) {
-    at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
-      std::vector<A> dz(D * L);
-      for (int64_t ng = begin; ng < end; ++ng) {
-        const int64_t n = ng / G, g = ng % G;
-        const A mean = MEAN[ng], rstd = RSTD[ng];
-        for (int64_t d = 0; d < D; ++d) {
-          const int64_t c = g * D + d;
-          A a, b;
-          P.fold(n, c, rstd, a, b);
-          double ds = 0, db = 0;
-          backward_row_scalar(dz.data() + d * L, DY + (n * C + c) * L, X + (n * C + c) * L, L, mean, a, b, ds, db);
-          DS[n * C + c] = ds;
-          DB[n * C + c] = db;
-        }
-        A c2, c3;
-        coefficients(n, g, c2, c3);
-        for (int64_t d = 0; d < D; ++d) {
-          const int64_t c = g * D + d;
-          const A k = P.gamma(c) * P.k(n, c) * rstd;
-          dx_row<false>(DX + (n * C + c) * L, dz.data() + d * L, X + (n * C + c) * L, L, &mean, &k, &c2, &c3);
-        }
-      }
-    });
-    return;
-  }
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<A> dz(L * C), m(C), a(C), b(C), ss(C), sb(C), k(C), c2v(C), c3v(C);
-    for (int64_t n = begin; n < end; ++n) {
-      for (int64_t c = 0; c < C; ++c) {
-        P.fold(n, c, RSTD[n * G + c / D], a[c], b[c]);
-        m[c] = MEAN[n * G + c / D];
-        DS[n * C + c] = 0;
-        DB[n * C + c] = 0;
-      }
-      const T* xn = X + n * L * C;
-      const T* dyn = DY + n * L * C;
-      for (int64_t start = 0; start < L; start += kFlushPositions) {
-        const int64_t stop = std::min(L, start + kFlushPositions);
-        std::fill(ss.begin(), ss.end(), A(0));
-        std::fill(sb.begin(), sb.end(), A(0));
-        for (int64_t l = start; l < stop; ++l) {
-          backward_row_channels(dz.data() + l * C, dyn + l * C, xn + l * C, C, m.data(), a.data(), b.data(),
-                                ss.data(), sb.data());
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          DS[n * C + c] += ss[c];
-          DB[n * C + c] += sb[c];
-        }
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        A c2, c3;
-        coefficients(n, g, c2, c3);
-        for (int64_t c = g * D; c < (g + 1) * D; ++c) {
-          k[c] = P.gamma(c) * P.k(n, c) * RSTD[n * G + g];
-          c2v[c] = c2;
-          c3v[c] = c3;
-        }
-      }
-      for (int64_t l = 0; l < L; ++l) {
-        dx_row<true>(DX + (n * L + l) * C, dz.data() + l * C, xn + l * C, C, m.data(), k.data(), c2v.data(),
-                     c3v.data());
-      }
-    }
-  });
+const void* ptr(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr() : nullptr;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_cpu(const at::Tensor& x_in,
@@ -498,11 +67,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_cpu(const at::Ten
     return {y, mean, rstd};
   }
   at::Tensor w = as_stat(weight, st), b = as_stat(bias, st), sc = as_stat(scale, st), sh = as_stat(shift, st);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gn_silu_forward_cpu", [&] {
-    using A = acc_t<scalar_t>;
-    forward_impl<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), mean.data_ptr<A>(), rstd.data_ptr<A>(),
-                           params<A>(w, b, sc, sh, s.C), s, eps);
-  });
+  const ElementType type = element_type(x);
+  if (use_avx512()) {
+    cpu_avx512::forward(type, x.const_data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), ptr(w), ptr(b),
+                        ptr(sc), ptr(sh), s, eps);
+  } else {
+    cpu_avx2::forward(type, x.const_data_ptr(), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), ptr(w), ptr(b),
+                      ptr(sc), ptr(sh), s, eps);
+  }
   return {y, mean, rstd};
 }
 
@@ -531,12 +103,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
   at::Tensor DS = at::zeros({s.N, s.C}, x.options().dtype(at::kDouble));
   at::Tensor DB = at::zeros({s.N, s.C}, x.options().dtype(at::kDouble));
   if (x.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gn_silu_backward_cpu", [&] {
-      using A = acc_t<scalar_t>;
-      backward_impl<scalar_t>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
-                              mean.data_ptr<A>(), rstd.data_ptr<A>(), params<A>(w, b, sc, sh, s.C), s,
-                              DS.data_ptr<double>(), DB.data_ptr<double>());
-    });
+    const ElementType type = element_type(x);
+    if (use_avx512()) {
+      cpu_avx512::backward(type, dy.const_data_ptr(), x.const_data_ptr(), dx.data_ptr(), mean.const_data_ptr(),
+                           rstd.const_data_ptr(), ptr(w), ptr(b), ptr(sc), ptr(sh), s, DS.data_ptr<double>(),
+                           DB.data_ptr<double>());
+    } else {
+      cpu_avx2::backward(type, dy.const_data_ptr(), x.const_data_ptr(), dx.data_ptr(), mean.const_data_ptr(),
+                         rstd.const_data_ptr(), ptr(w), ptr(b), ptr(sc), ptr(sh), s, DS.data_ptr<double>(),
+                         DB.data_ptr<double>());
+    }
   }
   // Parameter gradients from the channel sums, in float64 (N x C work).
   // With xhat = (x - mean) * rstd and h = w * xhat + bias:
@@ -550,16 +126,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
     double* pb = gb.data_ptr<double>();
     double* psc = gsc.data_ptr<double>();
     AT_DISPATCH_FLOATING_TYPES(st, "gn_silu_param_grads", [&] {
-      const auto P = params<scalar_t>(w, b, sc, sh, s.C);
+      const scalar_t* pw_ = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* pb_ = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* psc_ = sc.defined() ? sc.data_ptr<scalar_t>() : nullptr;
       const scalar_t* pr = rstd.data_ptr<scalar_t>();
       for (int64_t n = 0; n < s.N; ++n) {
         for (int64_t c = 0; c < s.C; ++c) {
           const int64_t i = n * s.C + c, g = n * s.G + c / s.D;
           const double dz_xhat = static_cast<double>(pr[g]) * ds[i];
-          const double k = P.k(n, c);
+          const double k = psc_ ? 1.0 + static_cast<double>(psc_[i]) : 1.0;
           pw[c] += k * dz_xhat;
           pb[c] += k * db[i];
-          if (has_scale) psc[i] = static_cast<double>(P.gamma(c)) * dz_xhat + static_cast<double>(P.beta(c)) * db[i];
+          if (has_scale) {
+            const double gamma = pw_ ? static_cast<double>(pw_[c]) : 1.0, beta = pb_ ? static_cast<double>(pb_[c]) : 0.0;
+            psc[i] = gamma * dz_xhat + beta * db[i];
+          }
         }
       }
     });
@@ -577,7 +158,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
   return {dx, dweight, dbias, dscale, dshift};
 }
 
+
+// Which kernel build runs here: "avx512" or "avx2" (tests and benchmarks
+// report it).
+std::string cpu_kernel_isa() {
+  return use_avx512() ? "avx512" : "avx2";
+}
+
 }  // namespace
+
+TORCH_LIBRARY_FRAGMENT(iddpm_fast, m) {
+  m.def("cpu_kernel_isa() -> str", &cpu_kernel_isa);
+}
 
 TORCH_LIBRARY_IMPL(iddpm_fast, CPU, m) {
   m.impl("gn_silu_forward", &gn_silu_forward_cpu);

@@ -1,0 +1,117 @@
+"""
+Fused GroupNorm-SiLU (the C++ extension, csrc/) at the UNet's activation
+shapes, per provider:
+
+- "eager": F.group_norm + F.silu, what a plain PyTorch user writes;
+- "reference": the original's GroupNorm32 (float32 round trip) followed by
+  x * sigmoid(x), i.e. iddpm_fast.reference.group_norm_silu;
+- "torch_compile": torch.compile of the reference;
+- "fused": the C++ op (skipped where the extension cannot run).
+
+Modes: forward, and forward + backward (d x, d weight, d bias). Bytes a
+perfect fused kernel must move (for GB/s): forward reads x and writes y;
+backward reads x and dy and writes dx. `test_copy_bandwidth` measures what
+this machine's memory system does for a plain copy, in the same run.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from iddpm_fast import _ext, ops
+from iddpm_fast import reference as ref
+from iddpm_fast.ops import _cpp
+
+CPU_SHAPES = [(16, 64, 32, 32), (16, 128, 16, 16), (16, 256, 8, 8)]
+GPU_SHAPES = [(128, 128, 32, 32), (128, 256, 16, 16), (128, 512, 8, 8)]
+PROVIDERS = ["eager", "reference", "torch_compile", "fused"]
+FORMATS = {
+    "fp32": (torch.float32, torch.contiguous_format),
+    "fp32_channels_last": (torch.float32, torch.channels_last),
+    "bf16_channels_last": (torch.bfloat16, torch.channels_last),
+}
+
+
+def _device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _eager(x, w, b, groups):
+    return F.silu(F.group_norm(x, groups, w.to(x.dtype), b.to(x.dtype)))
+
+
+def _shapes():
+    return GPU_SHAPES if torch.cuda.is_available() else CPU_SHAPES
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("shape", _shapes(), ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_group_norm_silu(benchmark, compiled, provider, shape, fmt, mode):
+    device = _device()
+    dtype, memory_format = FORMATS[fmt]
+    if provider == "fused":
+        if ops.resolve_name("group_norm_silu", device) != "cpp":
+            pytest.skip(f"the C++ extension does not run on {device.type} here: {_ext.load()}")
+        fn = _cpp.group_norm_silu
+    elif provider == "eager":
+        fn = _eager
+    elif provider == "torch_compile":
+        fn = compiled(ref.group_norm_silu)
+    else:
+        fn = ref.group_norm_silu
+    g = torch.Generator().manual_seed(0)
+    x = (-2.3 + 0.5 * torch.randn(shape, generator=g)).to(device, dtype).contiguous(memory_format=memory_format)
+    w = torch.randn(shape[1], generator=g).to(device)
+    b = torch.randn(shape[1], generator=g).to(device)
+    dy = torch.randn(shape, generator=g).to(device, dtype).contiguous(memory_format=memory_format)
+    backward = mode != "forward"
+    if backward:
+        x.requires_grad_(True)
+        w.requires_grad_(True)
+        b.requires_grad_(True)
+
+    def step():
+        if backward:
+            y = fn(x, w, b, 32)
+            grads = torch.autograd.grad(y, (x, w, b), dy)
+        else:
+            with torch.no_grad():
+                y = fn(x, w, b, 32)
+            grads = None
+        _sync(device)
+        return y, grads
+
+    step()  # warm-up (compilation, extension load)
+    benchmark.group = f"group_norm_silu {mode} {fmt}"
+    size = x.numel() * x.element_size()
+    benchmark.extra_info["min_bytes"] = size * (5 if backward else 2)
+    y, grads = benchmark(step)
+    want = ref.group_norm_silu(x.detach().float(), w.detach(), b.detach(), 32)
+    tol = 1e-4 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(y.detach().float(), want, rtol=tol, atol=tol)
+    if memory_format == torch.channels_last and provider == "fused":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("provider", ["reference"])
+def test_copy_bandwidth(benchmark, provider):
+    """What a plain copy achieves here (read + write), for the GB/s column."""
+    device = _device()
+    src = torch.randn(16 * 1024 * 1024 // 4 * 4, device=device)  # 64 MiB
+    dst = torch.empty_like(src)
+
+    def step():
+        dst.copy_(src)
+        _sync(device)
+
+    benchmark.group = "memory copy 64MiB"
+    benchmark.extra_info["min_bytes"] = 2 * src.numel() * 4
+    benchmark(step)
+    assert torch.equal(dst, src)
