@@ -162,11 +162,11 @@ def _jit_build():
 
 def _assume_constant(fn):
     # torch.compile traces the seam; loading (and maybe compiling) a library
-    # cannot be traced, and its answer never changes within a process.
-    try:
-        return torch._dynamo.assume_constant_result(fn)
-    except AttributeError:  # older torch
-        return fn
+    # cannot be traced, and its answer never changes within a process. This
+    # is what torch._dynamo.assume_constant_result does; importing dynamo
+    # here would import triton before tests can set TRITON_INTERPRET.
+    fn._dynamo_marked_constant = True
+    return fn
 
 
 @_assume_constant
