@@ -593,3 +593,20 @@ print("ok")
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+def test_attention_in_bf16_under_autocast_stays_bf16_and_close():
+    """Half-precision attention on CPUs runs SDPA in float32 (outside
+    autocast, which would cast it back) and returns the input dtype."""
+    from iddpm_fast.unet import QKVAttention
+
+    torch.manual_seed(8)
+    qkv = torch.randn(4, 3 * 16, 33).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = QKVAttention()(qkv)
+    assert out.dtype == torch.bfloat16
+    w = 16
+    q, k, v = torch.split(qkv.double(), w, dim=1)
+    a = torch.softmax(torch.einsum("bct,bcs->bts", q, k) / math.sqrt(w), dim=-1)
+    want = torch.einsum("bts,bcs->bct", a, v)
+    assert (out.double() - want).abs().max() < 2e-2
