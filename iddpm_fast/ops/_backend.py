@@ -119,7 +119,7 @@ def resolve_name(name, device):
             return kind
         if kind in op.impls:
             key = (name, why)
-            if key not in _warned:
+            if key not in _warned and not _compiling():
                 _warned.add(key)
                 warnings.warn(
                     f"iddpm_fast: {name} falls back from {kind} on {device_type}: {why}",
@@ -127,6 +127,15 @@ def resolve_name(name, device):
                     stacklevel=4,
                 )
     return "reference"
+
+
+def _compiling():
+    """True while torch.compile traces (it cannot trace warnings.warn; the
+    eager call that follows, or came before, warns)."""
+    import torch
+
+    check = getattr(torch.compiler, "is_compiling", None)
+    return bool(check()) if check is not None else False
 
 
 def resolve(name, device):
