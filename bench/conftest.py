@@ -63,14 +63,21 @@ def pytest_terminal_summary(terminalreporter, config):
         provider = bench.params.get("provider") if bench.params else None
         if provider is None or not bench.stats:
             continue
-        key = (bench.group, *(f"{k}={v}" for k, v in sorted(bench.params.items()) if k != "provider"))
+        group = bench.group or bench.name
+        # Parameters not already spelled out in the group name (shapes, mostly).
+        extra = [
+            "x".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+            for k, v in sorted(bench.params.items())
+            if k != "provider" and str(v) not in group
+        ]
+        key = (group, *extra)
         cases.setdefault(key, {})[provider] = (bench.stats.median, bench.extra_info.get("min_bytes"))
     if not cases:
         return
     tr = terminalreporter
     tr.write_sep("=", "iddpm_fast: median time, speed-up (same run) and GB/s against the minimal bytes")
     tr.write_line(
-        f"{'case':60s} {'provider':14s} {'median':>12s} {'vs ref':>8s} {'vs compile':>10s} {'vs eager':>8s} {'GB/s':>7s}"
+        f"{'case':66s} {'provider':14s} {'median':>12s} {'vs ref':>8s} {'vs compile':>10s} {'vs eager':>8s} {'GB/s':>7s}"
     )
     for key, by in sorted(cases.items()):
         for provider, (median, nbytes) in sorted(by.items()):
@@ -79,7 +86,7 @@ def pytest_terminal_summary(terminalreporter, config):
                 other = by.get(base)
                 cols.append(f"{other[0] / median:{width}.2f}" if other else f"{'-':>{width}s}")
             gbs = f"{nbytes / median / 1e9:7.1f}" if nbytes else f"{'-':>7s}"
-            tr.write_line(f"{' '.join(key)[:60]:60s} {provider:14s} {median * 1e3:10.3f}ms {' '.join(cols)} {gbs}")
+            tr.write_line(f"{' '.join(key)[:66]:66s} {provider:14s} {median * 1e3:10.3f}ms {' '.join(cols)} {gbs}")
     path = getattr(config, "_iddpm_bench_json", None)
     if path:
         tr.write_line(f"results: {path}")

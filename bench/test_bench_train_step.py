@@ -2,12 +2,13 @@
 Training step of the 32x32 UNet (improved-diffusion's CIFAR-10 shape: T=4000,
 cosine, learned sigmas, hybrid loss), batch 16, on this machine.
 
-Providers: "reference" is the bare step (training_losses + backward + AdamW,
-nothing else); "trainloop" is TrainLoop.run_step in fp32 (adds the sampler,
-EMA, logging of loss quartiles, grad norm); "fast" is TrainLoop in bf16
-autocast + channels_last. The loop's own overhead is measured by
-interleaving the bare step and TrainLoop.run_step in one process and reported
-as extra_info["loop_overhead_pct"] (target: under 3%).
+Providers, all TrainLoop.run_step (sampler, EMA, loss quartiles, grad norm
+included): "reference" is the unfused path (IDDPM_FAST_BACKEND=reference:
+the original's arithmetic, fp32, NCHW); "fused" is fp32 with the fused ops
+(channels-last on CPUs, as train() does by default); "fast" is bf16 autocast
++ channels-last. The loop's own overhead is measured by interleaving the bare
+step (training_losses + backward + AdamW) and TrainLoop.run_step in one
+process and reported as extra_info["loop_overhead_pct"] (target: under 3%).
 """
 
 import statistics
@@ -16,7 +17,7 @@ import time
 import pytest
 import torch
 
-from iddpm_fast import logger
+from iddpm_fast import logger, ops
 from iddpm_fast.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from iddpm_fast.train_util import TrainLoop
 
@@ -58,19 +59,20 @@ def _sync():
 
 
 @pytest.mark.parametrize("channels", [64, 128])
-@pytest.mark.parametrize("provider", ["reference", "trainloop", "fast"])
+@pytest.mark.parametrize("provider", ["reference", "fused", "fast"])
 def test_train_step(benchmark, tmp_path, provider, channels):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if provider == "fast":
         loop = _loop(channels, tmp_path, device, amp="bf16", channels_last=True)
+    elif provider == "fused":
+        loop = _loop(channels, tmp_path, device, channels_last=device.type == "cpu")
     else:
         loop = _loop(channels, tmp_path, device)
     batch, cond = next(loop.data)
+    backend = "reference" if provider == "reference" else "auto"
 
     def step():
-        if provider == "reference":
-            _bare_step(loop, batch)
-        else:
+        with ops.use_backend(backend):
             loop.run_step(batch, cond)
         _sync()
 

@@ -66,7 +66,7 @@ NEW_DEFAULTS = dict(
 )
 
 # The built-in default: scikit-learn's 8x8 digits. Chosen by measurement on a
-# 2-core CPU (see README): 7.3 minutes in all, recognisable samples, 4.37
+# 2-core CPU (see README): 7.1 minutes in all, recognisable samples, 4.37
 # bits/dim held out. A 64-channel, 1-block model in bf16 + channels_last took
 # 8.3 minutes for the same quality and NLL (4.39).
 DIGITS_PRESET = dict(
