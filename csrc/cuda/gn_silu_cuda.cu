@@ -1,9 +1,9 @@
 // CUDA implementation of the fused GroupNorm(-scale-shift)-SiLU ops declared
-// in ops.cpp (the CPU twin, with the math written out, is cpu/gn_silu_cpu.cpp).
+// in ops.cpp (the CPU twin, with the math written out, is cpu/gn_silu_kernel.h).
 //
 // The reduction over a group is split across many blocks, not one block per
 // (sample, group): each block reduces one (sample, channel, slice of
-// positions), kPositionsPerSlice positions long, so a 256x256 image gives
+// positions), at least kPositionsPerSlice positions long, so a 256x256 image gives
 // dozens of blocks per channel. Two block shapes keep the loads coalesced:
 //   contiguous [N, C, L]:  grid (N*C, S), 256 threads along the positions;
 //   channels-last [N, L, C]: grid (N, ceil(C/32), S), 32 threads along the
@@ -25,12 +25,18 @@
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <limits>
+
 #include "../gn_silu.h"
 
 namespace iddpm_fast {
 namespace {
 
+// Positions per slice: at least this many, more when a channel has so many
+// positions that the slices would not fit a grid dimension (65535).
 constexpr int64_t kPositionsPerSlice = 2048;
+constexpr int64_t kMaxSlices = 65535;
 constexpr int kRowThreads = 256;  // contiguous layout: threads per block
 constexpr int kTileC = 32;        // channels-last: channels per block
 constexpr int kTileL = 8;         // channels-last: position lanes per block
@@ -72,7 +78,7 @@ __device__ __forceinline__ Welford<A> push(Welford<A> w, A x) {
   return w;
 }
 
-// The sums the backward reduces: sum(dz * x) and sum(dz).
+// The sums the backward reduces: sum(dz * (x - mean)) and sum(dz).
 template <typename A>
 struct GradSums {
   A ds, db;
@@ -83,7 +89,7 @@ __device__ __forceinline__ GradSums<A> merge(const GradSums<A>& a, const GradSum
   return {a.ds + b.ds, a.db + b.db};
 }
 
-// dz = dy * SiLU'(z), z = a x + b.
+// dz = dy * SiLU'(z), z = (x - mean) a + b.
 template <typename A>
 __device__ __forceinline__ A silu_grad(A dy, A z) {
   const A s = sigmoid_(z);
@@ -94,9 +100,10 @@ __device__ __forceinline__ A silu_grad(A dy, A z) {
 
 // Welford statistics of (n, c, slice) for contiguous x; grid (N*C, S).
 template <typename T, typename A>
-__global__ void stats_partial_rows(const T* __restrict__ x, int64_t L, int64_t S, Welford<A>* __restrict__ out) {
+__global__ void stats_partial_rows(const T* __restrict__ x, int64_t L, int64_t S, int64_t slice,
+                                   Welford<A>* __restrict__ out) {
   const int64_t nc = blockIdx.x, s = blockIdx.y;
-  const int64_t l0 = s * kPositionsPerSlice, l1 = lmin(L, l0 + kPositionsPerSlice);
+  const int64_t l0 = s * slice, l1 = lmin(L, l0 + slice);
   const T* row = x + nc * L;
   Welford<A> w{A(0), A(0), A(0)};
   for (int64_t l = l0 + threadIdx.x; l < l1; l += blockDim.x) w = push(w, static_cast<A>(row[l]));
@@ -112,10 +119,10 @@ __global__ void stats_partial_rows(const T* __restrict__ x, int64_t L, int64_t S
 
 // The same for channels-last x; grid (N, ceil(C/32), S), block (32, 8).
 template <typename T, typename A>
-__global__ void stats_partial_tiles(const T* __restrict__ x, int64_t L, int64_t C, int64_t S,
+__global__ void stats_partial_tiles(const T* __restrict__ x, int64_t L, int64_t C, int64_t S, int64_t slice,
                                     Welford<A>* __restrict__ out) {
   const int64_t n = blockIdx.x, c = blockIdx.y * kTileC + threadIdx.x, s = blockIdx.z;
-  const int64_t l0 = s * kPositionsPerSlice, l1 = lmin(L, l0 + kPositionsPerSlice);
+  const int64_t l0 = s * slice, l1 = lmin(L, l0 + slice);
   Welford<A> w{A(0), A(0), A(0)};
   if (c < C) {
     for (int64_t l = l0 + threadIdx.y; l < l1; l += kTileL) w = push(w, static_cast<A>(x[(n * L + l) * C + c]));
@@ -129,13 +136,13 @@ __global__ void stats_partial_tiles(const T* __restrict__ x, int64_t L, int64_t 
   }
 }
 
-// sum(dz * x), sum(dz) of (n, c, slice), contiguous; grid (N*C, S).
+// sum(dz * (x - mean)), sum(dz) of (n, c, slice), contiguous; grid (N*C, S).
 template <typename T, typename A>
 __global__ void grad_partial_rows(const T* __restrict__ dy, const T* __restrict__ x, const A* __restrict__ mean,
                                   const A* __restrict__ a, const A* __restrict__ b, int64_t L, int64_t D, int64_t S,
-                                  GradSums<A>* __restrict__ out) {
+                                  int64_t slice, GradSums<A>* __restrict__ out) {
   const int64_t nc = blockIdx.x, s = blockIdx.y;
-  const int64_t l0 = s * kPositionsPerSlice, l1 = lmin(L, l0 + kPositionsPerSlice);
+  const int64_t l0 = s * slice, l1 = lmin(L, l0 + slice);
   const A m = mean[nc / D], an = a[nc], bn = b[nc];  // nc / D = n * G + c / D
   GradSums<A> g{A(0), A(0)};
   for (int64_t l = l0 + threadIdx.x; l < l1; l += blockDim.x) {
@@ -158,9 +165,9 @@ __global__ void grad_partial_rows(const T* __restrict__ dy, const T* __restrict_
 template <typename T, typename A>
 __global__ void grad_partial_tiles(const T* __restrict__ dy, const T* __restrict__ x, const A* __restrict__ mean,
                                    const A* __restrict__ a, const A* __restrict__ b, int64_t L, int64_t C, int64_t D,
-                                   int64_t S, GradSums<A>* __restrict__ out) {
+                                   int64_t S, int64_t slice, GradSums<A>* __restrict__ out) {
   const int64_t n = blockIdx.x, c = blockIdx.y * kTileC + threadIdx.x, s = blockIdx.z;
-  const int64_t l0 = s * kPositionsPerSlice, l1 = lmin(L, l0 + kPositionsPerSlice);
+  const int64_t l0 = s * slice, l1 = lmin(L, l0 + slice);
   GradSums<A> g{A(0), A(0)};
   if (c < C) {
     const A m = mean[(n * C + c) / D], an = a[n * C + c], bn = b[n * C + c];
@@ -221,8 +228,8 @@ template <typename A>
 __global__ void grad_finalize_channels(const GradSums<A>* __restrict__ partial, const A* __restrict__ mean,
                                        const A* __restrict__ rstd, const A* __restrict__ w, const A* __restrict__ bias,
                                        int64_t N, int64_t C, int64_t D, int64_t S, bool has_scale,
-                                       double* __restrict__ ds, double* __restrict__ db, A* __restrict__ dscale,
-                                       A* __restrict__ dshift) {
+                                       double* __restrict__ ds, double* __restrict__ db, double* __restrict__ dscale,
+                                       double* __restrict__ dshift) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i >= N * C) return;
   double s1 = 0, s2 = 0;
@@ -236,8 +243,8 @@ __global__ void grad_finalize_channels(const GradSums<A>* __restrict__ partial, 
     const int64_t n = i / C, c = i % C, ng = n * (C / D) + c / D;
     const double gamma = w ? static_cast<double>(w[c]) : 1.0, beta = bias ? static_cast<double>(bias[c]) : 0.0;
     const double dz_xhat = static_cast<double>(rstd[ng]) * s1;
-    dscale[i] = static_cast<A>(gamma * dz_xhat + beta * s2);
-    dshift[i] = static_cast<A>(s2);
+    dscale[i] = gamma * dz_xhat + beta * s2;
+    dshift[i] = s2;
   }
 }
 
@@ -263,7 +270,8 @@ __global__ void grad_group_coefficients(const double* __restrict__ ds, const dou
   c3[ng] = static_cast<A>(-sb * r / M);
 }
 
-// Per c: d weight = sum_n (1 + scale) rstd (DS - mean DB), d bias = sum_n (1 + scale) DB.
+// Per c: d weight = sum_n (1 + scale) rstd DS, d bias = sum_n (1 + scale) DB
+// (DS is already centred: sum(dz * (x - mean))).
 template <typename A>
 __global__ void grad_params(const double* __restrict__ ds, const double* __restrict__ db, const A* __restrict__ mean,
                             const A* __restrict__ rstd, const A* __restrict__ scale, int64_t N, int64_t C, int64_t D,
@@ -314,8 +322,21 @@ __global__ void apply_backward(const T* __restrict__ dy, const T* __restrict__ x
 
 // ---------------------------------------------------------------- launchers
 
+// Blocks for one thread per item (the small kernels have no grid-stride
+// loop, so every item needs its thread; gridDim.x goes to 2^31 - 1).
 inline int blocks_for(int64_t n, int threads) {
-  return static_cast<int>(std::min<int64_t>((n + threads - 1) / threads, 65535));
+  const int64_t blocks = (n + threads - 1) / threads;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "iddpm_fast gn_silu (CUDA): ", n,
+              " items exceed one grid");
+  return static_cast<int>(std::max<int64_t>(blocks, 1));
+}
+
+// Slice length and count along the positions: S <= 65535 (a grid dimension).
+inline void slices(const GnShape& s, int64_t& slice, int64_t& S) {
+  slice = std::max(kPositionsPerSlice, (s.L + kMaxSlices - 1) / kMaxSlices);
+  S = (s.L + slice - 1) / slice;
+  TORCH_CHECK(s.N * s.C <= std::numeric_limits<int32_t>::max() && s.N <= std::numeric_limits<int32_t>::max(),
+              "iddpm_fast gn_silu (CUDA): N * C = ", s.N * s.C, " exceeds one grid dimension");
 }
 
 inline int elementwise_blocks(int64_t numel) {
@@ -349,7 +370,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_cuda(const at::Te
   at::Tensor rstd = at::zeros({s.N, s.G}, x.options().dtype(st));
   if (x.numel() == 0) return {y, mean, rstd};
   at::Tensor w = as_stat(weight, st), b = as_stat(bias, st), sc = as_stat(scale, st), sh = as_stat(shift, st);
-  const int64_t S = (s.L + kPositionsPerSlice - 1) / kPositionsPerSlice;
+  int64_t slice, S;
+  slices(s, slice, S);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gn_silu_forward_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
@@ -357,10 +379,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_cuda(const at::Te
     auto* pw = reinterpret_cast<Welford<A>*>(partial.data_ptr<A>());
     if (s.channels_last) {
       dim3 grid(s.N, (s.C + kTileC - 1) / kTileC, S), block(kTileC, kTileL);
-      stats_partial_tiles<scalar_t, A><<<grid, block, 0, stream>>>(x.data_ptr<scalar_t>(), s.L, s.C, S, pw);
+      stats_partial_tiles<scalar_t, A><<<grid, block, 0, stream>>>(x.data_ptr<scalar_t>(), s.L, s.C, S, slice, pw);
     } else {
       dim3 grid(s.N * s.C, S);
-      stats_partial_rows<scalar_t, A><<<grid, kRowThreads, 0, stream>>>(x.data_ptr<scalar_t>(), s.L, S, pw);
+      stats_partial_rows<scalar_t, A><<<grid, kRowThreads, 0, stream>>>(x.data_ptr<scalar_t>(), s.L, S, slice, pw);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     stats_finalize<A><<<blocks_for(s.N * s.G, 256), 256, 0, stream>>>(pw, s.N, s.G, s.D, S, eps, mean.data_ptr<A>(),
@@ -411,10 +433,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
   at::Tensor dx = at::empty_like(x);
   at::Tensor gw = at::zeros({s.C}, x.options().dtype(at::kDouble));
   at::Tensor gb = at::zeros({s.C}, x.options().dtype(at::kDouble));
-  at::Tensor gsc = at::zeros({has_scale ? s.N : 0, s.C}, x.options().dtype(st));
-  at::Tensor gsh = at::zeros({has_scale ? s.N : 0, s.C}, x.options().dtype(st));
+  at::Tensor gsc = at::zeros({has_scale ? s.N : 0, s.C}, x.options().dtype(at::kDouble));
+  at::Tensor gsh = at::zeros({has_scale ? s.N : 0, s.C}, x.options().dtype(at::kDouble));
   if (x.numel() > 0) {
-    const int64_t S = (s.L + kPositionsPerSlice - 1) / kPositionsPerSlice;
+    int64_t slice, S;
+    slices(s, slice, S);
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gn_silu_backward_cuda", [&] {
       using A = at::opmath_type<scalar_t>;
@@ -431,11 +454,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
       if (s.channels_last) {
         dim3 grid(s.N, (s.C + kTileC - 1) / kTileC, S), block(kTileC, kTileL);
         grad_partial_tiles<scalar_t, A><<<grid, block, 0, stream>>>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                                                                    pm, pa, pb, s.L, s.C, s.D, S, pg);
+                                                                    pm, pa, pb, s.L, s.C, s.D, S, slice, pg);
       } else {
         dim3 grid(s.N * s.C, S);
         grad_partial_rows<scalar_t, A><<<grid, kRowThreads, 0, stream>>>(
-            dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), pm, pa, pb, s.L, s.D, S, pg);
+            dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), pm, pa, pb, s.L, s.D, S, slice, pg);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       at::Tensor sums = at::empty({2, s.N, s.C}, x.options().dtype(at::kDouble));
@@ -443,7 +466,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
       double* db = sums[1].data_ptr<double>();
       grad_finalize_channels<A><<<blocks_for(s.N * s.C, 256), 256, 0, stream>>>(
           pg, pm, pr, ptr_or_null<A>(w), ptr_or_null<A>(b), s.N, s.C, s.D, S, has_scale, ds, db,
-          has_scale ? gsc.data_ptr<A>() : nullptr, has_scale ? gsh.data_ptr<A>() : nullptr);
+          has_scale ? gsc.data_ptr<double>() : nullptr, has_scale ? gsh.data_ptr<double>() : nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       at::Tensor groups = at::empty({2, s.N, s.G}, x.options().dtype(st));
       A* c2 = groups[0].data_ptr<A>();
