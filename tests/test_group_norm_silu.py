@@ -285,3 +285,16 @@ print("ok")
     env = dict(os.environ, IDDPM_FAST_CPU_CAPABILITY="avx2", PYTHONPATH=os.getcwd())
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+@needs_ext
+def test_avx512_object_shares_no_weak_functions():
+    """The AVX-512 translation unit must not define weak (shared inline)
+    functions: the linker could pick its AVX-512 copy for code that also runs
+    on CPUs without AVX-512."""
+    obj = os.path.join(_ext._cache_dir(_ext._want_cuda()), "gn_silu_avx512.o")
+    if _ext.how_loaded() != "jit" or not os.path.exists(obj) or not shutil.which("nm"):
+        pytest.skip("no just-in-time build object (or nm) to inspect")
+    out = subprocess.run(["nm", "--defined-only", "-C", obj], capture_output=True, text=True, check=True).stdout
+    weak = [line for line in out.splitlines() if line.split()[1:2] and line.split()[1] in ("W", "w")]
+    assert not weak, weak[:10]
