@@ -32,9 +32,11 @@ SHAPES = {
     "channels not a multiple of the vector width": ((3, 12, 5, 5), 4),
 }
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# The CUDA kernels are tested wherever a GPU and a CUDA build exist.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and REASON is None and _ext.has_cuda_kernels() else [])
 
 
-def _inputs(shape, dtype, scale_shift, layout, seed=0):
+def _inputs(shape, dtype, scale_shift, layout, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     n, c = shape[:2]
     # Non-zero mean: breaks one-pass variance formulas.
@@ -44,6 +46,9 @@ def _inputs(shape, dtype, scale_shift, layout, seed=0):
     sc = 0.5 * torch.randn(n, c, generator=g, dtype=torch.float64) if scale_shift else None
     sh = 0.5 * torch.randn(n, c, generator=g, dtype=torch.float64) if scale_shift else None
     gy = torch.randn(shape, generator=g, dtype=torch.float64)
+    x, w, b, gy = x.to(device), w.to(device), b.to(device), gy.to(device)
+    sc = sc.to(device) if sc is not None else None
+    sh = sh.to(device) if sh is not None else None
     x = x.to(dtype)
     if layout == "channels_last":
         x = x.movedim(1, -1).contiguous().movedim(-1, 1)
@@ -55,7 +60,7 @@ def _inputs(shape, dtype, scale_shift, layout, seed=0):
 def _run(fn, x, w, b, sc, sh, gy, groups, param_dtype):
     """Output and gradients (x, w, b[, scale, shift]) of fn at these inputs."""
     # A leaf with x's exact strides (clone() would compact a strided view).
-    leaf = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype).copy_(x.detach())
+    leaf = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(x.detach())
     leaves = [leaf.requires_grad_()]
     leaves += [p.detach().to(param_dtype).clone().requires_grad_() for p in (w, b)]
     if sc is not None:
@@ -84,9 +89,10 @@ def _max_err(a, b):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("scale_shift", [False, True], ids=["plain", "scale_shift"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
-def test_forward_and_gradients_match_reference(name, dtype, scale_shift, layout):
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_and_gradients_match_reference(name, dtype, scale_shift, layout, device):
     shape, groups = SHAPES[name]
-    x, w, b, sc, sh, gy = _inputs(shape, dtype, scale_shift, layout)
+    x, w, b, sc, sh, gy = _inputs(shape, dtype, scale_shift, layout, device=device)
     truth = _run(_reference(scale_shift), x.double(), w, b, sc, sh, gy, groups, torch.float64)
     torch_err = _run(_reference(scale_shift), x, w, b, sc, sh, gy, groups, torch.float32)
     fused = _run(_fused(scale_shift), x, w, b, sc, sh, gy, groups, torch.float32)
@@ -110,8 +116,9 @@ def test_forward_and_gradients_match_reference(name, dtype, scale_shift, layout)
 @pytest.mark.parametrize("scale_shift", [False, True], ids=["plain", "scale_shift"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape,groups", [((2, 4, 3, 2), 2), ((1, 6, 5), 3)], ids=["4-D", "1-D attention input"])
-def test_gradcheck_float64(scale_shift, layout, shape, groups):
-    x, w, b, sc, sh, _ = _inputs(shape, torch.float64, scale_shift, layout)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64(scale_shift, layout, shape, groups, device):
+    x, w, b, sc, sh, _ = _inputs(shape, torch.float64, scale_shift, layout, device=device)
     args = [x.requires_grad_(), w.requires_grad_(), b.requires_grad_()]
     if scale_shift:
         args += [sc.requires_grad_(), sh.requires_grad_()]
