@@ -108,6 +108,22 @@ def _bench(args):
     return 0
 
 
+def _fid(args):
+    from .fid import fid, save_statistics
+
+    if args.get("save_stats"):
+        path = save_statistics(args["ref"], args["save_stats"], args.get("inception_weights"),
+                               int(args["batch_size"]), args.get("device", ""))
+        print(f"statistics of {args['ref']} written to {path}")
+        return 0
+    if not args.get("samples"):
+        raise SystemExit("fid: give REF.npz and SAMPLES.npz (or --save_stats OUT.npz with REF.npz)")
+    value = fid(args["ref"], args["samples"], args.get("inception_weights"), int(args["batch_size"]),
+                args.get("device", ""), progress=True)
+    print(f"FID: {value:.4f}")
+    return 0
+
+
 def build_parser():
     from .training import train_defaults
 
@@ -134,7 +150,17 @@ def build_parser():
     p_bench.add_argument("--report", action="store_true", help="only render existing results")
     p_bench.add_argument("--results", default="bench/results", help="folder of pytest-benchmark JSON files")
     p_bench.set_defaults(_run=_bench)
-    for p in (p_sample, p_nll, p_bench):
+    p_fid = sub.add_parser("fid", help="Frechet Inception Distance between two .npz (images or statistics)")
+    p_fid.add_argument("ref", help="reference .npz: images (arr_0 uint8 NHWC) or statistics (mu, sigma)")
+    p_fid.add_argument("samples", nargs="?", help="samples .npz (e.g. what `sample` wrote)")
+    p_fid.add_argument("--inception_weights", default=None,
+                       help="path of pt_inception-2015-12-05-6726825d.pth (nothing is downloaded; default: "
+                            "$IDDPM_FAST_INCEPTION_WEIGHTS or ~/.cache/iddpm_fast/)")
+    p_fid.add_argument("--batch_size", type=int, default=50)
+    p_fid.add_argument("--device", default="")
+    p_fid.add_argument("--save_stats", default=None, help="write REF's feature statistics to this .npz and stop")
+    p_fid.set_defaults(_run=_fid)
+    for p in (p_sample, p_nll, p_bench, p_fid):
         p.add_argument("--malloc_tuning", type=str2bool, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
