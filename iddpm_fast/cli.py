@@ -9,6 +9,8 @@ Commands:
   sample  image_sample.py's flags; the model config comes from the run that
           wrote --model_path when it was trained by iddpm_fast.
   nll     image_nll.py's flags: bits/dim with per-timestep terms and a plot.
+  fid     Frechet Inception Distance between two .npz files (images or
+          statistics); the Inception weights file is given by path.
   bench   run `pytest bench/ --benchmark` (from a source checkout), or with
           --report render bench/results/*.json as REPORT.md + speedups.png.
 """
