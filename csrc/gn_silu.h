@@ -90,6 +90,16 @@ inline void check_stats(const char* op, const at::Tensor& mean, const at::Tensor
   }
 }
 
+// The backward's own inputs: grad_y like x, and the saved statistics.
+inline void check_backward_inputs(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
+                                  const at::Tensor& mean, const at::Tensor& rstd, const GnShape& s) {
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), op, ": grad_y has shape ", grad_y.sizes(), " but x has ", x.sizes());
+  TORCH_CHECK(grad_y.device() == x.device() && grad_y.scalar_type() == x.scalar_type(), op,
+              ": grad_y must match x's device and dtype (", x.device(), ", ", x.scalar_type(), "), got ",
+              grad_y.device(), ", ", grad_y.scalar_type());
+  check_stats(op, mean, rstd, x, s);
+}
+
 // The statistics dtype: float64 for float64 inputs, float32 otherwise.
 inline at::ScalarType stat_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

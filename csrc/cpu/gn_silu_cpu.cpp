@@ -86,12 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
   const char* op = "iddpm_fast::gn_silu_backward";
   GnShape s = check_inputs(op, x_in, weight, bias, scale, shift, num_groups);
   TORCH_CHECK(x_in.device().is_cpu(), op, " (CPU kernel): x must be on the CPU, got ", x_in.device());
-  TORCH_CHECK(grad_y.sizes() == x_in.sizes(), op, ": grad_y has shape ", grad_y.sizes(), " but x has ",
-              x_in.sizes());
-  TORCH_CHECK(grad_y.device() == x_in.device() && grad_y.scalar_type() == x_in.scalar_type(), op,
-              ": grad_y must match x's device and dtype (", x_in.device(), ", ", x_in.scalar_type(), "), got ",
-              grad_y.device(), ", ", grad_y.scalar_type());
-  check_stats(op, mean_in, rstd_in, x_in, s);
+  check_backward_inputs(op, grad_y, x_in, mean_in, rstd_in, s);
   at::Tensor x = dense(x_in);
   s.channels_last = stored_channels_last(x);
   at::Tensor dy = dense_like(grad_y, x);

@@ -96,6 +96,33 @@ __device__ __forceinline__ A silu_grad(A dy, A z) {
   return dy * s * (A(1) + z * (A(1) - s));
 }
 
+// Tree reduction of one value per thread over a 1-D block of kRowThreads
+// threads; every thread gets the total.
+template <typename V>
+__device__ __forceinline__ V reduce_rows(V v) {
+  __shared__ V shared[kRowThreads];
+  shared[threadIdx.x] = v;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) shared[threadIdx.x] = merge(shared[threadIdx.x], shared[threadIdx.x + stride]);
+    __syncthreads();
+  }
+  return shared[0];
+}
+
+// Reduction over threadIdx.y of a (kTileC, kTileL) block; the totals are in
+// the threads of row y == 0 (one per channel).
+template <typename V>
+__device__ __forceinline__ V reduce_tile(V v) {
+  __shared__ V shared[kTileL][kTileC];
+  shared[threadIdx.y][threadIdx.x] = v;
+  __syncthreads();
+  if (threadIdx.y == 0) {
+    for (int k = 1; k < kTileL; ++k) v = merge(v, shared[k][threadIdx.x]);
+  }
+  return v;
+}
+
 // ---------------------------------------------------------------- partials
 
 // Welford statistics of (n, c, slice) for contiguous x; grid (N*C, S).
@@ -107,14 +134,8 @@ __global__ void stats_partial_rows(const T* __restrict__ x, int64_t L, int64_t S
   const T* row = x + nc * L;
   Welford<A> w{A(0), A(0), A(0)};
   for (int64_t l = l0 + threadIdx.x; l < l1; l += blockDim.x) w = push(w, static_cast<A>(row[l]));
-  __shared__ Welford<A> shared[kRowThreads];
-  shared[threadIdx.x] = w;
-  __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) shared[threadIdx.x] = merge(shared[threadIdx.x], shared[threadIdx.x + stride]);
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) out[nc * S + s] = shared[0];
+  const Welford<A> total = reduce_rows(w);
+  if (threadIdx.x == 0) out[nc * S + s] = total;
 }
 
 // The same for channels-last x; grid (N, ceil(C/32), S), block (32, 8).
@@ -127,13 +148,8 @@ __global__ void stats_partial_tiles(const T* __restrict__ x, int64_t L, int64_t 
   if (c < C) {
     for (int64_t l = l0 + threadIdx.y; l < l1; l += kTileL) w = push(w, static_cast<A>(x[(n * L + l) * C + c]));
   }
-  __shared__ Welford<A> shared[kTileL][kTileC];
-  shared[threadIdx.y][threadIdx.x] = w;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
-    for (int k = 1; k < kTileL; ++k) w = merge(w, shared[k][threadIdx.x]);
-    out[(n * C + c) * S + s] = w;
-  }
+  w = reduce_tile(w);
+  if (threadIdx.y == 0 && c < C) out[(n * C + c) * S + s] = w;
 }
 
 // sum(dz * (x - mean)), sum(dz) of (n, c, slice), contiguous; grid (N*C, S).
@@ -151,14 +167,8 @@ __global__ void grad_partial_rows(const T* __restrict__ dy, const T* __restrict_
     g.ds += d * xc;
     g.db += d;
   }
-  __shared__ GradSums<A> shared[kRowThreads];
-  shared[threadIdx.x] = g;
-  __syncthreads();
-  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-    if (threadIdx.x < stride) shared[threadIdx.x] = merge(shared[threadIdx.x], shared[threadIdx.x + stride]);
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) out[nc * S + s] = shared[0];
+  const GradSums<A> total = reduce_rows(g);
+  if (threadIdx.x == 0) out[nc * S + s] = total;
 }
 
 // The same for channels-last; grid (N, ceil(C/32), S), block (32, 8).
@@ -179,13 +189,8 @@ __global__ void grad_partial_tiles(const T* __restrict__ dy, const T* __restrict
       g.db += d;
     }
   }
-  __shared__ GradSums<A> shared[kTileL][kTileC];
-  shared[threadIdx.y][threadIdx.x] = g;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
-    for (int k = 1; k < kTileL; ++k) g = merge(g, shared[k][threadIdx.x]);
-    out[(n * C + c) * S + s] = g;
-  }
+  g = reduce_tile(g);
+  if (threadIdx.y == 0 && c < C) out[(n * C + c) * S + s] = g;
 }
 
 // ------------------------------------------------------------ small kernels
@@ -416,12 +421,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
   const char* op = "iddpm_fast::gn_silu_backward";
   GnShape s = check_inputs(op, x_in, weight, bias, scale, shift, num_groups);
   TORCH_CHECK(x_in.is_cuda(), op, " (CUDA kernel): x must be on a CUDA device, got ", x_in.device());
-  TORCH_CHECK(grad_y.sizes() == x_in.sizes(), op, ": grad_y has shape ", grad_y.sizes(), " but x has ",
-              x_in.sizes());
-  TORCH_CHECK(grad_y.device() == x_in.device() && grad_y.scalar_type() == x_in.scalar_type(), op,
-              ": grad_y must match x's device and dtype (", x_in.device(), ", ", x_in.scalar_type(), "), got ",
-              grad_y.device(), ", ", grad_y.scalar_type());
-  check_stats(op, mean_in, rstd_in, x_in, s);
+  check_backward_inputs(op, grad_y, x_in, mean_in, rstd_in, s);
   c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor x = dense(x_in);
   s.channels_last = stored_channels_last(x);
