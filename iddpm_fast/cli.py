@@ -9,6 +9,7 @@ Commands:
   sample  image_sample.py's flags; the model config comes from the run that
           wrote --model_path when it was trained by iddpm_fast.
   nll     image_nll.py's flags: bits/dim with per-timestep terms and a plot.
+  info    what runs here: versions, the C++ extension, each op's backend.
   fid     Frechet Inception Distance between two .npz files (images or
           statistics); the Inception weights file is given by path.
   bench   run `pytest bench/ --benchmark` (from a source checkout), or with
@@ -126,6 +127,38 @@ def _fid(args):
     return 0
 
 
+def _info(args):
+    """What runs here: versions, devices, the C++ extension, each op's backend."""
+    import platform
+
+    import torch
+
+    from . import __version__, _ext, ops
+
+    print(f"iddpm_fast {__version__}, torch {torch.__version__}, python {platform.python_version()}, "
+          f"{platform.machine()}")
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    if torch.cuda.is_available():
+        print(f"cuda: {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})")
+    reason = _ext.load()
+    if reason is None:
+        isa = torch.ops.iddpm_fast.cpu_kernel_isa()
+        cuda = "with CUDA kernels" if _ext.has_cuda_kernels() else "CPU kernels only"
+        print(f"C++ extension: {_ext.how_loaded()} ({cuda}; CPU kernels: {isa})")
+    else:
+        print(f"C++ extension: not available: {reason}")
+    requested = ops.requested_backend()
+    print(f"backend requested: {requested} (IDDPM_FAST_BACKEND)")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in ops.declared_ops():
+            kinds = ", ".join(f"{d.type}: {ops.resolve_name(name, d)}" for d in devices)
+            print(f"  {name:38s} {kinds}")
+    return 0
+
+
 def build_parser():
     from .training import train_defaults
 
@@ -162,7 +195,9 @@ def build_parser():
     p_fid.add_argument("--device", default="")
     p_fid.add_argument("--save_stats", default=None, help="write REF's feature statistics to this .npz and stop")
     p_fid.set_defaults(_run=_fid)
-    for p in (p_sample, p_nll, p_bench, p_fid):
+    p_info = sub.add_parser("info", help="versions, devices, the C++ extension and each op's backend here")
+    p_info.set_defaults(_run=_info)
+    for p in (p_sample, p_nll, p_bench, p_fid, p_info):
         p.add_argument("--malloc_tuning", type=str2bool, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 

@@ -305,3 +305,13 @@ def test_avx512_object_shares_no_weak_functions():
     out = subprocess.run(["nm", "--defined-only", "-C", obj], capture_output=True, text=True, check=True).stdout
     weak = [line for line in out.splitlines() if line.split()[1:2] and line.split()[1] in ("W", "w")]
     assert not weak, weak[:10]
+
+
+def test_info_command_reports_the_extension_and_backends(capsys):
+    from iddpm_fast import cli
+
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "C++ extension:" in out
+    line = next(line for line in out.splitlines() if line.strip().startswith("group_norm_silu "))
+    assert ("cpu: cpp" in line) == (REASON is None), line
