@@ -124,7 +124,10 @@ def _jit_build():
         return "ninja is not installed (pip install ninja), so it cannot be compiled on first use"
     with_cuda = _want_cuda()
     build_dir = _cache_dir(with_cuda)
-    os.makedirs(build_dir, exist_ok=True)
+    try:
+        os.makedirs(build_dir, exist_ok=True)
+    except OSError as e:
+        return f"its build directory {build_dir} cannot be created ({e}); set ${_ENV_DIR} to a writable folder"
     built = os.path.join(build_dir, "iddpm_fast_C.so")
     inputs = sources(with_cuda) + headers()
     stale = not os.path.exists(built) or os.path.getmtime(built) < max(

@@ -315,3 +315,29 @@ def test_info_command_reports_the_extension_and_backends(capsys):
     assert "C++ extension:" in out
     line = next(line for line in out.splitlines() if line.strip().startswith("group_norm_silu "))
     assert ("cpu: cpp" in line) == (REASON is None), line
+
+
+def test_unwritable_build_directory_is_a_reason_not_a_crash(tmp_path):
+    """Where the first-use build cannot write its cache, the package says why
+    and runs the reference (simulated in a subprocess: no prebuilt library,
+    an impossible cache path)."""
+    code = r"""
+import warnings, torch
+from iddpm_fast import _ext, ops
+_ext._try_prebuilt = lambda: "no prebuilt iddpm_fast._C"
+reason = _ext.load()
+assert reason is not None and "cannot be created" in reason, reason
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    y = ops.group_norm_silu(torch.randn(2, 4, 3, 3), None, None, 2)
+assert any("cannot be created" in str(c.message) for c in caught)
+print("ok")
+"""
+    if not shutil.which("ninja") or _ext._cpu_reason() is not None:
+        pytest.skip("the build would stop earlier here (no ninja, or a CPU without AVX2)")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    env = dict(os.environ, IDDPM_FAST_EXT_DIR=str(blocker / "sub"), PYTHONPATH=os.getcwd())
+    env.pop("IDDPM_FAST_NO_EXT", None)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
