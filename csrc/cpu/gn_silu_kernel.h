@@ -3,17 +3,17 @@
 // instruction sets (at::vec::Vectorized<float> is 8 or 16 lanes wide); the
 // ops in gn_silu_cpu.cpp pick one at run time from what the CPU supports.
 //
-//
-// Forward: per (sample, group) two passes over the group's data for the
-// statistics (the mean, then the squared deviations around it: stable for
-// inputs far from zero mean) and one pass writing
+// Forward: per (sample, group) the statistics (contiguous layout: one pass
+// of sums shifted by the group's first value, stable for inputs far from
+// zero mean; channels-last: two passes, the mean, then the squared
+// deviations around it) and one pass writing
 //   y = SiLU((x - mean) * a + b),   a = rstd * w * (1 + scale),
 //                                   b = bias * (1 + scale) + shift,
 // with a and b folded per (sample, channel), so the scale-shift variant costs
 // the same as the plain one (x is centred first: folding the mean into b
-// would cost precision when |mean| * rstd is large). A group's data is a few KiB to a few MiB, so the
-// second and third passes mostly hit the cache: memory traffic is one read of
-// x and one write of y.
+// would cost precision when |mean| * rstd is large). A group's data is a few
+// KiB to a few MiB, so the passes after the first mostly hit the cache:
+// memory traffic is one read of x and one write of y.
 //
 // Backward: one pass computes dz = dy * SiLU'(z) into a per-thread buffer and
 // the per-(sample, channel) sums of dz * (x - mean) and dz; the GroupNorm
@@ -111,50 +111,54 @@ inline A sigmoid(A z) {
   return A(1) / (A(1) + std::exp(-z));
 }
 
-// sum over x[0:n] of (x - center), or of (x - center)^2 when Sq.
-template <bool Sq, typename T>
-double block_moment(const T* x, int64_t n, double center) {
+// One pass: sum of (x - k) and of (x - k)^2 over x[0:n], k a value from the
+// data (its first element), so that both sums stay small for inputs far from
+// zero mean; mean = k + s1 / n, var = (s2 - s1^2 / n) / n.
+template <typename T>
+void block_shifted_moments(const T* x, int64_t n, double& s1_out, double& s2_out, double& shift) {
   using A = acc_t<T>;
-  const A c = static_cast<A>(center);
-  double total = 0;
+  const A k = static_cast<A>(x[0]);
+  shift = static_cast<double>(k);
+  double s1 = 0, s2 = 0;
   for (int64_t start = 0; start < n; start += kFlush) {
     const int64_t m = std::min(kFlush, n - start);
     const T* p = x + start;
     int64_t j = 0;
-    double part = 0;
+    double p1 = 0, p2 = 0;
     if constexpr (kVectorised<T>) {
-      // Four independent accumulators: one would serialise on the add latency.
-      Vec acc0(0.f), acc1(0.f), acc2(0.f), acc3(0.f);
-      const Vec cv(c);
-      auto add = [&](Vec& acc, int64_t at) {
-        Vec d = vload(p + at) - cv;
-        if constexpr (Sq) {
-          acc = at::vec::fmadd(d, d, acc);
-        } else {
-          acc = acc + d;
-        }
-      };
-      for (; j + 4 * kV <= m; j += 4 * kV) {
-        add(acc0, j);
-        add(acc1, j + kV);
-        add(acc2, j + 2 * kV);
-        add(acc3, j + 3 * kV);
+      Vec a0(0.f), a1(0.f), q0(0.f), q1(0.f);
+      const Vec kv(k);
+      for (; j + 2 * kV <= m; j += 2 * kV) {
+        Vec d0 = vload(p + j) - kv, d1 = vload(p + j + kV) - kv;
+        a0 = a0 + d0;
+        a1 = a1 + d1;
+        q0 = at::vec::fmadd(d0, d0, q0);
+        q1 = at::vec::fmadd(d1, d1, q1);
       }
       for (; j + kV <= m; j += kV) {
-        add(acc0, j);
+        Vec d0 = vload(p + j) - kv;
+        a0 = a0 + d0;
+        q0 = at::vec::fmadd(d0, d0, q0);
       }
-      float lanes[kV];
-      ((acc0 + acc1) + (acc2 + acc3)).store(lanes);
-      for (int64_t k = 0; k < kV; ++k) part += lanes[k];
+      float la[kV], lq[kV];
+      (a0 + a1).store(la);
+      (q0 + q1).store(lq);
+      for (int64_t i = 0; i < kV; ++i) {
+        p1 += la[i];
+        p2 += lq[i];
+      }
     }
-    A tail = 0;
+    A t1 = 0, t2 = 0;
     for (; j < m; ++j) {
-      A d = static_cast<A>(p[j]) - c;
-      tail += Sq ? d * d : d;
+      A d = static_cast<A>(p[j]) - k;
+      t1 += d;
+      t2 += d * d;
     }
-    total += part + tail;
+    s1 += p1 + t1;
+    s2 += p2 + t2;
   }
-  return total;
+  s1_out = s1;
+  s2_out = s2;
 }
 
 // out[c] += sum over positions l in [0, m) of (x[l, c] - center[c]) (or its
@@ -347,8 +351,10 @@ void forward_impl(const T* X, T* Y, acc_t<T>* MEAN, acc_t<T>* RSTD, const Params
       for (int64_t ng = begin; ng < end; ++ng) {
         const int64_t n = ng / G, g = ng % G;
         const T* xg = X + ng * D * L;
-        const double mean = block_moment<false>(xg, D * L, 0.0) / M;
-        const double var = block_moment<true>(xg, D * L, mean) / M;
+        double s1, s2, k;
+        block_shifted_moments(xg, D * L, s1, s2, k);
+        const double mean = k + s1 / M;
+        const double var = std::max(0.0, (s2 - s1 * s1 / M) / M);
         const A rstd = static_cast<A>(1.0 / std::sqrt(var + eps));
         MEAN[ng] = static_cast<A>(mean);
         RSTD[ng] = rstd;
