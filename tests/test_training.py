@@ -273,3 +273,23 @@ def test_resume_from_an_improved_diffusion_checkpoint(tmp_path):
     torch.testing.assert_close(loop.ema_params[0][0], ema[next(iter(dict(fresh.named_parameters())))])
     loop.run_loop()
     assert os.path.exists(tmp_path / "model000008.pt")
+
+
+def test_adamw_is_fused_where_possible_and_matches_the_plain_update():
+    from iddpm_fast.train_util import _adamw
+
+    torch.manual_seed(0)
+    a = [torch.randn(5, 3, requires_grad=True), torch.randn(7, requires_grad=True)]
+    b = [p.detach().clone().requires_grad_() for p in a]
+    fused = _adamw(a, lr=1e-2, weight_decay=0.1)
+    plain = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.1)
+    assert fused.defaults.get("fused") is True
+    for _ in range(3):
+        for pa, pb in zip(a, b):
+            g = torch.randn_like(pa)
+            pa.grad, pb.grad = g.clone(), g.clone()
+        fused.step()
+        plain.step()
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    assert set(fused.state_dict()["state"][0]) == set(plain.state_dict()["state"][0])
