@@ -20,7 +20,7 @@ import torch
 
 from . import dist_util, logger
 from .image_utils import save_grid, to_uint8
-from .script_util import str2bool, create_model_and_diffusion, model_and_diffusion_defaults
+from .script_util import channels_last_option, create_model_and_diffusion, model_and_diffusion_defaults
 
 __all__ = ["sample", "nll", "load_model_and_diffusion", "SAMPLE_DEFAULTS", "NLL_DEFAULTS"]
 
@@ -118,11 +118,14 @@ def _setup(cfg):
     return device
 
 
-def _use_channels_last(cfg, device):
-    value = cfg.get("channels_last", "auto")
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return device.type == "cpu"
-    return str2bool(value) if isinstance(value, str) else bool(value)
+def _load_for_eval(cfg, device):
+    """load_model_and_diffusion, with the model channels-last when cfg's
+    channels_last option asks for it; returns (model, diffusion, channels_last)."""
+    model, diffusion = load_model_and_diffusion(cfg, device)
+    channels_last = channels_last_option(cfg.get("channels_last", "auto"), device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, diffusion, channels_last
 
 
 def _autocast(cfg, device):
@@ -160,10 +163,7 @@ def sample(**config):
     cfg = _resolve(config, {**model_and_diffusion_defaults(), **SAMPLE_DEFAULTS, **COMMON_NEW, **SAMPLE_NEW})
     device = _setup(cfg)
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
-    model, diffusion = load_model_and_diffusion(cfg, device)
-    channels_last = _use_channels_last(cfg, device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    model, diffusion, channels_last = _load_for_eval(cfg, device)
     channels = int(cfg.get("in_channels") or 3)
     size, batch = int(cfg["image_size"]), int(cfg["batch_size"])
     num_classes = int(cfg.get("num_classes") or 0) or 1000
@@ -251,10 +251,7 @@ def nll(**config):
     cfg = _resolve(config, {**model_and_diffusion_defaults(), **NLL_DEFAULTS, **COMMON_NEW})
     device = _setup(cfg)
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
-    model, diffusion = load_model_and_diffusion(cfg, device)
-    channels_last = _use_channels_last(cfg, device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    model, diffusion, channels_last = _load_for_eval(cfg, device)
     from . import image_datasets
 
     digits = cfg["data_dir"] in ("", "digits")

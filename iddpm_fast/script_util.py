@@ -346,3 +346,12 @@ def str2bool(v):
     if v.lower() in ("no", "false", "f", "n", "0"):
         return False
     raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")
+
+
+def channels_last_option(value, device):
+    """The `channels_last` option of train / sample / nll: a bool (or its
+    command-line spelling), or "auto": on for CPUs, where the convolutions and
+    the fused GroupNorm-SiLU are faster channels-last."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return device.type == "cpu"
+    return str2bool(value) if isinstance(value, str) else bool(value)

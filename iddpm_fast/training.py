@@ -19,7 +19,12 @@ import torch
 from . import dist_util, logger
 from .image_utils import save_grid
 from .resample import create_named_schedule_sampler
-from .script_util import create_gaussian_diffusion, create_model_and_diffusion, model_and_diffusion_defaults, str2bool
+from .script_util import (
+    channels_last_option,
+    create_gaussian_diffusion,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
 from .train_util import TrainLoop, copy_model_with, latest_checkpoint, parse_resume_step_from_filename
 
 __all__ = ["train", "train_defaults", "resolve_config", "IMAGE_TRAIN_DEFAULTS", "NEW_DEFAULTS", "DIGITS_PRESET"]
@@ -309,7 +314,7 @@ def train(**config):
         lr_anneal_steps=int(cfg["lr_anneal_steps"]),
         max_steps=int(cfg["max_steps"]),
         amp=cfg["amp"],
-        channels_last=_channels_last(cfg["channels_last"], device),
+        channels_last=channels_last_option(cfg["channels_last"], device),
         grad_clip=float(cfg["grad_clip"]),
         checkpoint_dir=out_dir,
         sample_interval=int(cfg["sample_interval"]),
@@ -336,14 +341,6 @@ def train(**config):
 def _ema_model(loop):
     """A copy of the model in eval mode holding the first EMA rate's parameters."""
     return copy_model_with(loop.model, loop.ema_state_dict()).eval()
-
-
-def _channels_last(value, device):
-    """The `channels_last` option: a bool, or "auto" (on for CPUs, where the
-    convolutions and the fused GroupNorm-SiLU are faster channels-last)."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return device.type == "cpu"
-    return str2bool(value) if isinstance(value, str) else bool(value)
 
 
 def _held_out_nll(cfg, loop, data_dir, channels, device):
