@@ -114,4 +114,19 @@ inline at::Tensor as_stat(const c10::optional<at::Tensor>& p, at::ScalarType dt)
   return p->to(dt).contiguous();
 }
 
+// The backward's outputs in their dtypes from the float64 parameter
+// gradients: d weight, d bias [C] (the parameter's dtype, float32 without
+// one), d scale, d shift [N, C] (scale's dtype, or empty [0] without).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_outputs(
+    const at::Tensor& dx, const at::Tensor& gw, const at::Tensor& gb, const at::Tensor& gsc, const at::Tensor& gsh,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift) {
+  const auto wdt = (weight.has_value() && weight->defined()) ? weight->scalar_type() : at::kFloat;
+  const auto bdt = (bias.has_value() && bias->defined()) ? bias->scalar_type() : at::kFloat;
+  if (scale.has_value() && scale->defined()) {
+    return {dx, gw.to(wdt), gb.to(bdt), gsc.to(scale->scalar_type()), gsh.to(shift->scalar_type())};
+  }
+  return {dx, gw.to(wdt), gb.to(bdt), at::empty({0}, dx.options()), at::empty({0}, dx.options())};
+}
+
 }  // namespace iddpm_fast

@@ -140,17 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
       }
     });
   }
-  auto wdt = (weight.has_value() && weight->defined()) ? weight->scalar_type() : at::kFloat;
-  auto bdt = (bias.has_value() && bias->defined()) ? bias->scalar_type() : at::kFloat;
-  at::Tensor dweight = gw.to(wdt), dbias = gb.to(bdt), dscale, dshift;
-  if (has_scale) {
-    dscale = gsc.to(scale->scalar_type());
-    dshift = gsh.to(shift->scalar_type());
-  } else {
-    dscale = at::empty({0}, x.options());
-    dshift = at::empty({0}, x.options());
-  }
-  return {dx, dweight, dbias, dscale, dshift};
+  return backward_outputs(dx, gw, gb, gsc, gsh, weight, bias, scale, shift);
 }
 
 
