@@ -5,6 +5,15 @@ import triton.language as tl
 
 
 @triton.jit
+def chunk_offsets(b, chunk, D, BLOCK: tl.constexpr):
+    """Element offsets (int64) of chunk `chunk` of sample `b` in a [B, D]
+    tensor, the mask of those inside the sample, and the sample's base offset
+    (grids are (B, chunks of BLOCK) throughout)."""
+    offs = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < D, b.to(tl.int64) * D
+
+
+@triton.jit
 def load_model_output(out_ptr, b, offs, mask, D, LEARNED: tl.constexpr):
     """
     The mean half and (when LEARNED) the variance half of one sample's model

@@ -19,7 +19,7 @@ from ._common import (
     check_contiguous_like,
     check_device,
 )
-from ._tl import log_likelihood
+from ._tl import chunk_offsets, log_likelihood
 
 
 
@@ -35,9 +35,7 @@ def _dgll_kernel(
 ):
     b = tl.program_id(0)
     chunk = tl.program_id(1)
-    offs = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < D
-    base = b.to(tl.int64) * D
+    offs, mask, base = chunk_offsets(b, chunk, D, BLOCK)
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     ls = tl.load(ls_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
@@ -87,9 +85,7 @@ def _posterior_kernel(
     b = tl.program_id(0)
     chunk = tl.program_id(1)
     t = tl.load(t_ptr + b)
-    offs = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < D
-    base = b.to(tl.int64) * D
+    offs, mask, base = chunk_offsets(b, chunk, D, BLOCK)
     x0 = tl.load(x0_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     xt = tl.load(xt_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(tables_ptr + R_C1 * T + t) * x0 + tl.load(tables_ptr + R_C2 * T + t) * xt

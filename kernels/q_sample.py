@@ -10,6 +10,7 @@ import triton.language as tl
 from iddpm_fast.reference import ROW
 
 from ._common import block_size, check_contiguous_like
+from ._tl import chunk_offsets
 
 
 @triton.jit
@@ -30,9 +31,7 @@ def _q_sample_kernel(
     t = tl.load(t_ptr + b)
     a = tl.load(tables_ptr + ROW_SQRT_AC * T + t)
     s = tl.load(tables_ptr + ROW_SQRT_1M_AC * T + t)
-    offs = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < D
-    base = b.to(tl.int64) * D
+    offs, mask, base = chunk_offsets(b, chunk, D, BLOCK)
     x0 = tl.load(x0_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     eps = tl.load(noise_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     xt = a * x0 + s * eps

@@ -21,7 +21,7 @@ from ._common import (
     check_contiguous_like,
     check_device,
 )
-from ._tl import bound_term, load_model_output, model_distribution
+from ._tl import bound_term, chunk_offsets, load_model_output, model_distribution
 
 
 @triton.jit
@@ -46,9 +46,7 @@ def _sampling_kernel(
     b = tl.program_id(0)
     chunk = tl.program_id(1)
     t = tl.load(t_ptr + b)
-    offs = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < D
-    base = b.to(tl.int64) * D
+    offs, mask, base = chunk_offsets(b, chunk, D, BLOCK)
     xt = tl.load(xt_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     eo, v = load_model_output(out_ptr, b, offs, mask, D, LEARNED)
     sra = tl.load(tables_ptr + R_SRA * T + t)
@@ -163,9 +161,7 @@ def _vb_terms_kernel(
     b = tl.program_id(0)
     chunk = tl.program_id(1)
     t = tl.load(t_ptr + b)
-    offs = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < D
-    base = b.to(tl.int64) * D
+    offs, mask, base = chunk_offsets(b, chunk, D, BLOCK)
     x0 = tl.load(x0_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     xt = tl.load(xt_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     eo, v = load_model_output(out_ptr, b, offs, mask, D, LEARNED)

@@ -27,7 +27,7 @@ from ._common import (
     check_contiguous_like,
     check_device,
 )
-from ._tl import bound_term, cdf, cdf_grad, load_model_output, model_distribution
+from ._tl import bound_term, cdf, cdf_grad, chunk_offsets, load_model_output, model_distribution
 
 
 
@@ -60,9 +60,7 @@ def _load_sample(
     LEARNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     t = tl.load(t_ptr + b)
-    offs = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < D
-    base = b.to(tl.int64) * D
+    offs, mask, base = chunk_offsets(b, chunk, D, BLOCK)
     x0 = tl.load(x0_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     nz = tl.load(noise_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     eo, v = load_model_output(out_ptr, b, offs, mask, D, LEARNED)
