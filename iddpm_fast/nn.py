@@ -136,6 +136,22 @@ def normalization(channels):
     return GroupNorm32(32, channels)
 
 
+_FREQS = {}
+
+
+def _frequencies(half, max_period, device):
+    """The embedding's frequencies, built on the CPU exactly as the reference
+    does (so the exp() rounding does not depend on the device), then kept per
+    device: no host-to-device copy (and sync) per call, and safe to capture
+    in a CUDA graph."""
+    key = (half, float(max_period), torch.device(device))
+    freqs = _FREQS.get(key)
+    if freqs is None:
+        exponent = -math.log(max_period) * torch.arange(0, half, dtype=torch.float32)
+        freqs = _FREQS[key] = torch.exp(exponent / half).to(device=device)
+    return freqs
+
+
 def timestep_embedding(timesteps, dim, max_period=10000):
     """Sinusoidal embedding of a 1-D tensor of (possibly fractional) timesteps.
 
@@ -145,10 +161,7 @@ def timestep_embedding(timesteps, dim, max_period=10000):
     column.
     """
     half = dim // 2
-    # The frequencies are built on the CPU and then moved, exactly as the
-    # reference does, so the exp() rounding does not depend on the device.
-    exponent = -math.log(max_period) * torch.arange(0, half, dtype=torch.float32)
-    freqs = torch.exp(exponent / half).to(device=timesteps.device)
+    freqs = _frequencies(half, max_period, timesteps.device)
     phases = timesteps[:, None].float() * freqs[None]
     parts = [torch.cos(phases), torch.sin(phases)]
     embedding = torch.cat(parts, dim=-1)
