@@ -6,10 +6,13 @@ pass. Twin: reference.training_loss.
 
 Forward: each program reduces one BLOCK of one sample to two partial sums
 (squared error of the mean half, and the bound term: KL for t > 0, decoder
-NLL at t = 0); the launcher adds the partials per sample (deterministic, no
-atomics) and applies the 1/D, 1/ln 2 and RESCALED factors on [B] values.
-Backward: elementwise, given per-sample weights of the two sums derived from
-the upstream gradients of (loss, mse, vb).
+NLL at t = 0); a second small kernel adds the partials per sample
+(deterministic, no atomics) and applies the 1/D, 1/ln 2 and RESCALED
+factors, writing loss, mse and vb. Backward: elementwise; each program
+derives its sample's weights of the two sums from the upstream gradients of
+(loss, mse, vb) itself. So a training step costs three kernel launches and
+no other device work: at training batch sizes these ops are bound by launch
+latency, not bandwidth.
 """
 
 import torch
@@ -101,18 +104,53 @@ def _training_loss_fwd_kernel(
 
 
 @triton.jit
+def _training_loss_finalize_kernel(
+    se_ptr,  # [B, n_chunks] float32 partial sums of squared error
+    vb_ptr,  # [B, n_chunks] float32 partial sums of the bound term (nats)
+    loss_ptr, mse_ptr, vbo_ptr,  # [B] float32 outputs
+    n_chunks, D_f, LN2_f, KL_SCALE, VB_SCALE,
+    IS_KL: tl.constexpr, LEARNED: tl.constexpr, NEED_VB: tl.constexpr, CBLOCK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    offs = tl.arange(0, CBLOCK)
+    row = b.to(tl.int64) * n_chunks
+    acc_se = tl.zeros((CBLOCK,), dtype=tl.float32)
+    acc_vb = tl.zeros((CBLOCK,), dtype=tl.float32)
+    for start in range(0, n_chunks, CBLOCK):
+        m = start + offs < n_chunks
+        acc_se += tl.load(se_ptr + row + start + offs, mask=m, other=0.0)
+        if NEED_VB:
+            acc_vb += tl.load(vb_ptr + row + start + offs, mask=m, other=0.0)
+    raw_vb = tl.sum(acc_vb, axis=0) / D_f / LN2_f
+    mse = tl.sum(acc_se, axis=0) / D_f
+    if IS_KL:
+        tl.store(loss_ptr + b, raw_vb * KL_SCALE)
+        tl.store(mse_ptr + b, 0.0)
+        tl.store(vbo_ptr + b, raw_vb)
+    elif LEARNED:
+        vb = raw_vb * VB_SCALE
+        tl.store(loss_ptr + b, mse + vb)
+        tl.store(mse_ptr + b, mse)
+        tl.store(vbo_ptr + b, vb)
+    else:
+        tl.store(loss_ptr + b, mse)
+        tl.store(mse_ptr + b, mse)
+        tl.store(vbo_ptr + b, 0.0)
+
+
+@triton.jit
 def _training_loss_bwd_kernel(
     out_ptr,  # [B, C' * S] model output
     x0_ptr,  # [B, D]
     noise_ptr,  # [B, D]
     t_ptr,  # [B] int64
     tables_ptr,  # [R, T] float32
-    wse_ptr,  # [B] float32 d(objective)/d(sum of squared error)
-    wvb_ptr,  # [B] float32 d(objective)/d(sum of bound terms, nats)
+    gl_ptr, gm_ptr, gv_ptr,  # [B] upstream gradients of loss, mse, vb (read only when HAS_G*)
     grad_ptr,  # [B, C' * S] d(objective)/d(model output), model output's dtype
-    D, T,
+    D, T, D_f, DLN2_f, KL_SCALE, VB_SCALE,
     MEAN: tl.constexpr, VAR: tl.constexpr, LEARNED: tl.constexpr, HAS_MSE: tl.constexpr,
     NEED_VB: tl.constexpr, VB_TRAINS_MEAN: tl.constexpr,
+    HAS_GL: tl.constexpr, HAS_GM: tl.constexpr, HAS_GV: tl.constexpr,
     R_SA: tl.constexpr, R_S1A: tl.constexpr, R_C1: tl.constexpr, R_C2: tl.constexpr, R_PLV: tl.constexpr,
     R_SRA: tl.constexpr, R_SRM1: tl.constexpr, R_LOGB: tl.constexpr, R_FLLV: tl.constexpr,
     R_RC1: tl.constexpr, R_C2C1: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr,
@@ -130,8 +168,26 @@ def _training_loss_bwd_kernel(
         x0, nz, eo, v, t, tables_ptr, T, MEAN, VAR,
         R_SA, R_S1A, R_C1, R_C2, R_PLV, R_SRA, R_SRM1, R_LOGB, R_FLLV, R_RC1, R_C2C1,
     )
-    wse = tl.load(wse_ptr + b)
-    wvb = tl.load(wvb_ptr + b)
+    # This sample's weights of the two sums (d objective / d sum), from the
+    # upstream gradients of (loss, mse, vb); an absent gradient counts as 0.
+    gl = 0.0
+    gm = 0.0
+    gv = 0.0
+    if HAS_GL:
+        gl = tl.load(gl_ptr + b).to(tl.float32)
+    if HAS_GM:
+        gm = tl.load(gm_ptr + b).to(tl.float32)
+    if HAS_GV:
+        gv = tl.load(gv_ptr + b).to(tl.float32)
+    if VB_TRAINS_MEAN:  # the KL losses: loss = vb * KL_SCALE, mse = 0
+        wse = 0.0
+        wvb = (gl * KL_SCALE + gv) / DLN2_f
+    else:
+        wse = (gl + gm) / D_f
+        if LEARNED:
+            wvb = (gl + gv) * VB_SCALE / DLN2_f
+        else:
+            wvb = 0.0
     g_eo = eo * 0.0
     g_v = eo * 0.0
     if HAS_MSE:
@@ -211,54 +267,65 @@ def _prepare(model_output, x_start, noise, t, tables, model_mean_type, model_var
     return out, x0, nz, t.contiguous(), tables.contiguous(), B, D, codes, is_kl, need_vb
 
 
+def _scales(loss_type, num_timesteps):
+    """(factor of vb in the KL losses' loss, factor of vb in the hybrid loss)."""
+    kl = float(num_timesteps) if loss_type == "rescaled_kl" else 1.0
+    vb = num_timesteps / 1000.0 if loss_type == "rescaled_mse" else 1.0
+    return kl, vb
+
+
 def training_loss_fwd(model_output, x_start, noise, t, tables, model_mean_type, model_var_type, loss_type,
                       num_timesteps):
     """(loss, mse, vb): three [B] float32 tensors, as reference.training_loss."""
     out, x0, nz, t, tables, B, D, codes, is_kl, need_vb = _prepare(
         model_output, x_start, noise, t, tables, model_mean_type, model_var_type, loss_type
     )
+    device = x0.device
+    loss, mse, vb = (torch.empty(B, device=device, dtype=torch.float32) for _ in range(3))
+    if not B:
+        return loss, mse, vb
+    if not D:
+        zero = torch.zeros(B, device=device, dtype=torch.float32)
+        return zero, zero.clone(), zero.clone()
     block = block_size(D)
     n_chunks = triton.cdiv(D, block)
-    se = torch.zeros((B, n_chunks), device=x0.device, dtype=torch.float32)
-    vbp = torch.zeros((B, n_chunks), device=x0.device, dtype=torch.float32)
-    if B and D:
-        _training_loss_fwd_kernel[(B, n_chunks)](
-            out, x0, nz, t, tables, se, vbp, D, tables.shape[1], n_chunks,
-            NEED_VB=need_vb, K=_K, BLOCK=block, **codes, **_rows(),
-        )
-    raw_vb = vbp.sum(dim=1) / D / _LN2
-    zeros = torch.zeros(B, device=x0.device, dtype=torch.float32)
-    # Custom ops may not return aliases of one another: every output is its own tensor.
-    if is_kl:
-        loss = raw_vb * (num_timesteps if loss_type == "rescaled_kl" else 1.0)
-        return loss, zeros, raw_vb
-    mse = se.sum(dim=1) / D
-    if codes["LEARNED"]:
-        vb = raw_vb * (num_timesteps / 1000.0 if loss_type == "rescaled_mse" else 1.0)
-        return mse + vb, mse, vb
-    return mse.clone(), mse, zeros
+    partial = torch.empty((2, B, n_chunks), device=device, dtype=torch.float32)
+    _training_loss_fwd_kernel[(B, n_chunks)](
+        out, x0, nz, t, tables, partial[0], partial[1], D, tables.shape[1], n_chunks,
+        NEED_VB=need_vb, K=_K, BLOCK=block, **codes, **_rows(),
+    )
+    kl_scale, vb_scale = _scales(loss_type, num_timesteps)
+    _training_loss_finalize_kernel[(B,)](
+        partial[0], partial[1], loss, mse, vb, n_chunks, float(D), _LN2, kl_scale, vb_scale,
+        IS_KL=is_kl, LEARNED=codes["LEARNED"], NEED_VB=need_vb,
+        CBLOCK=max(16, min(1024, triton.next_power_of_2(n_chunks))),
+    )
+    return loss, mse, vb
 
 
 def training_loss_bwd(model_output, x_start, noise, t, tables, grad_loss, grad_mse, grad_vb, model_mean_type,
                       model_var_type, loss_type, num_timesteps):
-    """d(sum of grad_* times outputs)/d(model_output), model_output's shape and dtype."""
+    """d(sum of grad_* times outputs)/d(model_output), model_output's shape and dtype.
+    A grad_* may be None (that output's gradient is zero)."""
     out, x0, nz, t, tables, B, D, codes, is_kl, need_vb = _prepare(
         model_output, x_start, noise, t, tables, model_mean_type, model_var_type, loss_type
     )
-    g_loss, g_mse, g_vb = (g.to(torch.float32) for g in (grad_loss, grad_mse, grad_vb))
-    if is_kl:
-        scale = float(num_timesteps) if loss_type == "rescaled_kl" else 1.0
-        wse = torch.zeros_like(g_loss)
-        wvb = (g_loss * scale + g_vb) / (D * _LN2)
-    else:
-        wse = (g_loss + g_mse) / D
-        scale = num_timesteps / 1000.0 if loss_type == "rescaled_mse" else 1.0
-        wvb = (g_loss + g_vb) * scale / (D * _LN2) if codes["LEARNED"] else torch.zeros_like(g_loss)
+    grads = [None if g is None else g.contiguous() for g in (grad_loss, grad_mse, grad_vb)]
+    for g in grads:
+        if g is not None and (g.shape != (B,) or g.device != x0.device):
+            raise ValueError(f"upstream gradients must have shape [{B}] on {x0.device}, got {tuple(g.shape)} on {g.device}")
     grad = torch.empty_like(out)
     if B and D:
         block = block_size(D)
+        kl_scale, vb_scale = _scales(loss_type, num_timesteps)
+        dummy = next((g for g in grads if g is not None), t)
         _training_loss_bwd_kernel[(B, triton.cdiv(D, block))](
-            out, x0, nz, t, tables, wse.contiguous(), wvb.contiguous(), grad, D, tables.shape[1],
-            HAS_MSE=not is_kl, NEED_VB=need_vb, VB_TRAINS_MEAN=is_kl, K=_K, BLOCK=block, **codes, **_rows(),
+            out, x0, nz, t, tables, *(dummy if g is None else g for g in grads), grad, D, tables.shape[1],
+            float(D), D * _LN2, kl_scale, vb_scale,
+            HAS_MSE=not is_kl, NEED_VB=need_vb, VB_TRAINS_MEAN=is_kl,
+            HAS_GL=grads[0] is not None, HAS_GM=grads[1] is not None, HAS_GV=grads[2] is not None,
+            K=_K, BLOCK=block, **codes, **_rows(),
         )
+    elif B:
+        grad.zero_()
     return grad

@@ -126,6 +126,27 @@ def test_training_loss_forward_and_backward_match_reference(mean, var, loss):
     assert g_kernel.abs().max() > 0
 
 
+@pytest.mark.parametrize("used", [0, 1, 2], ids=["loss", "mse", "vb"])
+@pytest.mark.parametrize("path", ["eager", "custom_op"])
+def test_training_loss_gradient_of_one_output_alone(used, path):
+    """Only one of (loss, mse, vb) reaches the objective: the others' upstream
+    gradients are absent (None in the eager Function, zeros through the custom op)."""
+    x0, noise, out, t = _data((3, 2, 4, 3), True)
+    tables = _tables()
+    kinds = dict(model_mean_type="epsilon", model_var_type="learned_range", loss_type="rescaled_mse",
+                 num_timesteps=T)
+    if path == "eager":
+        fn = _triton._training_loss
+    else:
+        def fn(o, *a, **k):
+            return _triton.training_loss_triton(o, *a, *k.values())
+    a = out.clone().requires_grad_(True)
+    (g_got,) = torch.autograd.grad(fn(a, x0, noise, t, tables, **kinds)[used].sum(), a)
+    b = out.clone().requires_grad_(True)
+    (g_want,) = torch.autograd.grad(ref.training_loss(b, x0, noise, t, tables, **kinds)[used].sum(), b)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_training_loss_low_precision_inputs(dtype):
     x0, noise, out, t = _data((2, 3, 4, 4), True, dtype)

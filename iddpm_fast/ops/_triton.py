@@ -3,6 +3,13 @@ Registration of the Triton kernels (kernels/) as torch.library custom ops,
 with fake (meta) implementations for torch.compile and autograd formulas, and
 their entry in the op seam. Kernel modules are imported on first use, so
 TRITON_INTERPRET=1 (CPU tests) only has to be set before the first call.
+
+Under torch.compile the seam calls the custom ops (what dynamo traces). In
+eager mode it launches the kernels straight from Python, through a
+torch.autograd.Function where a gradient is defined: a custom op's Python
+dispatch round trip costs more host time than these kernels take on a GPU at
+training batch sizes (measured on an H200: the ops are launch-bound there).
+Both paths run the same launchers, so they give the same numbers.
 """
 
 from typing import Tuple
@@ -120,15 +127,62 @@ def _loss_backward(ctx, grad_loss, grad_mse, grad_vb):
 training_loss_triton.register_autograd(_loss_backward, setup_context=_loss_setup)
 
 
+def _eager():
+    """True unless torch.compile is tracing (then the custom ops must be called)."""
+    return not torch.compiler.is_compiling()
+
+
+class _QSample(torch.autograd.Function):
+    """Eager q_sample: the launcher, with _q_sample_backward's formula."""
+
+    @staticmethod
+    def forward(ctx, x_start, t, noise, tables):
+        from ..kernels import q_sample as k
+
+        _q_sample_setup(ctx, (x_start, t, noise, tables), None)
+        return k.q_sample(x_start, t, noise, tables)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _q_sample_backward(ctx, grad)
+
+
+class _TrainingLoss(torch.autograd.Function):
+    """Eager training loss: the launchers, absent upstream gradients passed as None (no zero tensors)."""
+
+    @staticmethod
+    def forward(ctx, model_output, x_start, noise, t, tables, *kinds):
+        from ..kernels import training_loss as k
+
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(model_output, x_start, noise, t, tables)
+        ctx.kinds = kinds
+        return k.training_loss_fwd(model_output, x_start, noise, t, tables, *kinds)
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_mse, grad_vb):
+        from ..kernels import training_loss as k
+
+        nones = (None,) * (4 + len(ctx.kinds))
+        if not ctx.needs_input_grad[0] or (grad_loss is None and grad_mse is None and grad_vb is None):
+            return (None,) + nones
+        model_output, x_start, noise, t, tables = ctx.saved_tensors
+        grad = k.training_loss_bwd(model_output, x_start, noise, t, tables, grad_loss, grad_mse, grad_vb, *ctx.kinds)
+        return (grad,) + nones
+
+
 def _q_sample(x_start, t, noise, tables):
+    if _eager():
+        return _QSample.apply(x_start, t, noise, tables)
     return q_sample_triton(x_start, t, noise, tables)
 
 
 def _training_loss(model_output, x_start, noise, t, tables, *, model_mean_type, model_var_type, loss_type,
                    num_timesteps):
-    return training_loss_triton(
-        model_output, x_start, noise, t, tables, model_mean_type, model_var_type, loss_type, num_timesteps
-    )
+    args = (model_output, x_start, noise, t, tables, model_mean_type, model_var_type, loss_type, num_timesteps)
+    if _eager():
+        return _TrainingLoss.apply(*args)
+    return training_loss_triton(*args)
 
 
 register("q_sample", "triton", _q_sample, available=kernels.unavailable_reason)
@@ -199,16 +253,35 @@ def _wants_grad(*tensors):
 
 
 def _with_reference_for_grad(name, triton_fn, *grad_inputs_idx):
-    """The seam entry of a forward-only op: the reference runs when gradients are wanted."""
+    """The seam entry of a forward-only op: the reference runs when gradients
+    are wanted; in eager mode the launcher is called directly (no dispatcher
+    round trip), under torch.compile the custom op."""
+    module, launcher = _LAUNCHERS[name]
 
     def run(*args, **kwargs):
         if _wants_grad(*(args[i] for i in grad_inputs_idx)):
             from .. import reference
 
             return getattr(reference, name)(*args, **kwargs)
+        if _eager():
+            import importlib
+
+            return getattr(importlib.import_module(f"iddpm_fast.kernels.{module}"), launcher)(*args, **kwargs)
         return triton_fn(*args, **kwargs)
 
     return run
+
+
+# seam name -> (kernel module, launcher): the launchers take the seam's arguments in the seam's order.
+_LAUNCHERS = {
+    "p_mean_variance": ("sampling", "p_mean_variance"),
+    "p_sample_step": ("sampling", "p_sample_step"),
+    "ddim_step": ("sampling", "ddim_step"),
+    "q_posterior_mean_variance": ("likelihood", "q_posterior_mean_variance"),
+    "discretized_gaussian_log_likelihood": ("likelihood", "discretized_gaussian_log_likelihood"),
+    "discretized_gaussian_nll_bpd": ("likelihood", "discretized_gaussian_nll_bpd"),
+    "vb_terms_bpd": ("sampling", "vb_terms_bpd"),
+}
 
 
 register("p_mean_variance", "triton", _with_reference_for_grad("p_mean_variance", p_mean_variance_triton, 0, 1),
