@@ -5,9 +5,42 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <string>
+#include <type_traits>
+
 #include "gn_silu_shape.h"
 
 namespace iddpm_fast {
+
+// Error messages are assembled here as one std::string (std::to_string,
+// Device::str(), c10::toString) and handed to TORCH_CHECK whole, which then
+// uses the string as is: no std::ostream runs inside this library. On the GPU
+// machine (torch 2.11 and this library both built by GCC 13.3) streaming an
+// integer from inside the extension crashed with SIGSEGV in
+// std::ostream::_M_insert<long> (found with cuda-gdb), i.e. every failing
+// check of a size was a crash instead of an error.
+inline void append_part(std::string& out, const char* part) { out += part; }
+inline void append_part(std::string& out, const std::string& part) { out += part; }
+inline void append_part(std::string& out, const c10::Device& device) { out += device.str(); }
+inline void append_part(std::string& out, at::ScalarType type) { out += c10::toString(type); }
+inline void append_part(std::string& out, at::IntArrayRef shape) {
+  out += "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    out += (i ? ", " : "") + std::to_string(shape[i]);
+  }
+  out += "]";
+}
+template <typename T, typename = std::enable_if_t<std::is_integral<T>::value>>
+inline void append_part(std::string& out, T value) {
+  out += std::to_string(value);
+}
+
+template <typename... Parts>
+std::string message(const Parts&... parts) {
+  std::string out;
+  (append_part(out, parts), ...);
+  return out;
+}
 
 // True when x is stored channels-last ([N, *spatial, C] in memory) and not
 // also plain contiguous (for C == 1 or L == 1 both hold; plain wins).
@@ -41,25 +74,25 @@ inline void check_param(const char* op, const char* name, const c10::optional<at
   if (!p.has_value() || !p->defined()) {
     return;
   }
-  TORCH_CHECK(p->device() == x.device(), op, ": ", name, " is on ", p->device(), " but x is on ", x.device());
-  TORCH_CHECK(at::isFloatingType(p->scalar_type()), op, ": ", name, " must be a floating-point tensor, got ",
-              p->scalar_type());
-  TORCH_CHECK(p->sizes() == shape, op, ": ", name, " must have shape ", shape, ", got ", p->sizes());
+  TORCH_CHECK(p->device() == x.device(), message(op, ": ", name, " is on ", p->device(), " but x is on ", x.device()));
+  TORCH_CHECK(at::isFloatingType(p->scalar_type()), message(op, ": ", name, " must be a floating-point tensor, got ",
+              p->scalar_type()));
+  TORCH_CHECK(p->sizes() == shape, message(op, ": ", name, " must have shape ", shape, ", got ", p->sizes()));
 }
 
 inline GnShape check_inputs(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                             const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scale,
                             const c10::optional<at::Tensor>& shift, int64_t num_groups) {
-  TORCH_CHECK(x.dim() >= 2, op, ": x must be [N, C, ...], got shape ", x.sizes());
+  TORCH_CHECK(x.dim() >= 2, message(op, ": x must be [N, C, ...], got shape ", x.sizes()));
   auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
-              ": x must be float32, float64, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, message(op,
+              ": x must be float32, float64, float16 or bfloat16, got ", dt));
   GnShape s;
   s.N = x.size(0);
   s.C = x.size(1);
   s.G = num_groups;
-  TORCH_CHECK(num_groups > 0 && s.C % num_groups == 0, op, ": ", s.C, " channels cannot be split into ",
-              num_groups, " groups");
+  TORCH_CHECK(num_groups > 0 && s.C % num_groups == 0, message(op, ": ", s.C, " channels cannot be split into ",
+              num_groups, " groups"));
   s.D = s.C / num_groups;
   s.L = s.C == 0 ? 0 : (s.N == 0 ? 0 : x.numel() / (s.N * s.C));
   if (s.N == 0) {
@@ -72,7 +105,7 @@ inline GnShape check_inputs(const char* op, const at::Tensor& x, const c10::opti
   check_param(op, "bias", bias, x, {s.C});
   bool has_scale = scale.has_value() && scale->defined();
   bool has_shift = shift.has_value() && shift->defined();
-  TORCH_CHECK(has_scale == has_shift, op, ": scale and shift must be given together");
+  TORCH_CHECK(has_scale == has_shift, message(op, ": scale and shift must be given together"));
   check_param(op, "scale", scale, x, {s.N, s.C});
   check_param(op, "shift", shift, x, {s.N, s.C});
   return s;
@@ -82,21 +115,21 @@ inline void check_stats(const char* op, const at::Tensor& mean, const at::Tensor
                         const GnShape& s) {
   auto want = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   for (const auto* t : {&mean, &rstd}) {
-    TORCH_CHECK(t->device() == x.device(), op, ": saved statistics are on ", t->device(), " but x is on ",
-                x.device());
-    TORCH_CHECK(t->scalar_type() == want, op, ": saved statistics must be ", want, ", got ", t->scalar_type());
-    TORCH_CHECK(t->sizes() == at::IntArrayRef({s.N, s.G}), op, ": saved statistics must have shape [",
-                s.N, ", ", s.G, "], got ", t->sizes());
+    TORCH_CHECK(t->device() == x.device(), message(op, ": saved statistics are on ", t->device(), " but x is on ",
+                x.device()));
+    TORCH_CHECK(t->scalar_type() == want, message(op, ": saved statistics must be ", want, ", got ", t->scalar_type()));
+    TORCH_CHECK(t->sizes() == at::IntArrayRef({s.N, s.G}), message(op, ": saved statistics must have shape [",
+                s.N, ", ", s.G, "], got ", t->sizes()));
   }
 }
 
 // The backward's own inputs: grad_y like x, and the saved statistics.
 inline void check_backward_inputs(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
                                   const at::Tensor& mean, const at::Tensor& rstd, const GnShape& s) {
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), op, ": grad_y has shape ", grad_y.sizes(), " but x has ", x.sizes());
-  TORCH_CHECK(grad_y.device() == x.device() && grad_y.scalar_type() == x.scalar_type(), op,
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), message(op, ": grad_y has shape ", grad_y.sizes(), " but x has ", x.sizes()));
+  TORCH_CHECK(grad_y.device() == x.device() && grad_y.scalar_type() == x.scalar_type(), message(op,
               ": grad_y must match x's device and dtype (", x.device(), ", ", x.scalar_type(), "), got ",
-              grad_y.device(), ", ", grad_y.scalar_type());
+              grad_y.device(), ", ", grad_y.scalar_type()));
   check_stats(op, mean, rstd, x, s);
 }
 

@@ -40,7 +40,7 @@ ElementType element_type(const at::Tensor& x) {
     case at::kDouble: return ElementType::Double;
     case at::kHalf: return ElementType::Half;
     case at::kBFloat16: return ElementType::BFloat16;
-    default: TORCH_CHECK(false, "iddpm_fast: unsupported dtype ", x.scalar_type());
+    default: TORCH_CHECK(false, message("iddpm_fast: unsupported dtype ", x.scalar_type()));
   }
 }
 
@@ -56,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_cpu(const at::Ten
                                                                     int64_t num_groups, double eps) {
   const char* op = "iddpm_fast::gn_silu_forward";
   GnShape s = check_inputs(op, x_in, weight, bias, scale, shift, num_groups);
-  TORCH_CHECK(x_in.device().is_cpu(), op, " (CPU kernel): x must be on the CPU, got ", x_in.device());
+  TORCH_CHECK(x_in.device().is_cpu(), message(op, " (CPU kernel): x must be on the CPU, got ", x_in.device()));
   at::Tensor x = dense(x_in);
   s.channels_last = stored_channels_last(x);
   const auto st = stat_type(x);
@@ -85,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
     int64_t num_groups) {
   const char* op = "iddpm_fast::gn_silu_backward";
   GnShape s = check_inputs(op, x_in, weight, bias, scale, shift, num_groups);
-  TORCH_CHECK(x_in.device().is_cpu(), op, " (CPU kernel): x must be on the CPU, got ", x_in.device());
+  TORCH_CHECK(x_in.device().is_cpu(), message(op, " (CPU kernel): x must be on the CPU, got ", x_in.device()));
   check_backward_inputs(op, grad_y, x_in, mean_in, rstd_in, s);
   at::Tensor x = dense(x_in);
   s.channels_last = stored_channels_last(x);

@@ -331,8 +331,8 @@ __global__ void apply_backward(const T* __restrict__ dy, const T* __restrict__ x
 // loop, so every item needs its thread; gridDim.x goes to 2^31 - 1).
 inline int blocks_for(int64_t n, int threads) {
   const int64_t blocks = (n + threads - 1) / threads;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "iddpm_fast gn_silu (CUDA): ", n,
-              " items exceed one grid");
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), message("iddpm_fast gn_silu (CUDA): ", n,
+              " items exceed one grid"));
   return static_cast<int>(std::max<int64_t>(blocks, 1));
 }
 
@@ -340,8 +340,7 @@ inline int blocks_for(int64_t n, int threads) {
 inline void slices(const GnShape& s, int64_t& slice, int64_t& S) {
   slice = std::max(kPositionsPerSlice, (s.L + kMaxSlices - 1) / kMaxSlices);
   S = (s.L + slice - 1) / slice;
-  TORCH_CHECK(s.N * s.C <= std::numeric_limits<int32_t>::max() && s.N <= std::numeric_limits<int32_t>::max(),
-              "iddpm_fast gn_silu (CUDA): N * C = ", s.N * s.C, " exceeds one grid dimension");
+  TORCH_CHECK(s.N * s.C <= std::numeric_limits<int32_t>::max() && s.N <= std::numeric_limits<int32_t>::max(), message("iddpm_fast gn_silu (CUDA): N * C = ", s.N * s.C, " exceeds one grid dimension"));
 }
 
 inline int elementwise_blocks(int64_t numel) {
@@ -365,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_cuda(const at::Te
                                                                      int64_t num_groups, double eps) {
   const char* op = "iddpm_fast::gn_silu_forward";
   GnShape s = check_inputs(op, x_in, weight, bias, scale, shift, num_groups);
-  TORCH_CHECK(x_in.is_cuda(), op, " (CUDA kernel): x must be on a CUDA device, got ", x_in.device());
+  TORCH_CHECK(x_in.is_cuda(), message(op, " (CUDA kernel): x must be on a CUDA device, got ", x_in.device()));
   c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor x = dense(x_in);
   s.channels_last = stored_channels_last(x);
@@ -420,7 +419,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
     int64_t num_groups) {
   const char* op = "iddpm_fast::gn_silu_backward";
   GnShape s = check_inputs(op, x_in, weight, bias, scale, shift, num_groups);
-  TORCH_CHECK(x_in.is_cuda(), op, " (CUDA kernel): x must be on a CUDA device, got ", x_in.device());
+  TORCH_CHECK(x_in.is_cuda(), message(op, " (CUDA kernel): x must be on a CUDA device, got ", x_in.device()));
   check_backward_inputs(op, grad_y, x_in, mean_in, rstd_in, s);
   c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor x = dense(x_in);
