@@ -358,3 +358,23 @@ def test_statistics_stay_accurate_far_from_zero_mean(layout):
     torch_err = (ref.group_norm_silu(x, w, b, 4).double() - truth).abs().max().item()
     err = (_cpp.group_norm_silu(x, w, b, 4).double() - truth).abs().max().item()
     assert err <= 2 * torch_err + 1e-5, (err, torch_err)
+
+
+def test_cuda_policy_picks_stock_kernels_for_float32_training_and_nchw():
+    """On CUDA, auto runs F.group_norm + F.silu where they measured faster than
+    the fused op (float32 NCHW, or float32 with autograd); the rule itself is
+    device-independent, so it is checked here on CPU tensors."""
+    from iddpm_fast.ops import _stock_group_norm_silu, _stock_kernels_win_on_cuda
+
+    w, b = torch.randn(8), torch.randn(8)
+    nchw = torch.randn(2, 8, 4, 4)
+    cl = nchw.contiguous(memory_format=torch.channels_last)
+    assert _stock_kernels_win_on_cuda(nchw, w, b)  # NCHW inference
+    assert not _stock_kernels_win_on_cuda(cl, w, b)  # channels-last inference: fused
+    assert _stock_kernels_win_on_cuda(cl, w.requires_grad_(), b)  # training
+    with torch.no_grad():
+        assert not _stock_kernels_win_on_cuda(cl, w, b)
+    assert not _stock_kernels_win_on_cuda(cl.bfloat16(), w, b)  # half precision: fused
+    assert not _stock_kernels_win_on_cuda(nchw.bfloat16(), w, b)
+    got = _stock_group_norm_silu(nchw, w.detach(), b, 4, 1e-5)
+    torch.testing.assert_close(got, ref.group_norm_silu(nchw, w.detach(), b, 4), rtol=1e-6, atol=1e-6)

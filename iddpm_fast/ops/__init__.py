@@ -11,6 +11,9 @@ Select with ``IDDPM_FAST_BACKEND=auto|triton|cpp|reference`` or
 ``with iddpm_fast.ops.use_backend("reference"): ...``.
 """
 
+import torch
+import torch.nn.functional as F
+
 from .. import reference as ref
 from . import _checks
 from ._backend import (
@@ -212,9 +215,34 @@ def _check_norm(x, weight, bias, num_groups):
             raise ValueError(f"GroupNorm {name} must have shape ({C},), got {tuple(p.shape)}")
 
 
+def _stock_kernels_win_on_cuda(x, weight, bias):
+    """
+    Where, on CUDA, F.group_norm + F.silu beat the fused C++ op (measured on
+    an H200, bench/results/REPORT.md): float32 activations either in NCHW or
+    with autograd (training); there stock PyTorch's GroupNorm kernels ran 1.1
+    to 2.5x faster than the fused op. The fused op stays for bfloat16/float16
+    and for channels-last float32 inference (sampling), where it won by 1.1
+    to 1.5x.
+    """
+    if x.dtype != torch.float32 or any(p is not None and p.dtype != torch.float32 for p in (weight, bias)):
+        return False
+    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    return wants_grad or not channels_last
+
+
+def _stock_group_norm_silu(x, weight, bias, num_groups, eps):
+    """The reference's math for float32 x in two stock kernels (F.silu's
+    x / (1 + e^-x) may differ from x * sigmoid(x) in the last bit)."""
+    return F.silu(F.group_norm(x, num_groups, weight, bias, eps))
+
+
 def group_norm_silu(x, weight, bias, num_groups, eps=1e-5):
     """SiLU(GroupNorm(x)); see :func:`iddpm_fast.reference.group_norm_silu`."""
     _check_norm(x, weight, bias, num_groups)
+    if (x.device.type == "cuda" and requested_backend() == "auto"
+            and resolve_name("group_norm_silu", x.device) == "cpp" and _stock_kernels_win_on_cuda(x, weight, bias)):
+        return _stock_group_norm_silu(x, weight, bias, num_groups, eps)
     return resolve("group_norm_silu", x.device)(x, weight, bias, num_groups, eps)
 
 
