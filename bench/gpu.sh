@@ -1,15 +1,61 @@
 #!/usr/bin/env bash
-# On a lent GPU machine, in one call: build the package (and the C++/CUDA
-# extension when present) against the machine's torch, run the test suite on
-# the GPU, run every benchmark, and render the report. Everything lands in
-# bench/results/ (commit it).
-set -euo pipefail
+# On a lent GPU machine, in one call, under one time budget: build the C++/CUDA
+# extension against the machine's torch, run the GPU-relevant tests, run the
+# benchmark suites one by one (each saves its JSON as soon as it ends), and,
+# when ORIGINAL points at a checkout of openai/improved-diffusion, compare
+# against it (bench/compare_original.py). Logs and JSON land in $OUT when set
+# (the device tool's folder), else bench/results/; results.tar.gz packs them.
+#
+#   ORIGINAL=/path/to/improved-diffusion BUDGET_S=540 bench/gpu.sh
+#
+# Stages run in order of importance and each gets at most what is left of
+# BUDGET_S, so the script ends in time and keeps what finished.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 stamp=$(date +%Y%m%d-%H%M%S)
-mkdir -p bench/results
-python -m pip install -q --no-build-isolation ".[test,data]"
-{ nvidia-smi || true; python -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } \
-    > "bench/results/gpu-env-$stamp.txt" 2>&1
-python -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "bench/results/gpu-tests-$stamp.txt"
-python -m pytest bench/ --benchmark -q -p no:cacheprovider 2>&1 | tee "bench/results/gpu-bench-$stamp.txt"
-python -m iddpm_fast bench --report
+out=bench/results/gpu-$stamp
+mkdir -p "$out"
+budget=${BUDGET_S:-540}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+unset TRITON_INTERPRET IDDPM_FAST_NO_EXT
+py=${PYTHON:-python3}
+log_build=$out/gpu-build-$stamp.txt log_tests=$out/gpu-tests-$stamp.txt log_bench=$out/gpu-bench-$stamp.txt
+
+left() { echo $((budget - SECONDS)); }
+stage() {  # stage CAP_S LOG CMD...: run CMD with min(CAP, time left) seconds, appending to LOG
+    local cap=$1 log=$2; shift 2
+    local t; t=$(left); ((t > cap)) && t=$cap
+    if ((t < 15)); then echo "== skipped (budget spent): $*" >>"$log"; return; fi
+    echo "== [$SECONDS s] $* (limit ${t}s)" >>"$log"
+    timeout "$t" "$@" >>"$log" 2>&1
+    echo "== [$SECONDS s] exit $?" >>"$log"
+}
+
+{ nvidia-smi; $py -c "import torch, triton, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; } >"$log_build" 2>&1
+stage 200 "$log_build" $py setup.py -q build_ext --inplace
+stage 60 "$log_build" $py -m iddpm_fast info
+
+stage 170 "$log_tests" $py -m pytest -q -p no:cacheprovider -n 4 --maxfail=40 -rfEs \
+    tests/test_triton_kernels.py tests/test_group_norm_silu.py tests/test_cuda_graphs.py tests/test_ops_seam.py
+
+bench() { stage "$1" "$log_bench" $py -m pytest -q -p no:cacheprovider "bench/test_bench_$2.py" --benchmark \
+    --benchmark-max-time=0.5 "${@:3}"; }
+bench 130 diffusion_ops
+if [[ -n "${ORIGINAL:-}" ]]; then
+    stage 120 "$log_bench" $py bench/compare_original.py --original "$ORIGINAL" --what sample \
+        --json "$out/compare-original-sample-$stamp.json"
+fi
+bench 60 sample_step
+bench 150 group_norm_silu
+bench 80 train_step
+if [[ -n "${ORIGINAL:-}" ]]; then
+    stage 90 "$log_bench" $py bench/compare_original.py --original "$ORIGINAL" --what train \
+        --json "$out/compare-original-train-$stamp.json"
+fi
+new_json=$(find bench/results -maxdepth 1 -name '*.json' -newer "$log_build")
+[[ -n "$new_json" ]] && mv $new_json "$out"/
+if [[ -n "${OUT:-}" ]]; then
+    cp "$log_build" "$log_tests" "$log_bench" "$OUT"/
+    tar czf "$OUT/gpu-$stamp.tar.gz" -C bench/results "gpu-$stamp"
+fi
+echo "done in $SECONDS s"
