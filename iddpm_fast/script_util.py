@@ -348,10 +348,12 @@ def str2bool(v):
     raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")
 
 
-def channels_last_option(value, device):
+def channels_last_option(value, device, amp="none"):
     """The `channels_last` option of train / sample / nll: a bool (or its
     command-line spelling), or "auto": on for CPUs, where the convolutions and
-    the fused GroupNorm-SiLU are faster channels-last."""
+    the fused GroupNorm-SiLU are faster channels-last, and on CUDA with bf16
+    autocast, where tensor-core convolutions want it (sampling on an H200:
+    1.65x the original channels-last against 1.36x in NCHW)."""
     if isinstance(value, str) and value.strip().lower() == "auto":
-        return device.type == "cpu"
+        return device.type == "cpu" or (device.type == "cuda" and str(amp).lower() == "bf16")
     return str2bool(value) if isinstance(value, str) else bool(value)

@@ -190,3 +190,13 @@ def test_create_model_any_size_and_grayscale():
 def test_class_conditional_model_uses_1000_classes_by_default():
     m = su.create_model(32, 32, 1, False, True, False, "16", 1, -1, True, 0.0)
     assert m.label_emb.num_embeddings == 1000
+
+
+def test_channels_last_auto_follows_the_device_and_amp():
+    from iddpm_fast.script_util import channels_last_option
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert channels_last_option("auto", cpu) and channels_last_option("auto", cpu, "bf16")
+    assert not channels_last_option("auto", cuda) and channels_last_option("auto", cuda, "bf16")
+    assert not channels_last_option("false", cpu) and channels_last_option("True", cuda)
+    assert channels_last_option(True, cuda, "none")
