@@ -7,6 +7,7 @@ PNG chart of each case's speed-up over the reference, per device.
 import glob
 import json
 import os
+import re
 
 __all__ = ["load_results", "render_markdown", "render_chart", "report"]
 
@@ -64,6 +65,18 @@ def render_markdown(rows):
     return "\n".join(lines) + "\n"
 
 
+def _label(device, group, case, provider):
+    """A short bar label: device, group, the case's values not already in the group, provider."""
+    values = []
+    for key, value in re.findall(r"(\w+)=(\[[^\]]*\]|[^,]+)", case):
+        value = value.strip()
+        if value not in group:
+            values.append(value.strip("[]").replace(", ", "x"))
+    group = group.replace("group_norm_silu", "GN-SiLU").replace("forward+backward", "fwd+bwd")
+    group = group.replace("forward", "fwd").replace("channels_last", "CL")
+    return f"{device[:12]} | {group} {' '.join(values)} [{provider}]"
+
+
 def render_chart(rows, path, width=900):
     """Horizontal bars: speed-up over the reference of every non-reference provider."""
     from PIL import Image, ImageDraw
@@ -73,7 +86,7 @@ def render_chart(rows, path, width=900):
         ref = by.get("reference")
         for provider, median in sorted(by.items()):
             if ref and provider != "reference":
-                bars.append((f"{group} {case} [{provider}] ({device})", ref / median))
+                bars.append((_label(device, group, case, provider), ref / median))
     height = 40 + 22 * max(len(bars), 1)
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
@@ -83,7 +96,7 @@ def render_chart(rows, path, width=900):
     scale = (width - label_w - 60) / top_value
     for i, (label, ratio) in enumerate(bars):
         y = top + 22 * i
-        draw.text((5, y + 4), label[:70], fill="black")
+        draw.text((5, y + 4), label[:72], fill="black")
         colour = (44, 160, 44) if ratio >= 1 else (214, 39, 40)
         draw.rectangle([label_w, y + 3, label_w + ratio * scale, y + 17], fill=colour)
         draw.text((label_w + ratio * scale + 5, y + 4), f"{ratio:.2f}x", fill="black")
