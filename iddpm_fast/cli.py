@@ -127,6 +127,16 @@ def _fid(args):
     return 0
 
 
+def _reproduce(args):
+    from .reproduce import run_study
+
+    seeds = [int(x) for x in args["seeds"].split(",")] if args.get("seeds") else None
+    path = run_study(out=args["out"], cache=args["cache"], scale=args["scale"], data_dir=args["data_dir"],
+                     seeds=seeds, steps=args.get("steps"), image_size=args.get("image_size"))
+    print(f"report: {path}")
+    return 0
+
+
 def _info(args):
     """What runs here: versions, devices, the C++ extension, each op's backend."""
     import platform
@@ -197,7 +207,17 @@ def build_parser():
     p_fid.set_defaults(_run=_fid)
     p_info = sub.add_parser("info", help="versions, devices, the C++ extension and each op's backend here")
     p_info.set_defaults(_run=_info)
-    for p in (p_sample, p_nll, p_bench, p_fid, p_info):
+    p_rep = sub.add_parser("reproduce", help="re-test the paper's six findings at small scale; write a report")
+    p_rep.add_argument("--scale", default="small", choices=["small", "tiny"],
+                       help="small: the committed report (about an hour on 2 CPU cores); tiny: seconds (CI)")
+    p_rep.add_argument("--out", default="reports", help="where reproduction.md and figures/ go")
+    p_rep.add_argument("--cache", default="runs/reproduce", help="finished runs (re-used; delete to redo)")
+    p_rep.add_argument("--data_dir", default="digits", help="digits (built in), an image folder or an .npz")
+    p_rep.add_argument("--image_size", type=int, default=None, help="needed for data other than digits")
+    p_rep.add_argument("--seeds", default=None, help="comma-separated seeds (default: the scale's)")
+    p_rep.add_argument("--steps", type=int, default=None, help="training steps per run (default: the scale's)")
+    p_rep.set_defaults(_run=_reproduce)
+    for p in (p_sample, p_nll, p_bench, p_fid, p_info, p_rep):
         p.add_argument("--malloc_tuning", type=str2bool, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
