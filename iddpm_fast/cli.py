@@ -210,8 +210,10 @@ def build_parser():
     p_rep = sub.add_parser("reproduce", help="re-test the paper's six findings at small scale; write a report")
     p_rep.add_argument("--scale", default="small", choices=["small", "tiny"],
                        help="small: the committed report (about an hour on 2 CPU cores); tiny: seconds (CI)")
-    p_rep.add_argument("--out", default="reports", help="where reproduction.md and figures/ go")
-    p_rep.add_argument("--cache", default="runs/reproduce", help="finished runs (re-used; delete to redo)")
+    p_rep.add_argument("--out", default=None, help="where reproduction.md and figures/ go (default: reports/ for "
+                       "the small scale, reports/SCALE/ otherwise)")
+    p_rep.add_argument("--cache", default=None, help="finished runs, re-used (default: runs/reproduce for the "
+                       "small scale, runs/reproduce-SCALE otherwise)")
     p_rep.add_argument("--data_dir", default="digits", help="digits (built in), an image folder or an .npz")
     p_rep.add_argument("--image_size", type=int, default=None, help="needed for data other than digits")
     p_rep.add_argument("--seeds", default=None, help="comma-separated seeds (default: the scale's)")

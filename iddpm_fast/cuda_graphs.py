@@ -36,6 +36,15 @@ def autocast(device, enabled):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
 
 
+def _autocast_caches(device):
+    """True inside an autocast region for `device` whose cast cache is on."""
+    try:
+        enabled = torch.is_autocast_enabled(torch.device(device).type)
+    except TypeError:  # older torch: no device argument (CUDA)
+        enabled = torch.is_autocast_enabled()
+    return bool(enabled) and torch.is_autocast_cache_enabled()
+
+
 class GraphedSampler:
     """
     A sampling loop (``diffusion.p_sample`` or ``diffusion.ddim_sample``) for
@@ -54,6 +63,12 @@ class GraphedSampler:
                  memory_format=torch.contiguous_format, warmup=2):
         device = next(model.parameters()).device
         check_available(device)
+        if _autocast_caches(device):
+            raise ValueError(
+                "GraphedSampler was built inside torch.autocast with its weight-cast cache on: the graph would "
+                "read cached casts that are freed when the autocast block ends; use iddpm_fast.cuda_graphs."
+                "autocast(device, enabled) (cache off) around both the construction and the loop"
+            )
         if not isinstance(shape, (tuple, list)) or len(shape) < 2:
             raise TypeError(f"shape must be a tuple like (N, C, H, W), got {shape!r}")
         self.diffusion, self.device, self.shape = diffusion, device, tuple(int(s) for s in shape)
@@ -91,9 +106,14 @@ class GraphedSampler:
             noise = torch.randn(*self.shape, device=self.device)
         if tuple(noise.shape) != self.shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)} but this sampler was captured for {self.shape}")
-        for k, v in (model_kwargs or {}).items():
-            if k not in self._kwargs or self._kwargs[k].shape != v.shape:
-                raise ValueError(f"model_kwargs[{k!r}] does not match the captured model kwargs")
+        model_kwargs = dict(model_kwargs or {})
+        if model_kwargs and set(model_kwargs) != set(self._kwargs):
+            raise ValueError(f"model_kwargs has keys {sorted(model_kwargs)}, but the graph was captured with "
+                             f"{sorted(self._kwargs)}: give all of them (or none, to reuse the captured values)")
+        for k, v in model_kwargs.items():
+            if self._kwargs[k].shape != v.shape:
+                raise ValueError(f"model_kwargs[{k!r}] has shape {tuple(v.shape)}, but the graph was captured "
+                                 f"with {tuple(self._kwargs[k].shape)}")
             self._kwargs[k].copy_(v)
         self._x.copy_(noise)
         for i in reversed(range(self.diffusion.num_timesteps)):

@@ -284,9 +284,9 @@ def training_loss_fwd(model_output, x_start, noise, t, tables, model_mean_type, 
     loss, mse, vb = (torch.empty(B, device=device, dtype=torch.float32) for _ in range(3))
     if not B:
         return loss, mse, vb
-    if not D:
-        zero = torch.zeros(B, device=device, dtype=torch.float32)
-        return zero, zero.clone(), zero.clone()
+    if not D:  # a mean over no elements, as the reference: NaN
+        nan = torch.full((B,), float("nan"), device=device, dtype=torch.float32)
+        return nan, nan.clone(), nan.clone()
     block = block_size(D)
     n_chunks = triton.cdiv(D, block)
     partial = torch.empty((2, B, n_chunks), device=device, dtype=torch.float32)

@@ -94,3 +94,13 @@ def test_sample_cuda_graphs_writes_the_same_npz(tmp_path):
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
     c = np.load(iddpm_fast.sample(**kw, cuda_graphs=True, amp="bf16", out_dir=str(tmp_path / "c"))["npz"])["arr_0"]
     assert c.shape == a.shape
+
+
+def test_autocast_with_its_cache_on_is_detected():
+    """GraphedSampler refuses to capture under an autocast whose cast cache is on
+    (the graph would read freed casts); cuda_graphs.autocast turns the cache off."""
+    assert not cuda_graphs._autocast_caches("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cuda_graphs._autocast_caches("cpu")
+    with cuda_graphs.autocast("cpu", True):
+        assert not cuda_graphs._autocast_caches("cpu")

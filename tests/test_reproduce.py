@@ -52,6 +52,12 @@ def test_every_run_is_cached_and_a_second_call_does_not_train(study, monkeypatch
     assert os.path.exists(os.path.join(out, "reproduction.md"))
 
 
+def test_a_cache_made_with_other_settings_is_refused(study):
+    out, cache = study
+    with pytest.raises(ValueError, match="was made with other settings.*steps: 2 there, 3 now"):
+        rep.run_study(out=out, cache=cache, scale="tiny", steps=3)
+
+
 def test_verdict_rule():
     assert rep.compare([1.0, 1.1, 0.9], [2.0, 2.1, 1.9])[0] == "reproduced"
     assert rep.compare([2.0, 2.1, 1.9], [1.0, 1.1, 0.9])[0] == "not reproduced"

@@ -147,6 +147,17 @@ def test_training_loss_gradient_of_one_output_alone(used, path):
     torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
 
 
+def test_training_loss_of_empty_samples_is_nan_like_the_reference():
+    tables = _tables()
+    x0 = torch.zeros(2, 0, 3, 3, device=DEVICE)
+    out = torch.zeros(2, 0, 3, 3, device=DEVICE)
+    t = torch.tensor([0, 3], device=DEVICE)
+    kinds = dict(model_mean_type="epsilon", model_var_type="fixed_small", loss_type="mse", num_timesteps=T)
+    got = _triton._training_loss(out, x0, x0, t, tables, **kinds)
+    want = ref.training_loss(out, x0, x0, t, tables, **kinds)
+    assert torch.isnan(got[0]).all() and torch.isnan(want[0]).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_training_loss_low_precision_inputs(dtype):
     x0, noise, out, t = _data((2, 3, 4, 4), True, dtype)

@@ -160,6 +160,7 @@ class _TrainingLoss(torch.autograd.Function):
         return k.training_loss_fwd(model_output, x_start, noise, t, tables, *kinds)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_mse, grad_vb):
         from ..kernels import training_loss as k
 
