@@ -154,9 +154,9 @@ class HumanOutputFormat(KVWriter, SeqWriter):
     (opened for writing, truncated) or to an already open text stream.
     """
 
-    def __init__(self, filename_or_file):
+    def __init__(self, filename_or_file, append=False):
         if isinstance(filename_or_file, (str, os.PathLike)):
-            self.file = open(filename_or_file, "wt", encoding="utf-8")
+            self.file = open(filename_or_file, "at" if append else "wt", encoding="utf-8")
             self.own_file = True
         else:
             if not hasattr(filename_or_file, "write"):
@@ -206,8 +206,15 @@ class HumanOutputFormat(KVWriter, SeqWriter):
 class JSONOutputFormat(KVWriter):
     """One JSON object per ``dumpkvs`` (JSON lines). Non-finite floats appear as ``NaN``/``Infinity``."""
 
-    def __init__(self, filename):
+    def __init__(self, filename, keep_before_step=None):
+        kept = []
+        if keep_before_step is not None and osp.exists(filename):
+            # A resumed run: keep the rows of the steps before the checkpoint it resumes from.
+            with open(filename, encoding="utf-8") as f:
+                kept = [line for line in f if line.strip() and _step_of_json(line) < keep_before_step]
         self.file = open(filename, "wt", encoding="utf-8")
+        self.file.writelines(kept)
+        self.file.flush()
 
     def writekvs(self, kvs):
         row = {}
@@ -230,6 +237,20 @@ def _csv_cell(text):
     return text
 
 
+def _number(text):
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return float("-inf")
+
+
+def _step_of_json(line):
+    try:
+        return _number(json.loads(line).get("step"))
+    except (ValueError, AttributeError):
+        return float("-inf")
+
+
 class CSVOutputFormat(KVWriter):
     """
     ``progress.csv``: a header of every key seen so far and one row per dump.
@@ -238,10 +259,25 @@ class CSVOutputFormat(KVWriter):
     cells, as in the original.
     """
 
-    def __init__(self, filename):
-        self.file = open(filename, "w+t", encoding="utf-8", newline="")
+    def __init__(self, filename, keep_before_step=None):
         self.keys = []
         self.sep = ","
+        header, rows = [], []
+        if keep_before_step is not None and osp.exists(filename):
+            # A resumed run: keep the header and the rows of the steps before its checkpoint.
+            with open(filename, encoding="utf-8", newline="") as f:
+                table = list(csv.reader(f))
+            if table:
+                header = table[0]
+                col = header.index("step") if "step" in header else None
+                rows = [r for r in table[1:] if col is None or _number(r[col] if col < len(r) else "") < keep_before_step]
+        self.file = open(filename, "w+t", encoding="utf-8", newline="")
+        if header:
+            self.keys = list(header)
+            self.file.write(self._line(self.keys))
+            for row in rows:
+                self.file.write(self._line(row))
+            self.file.flush()
 
     def _line(self, cells):
         return self.sep.join(_csv_cell(c) for c in cells) + "\n"
@@ -305,17 +341,23 @@ class TensorBoardOutputFormat(KVWriter):
             self.writer = None
 
 
-def make_output_format(format, ev_dir, log_suffix=""):
-    """An output for ``format`` (stdout, log, json, csv, tensorboard) in directory ``ev_dir``."""
+def make_output_format(format, ev_dir, log_suffix="", resume_step=None):
+    """
+    An output for ``format`` (stdout, log, json, csv, tensorboard) in directory
+    ``ev_dir``. With ``resume_step`` (a training run resuming from the
+    checkpoint of that step) the files continue instead of starting over:
+    ``log.txt`` is appended to, and ``progress.csv`` / ``progress.json`` keep
+    their rows of the steps before ``resume_step``.
+    """
     os.makedirs(ev_dir, exist_ok=True)
     if format == "stdout":
         return HumanOutputFormat(sys.stdout)
     if format == "log":
-        return HumanOutputFormat(osp.join(ev_dir, f"log{log_suffix}.txt"))
+        return HumanOutputFormat(osp.join(ev_dir, f"log{log_suffix}.txt"), append=resume_step is not None)
     if format == "json":
-        return JSONOutputFormat(osp.join(ev_dir, f"progress{log_suffix}.json"))
+        return JSONOutputFormat(osp.join(ev_dir, f"progress{log_suffix}.json"), keep_before_step=resume_step)
     if format == "csv":
-        return CSVOutputFormat(osp.join(ev_dir, f"progress{log_suffix}.csv"))
+        return CSVOutputFormat(osp.join(ev_dir, f"progress{log_suffix}.csv"), keep_before_step=resume_step)
     if format == "tensorboard":
         return TensorBoardOutputFormat(osp.join(ev_dir, f"tb{log_suffix}"))
     raise ValueError(f"Unknown format specified: {format!r} (expected stdout, log, json, csv or tensorboard)")
@@ -575,10 +617,12 @@ def mpi_weighted_mean(comm, local_name2valcount):
 # ----------------------------------------------------------------------------
 
 
-def configure(dir=None, format_strs=None, comm=None, log_suffix=""):
+def configure(dir=None, format_strs=None, comm=None, log_suffix="", resume_step=None):
     """
     Make a new current logger (the previous one is left open; see the module
     docstring for how ``dir``, ``format_strs`` and ``comm`` are chosen).
+    ``resume_step`` (new): continue the files of a run resuming from that
+    step's checkpoint instead of starting them over (see make_output_format).
     """
     if dir is None:
         dir = os.getenv("OPENAI_LOGDIR")
@@ -597,7 +641,8 @@ def configure(dir=None, format_strs=None, comm=None, log_suffix=""):
             format_strs = os.getenv("OPENAI_LOG_FORMAT", "stdout,log,csv").split(",")
         else:
             format_strs = os.getenv("OPENAI_LOG_FORMAT_MPI", "log").split(",")
-    output_formats = [make_output_format(f.strip(), dir, log_suffix) for f in format_strs if f and f.strip()]
+    output_formats = [make_output_format(f.strip(), dir, log_suffix, resume_step) for f in format_strs
+                      if f and f.strip()]
 
     Logger.CURRENT = Logger(dir=dir, output_formats=output_formats, comm=comm)
     if output_formats:

@@ -192,7 +192,7 @@ def _seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def _configure_logging(out_dir):
+def _configure_logging(out_dir, resume_step=None):
     formats = ["stdout", "log", "csv", "json"]
     try:
         import torch.utils.tensorboard  # noqa: F401
@@ -200,8 +200,18 @@ def _configure_logging(out_dir):
         formats.append("tensorboard")
     except Exception:
         pass
-    logger.configure(dir=out_dir or None, format_strs=formats if dist_util.get_rank() == 0 else [])
+    logger.configure(dir=out_dir or None, format_strs=formats if dist_util.get_rank() == 0 else [],
+                     resume_step=resume_step)
     return logger.get_dir()
+
+
+def _resume_step_for_logs(cfg):
+    """The step a run in an existing out_dir resumes from (its logs then continue), else None."""
+    out_dir = cfg["out_dir"]
+    if not out_dir or not os.path.isdir(out_dir):
+        return None
+    ckpt = cfg["resume_checkpoint"] or (latest_checkpoint(out_dir) if cfg["auto_resume"] else "")
+    return parse_resume_step_from_filename(ckpt) if ckpt else None
 
 
 def _respaced(cfg, respacing):
@@ -234,7 +244,7 @@ def train(**config):
         dist_util.setup_dist()
     rank = dist_util.get_rank()
     device = torch.device(cfg["device"]) if cfg["device"] else dist_util.dev()
-    out_dir = _configure_logging(cfg["out_dir"])
+    out_dir = _configure_logging(cfg["out_dir"], _resume_step_for_logs(cfg))
     _seed_everything(int(cfg["seed"]))
 
     from . import image_datasets

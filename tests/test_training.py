@@ -92,6 +92,38 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     assert torch.equal(sampler_full["loss_history"], sampler_part["loss_history"])
 
 
+def test_resumed_run_continues_its_logs(tmp_path):
+    """A resumed run keeps the log rows of the steps before its checkpoint and
+    appends the rest (rows logged after the checkpoint by the interrupted run
+    are dropped, so no step appears twice)."""
+    cfg = dict(TINY, log_interval=1, save_interval=2)
+    out = str(tmp_path / "run")
+    iddpm_fast.train(**cfg, max_steps=3, out_dir=out)  # checkpoints at 2 and 3 (the end)
+    os.remove(os.path.join(out, "model000003.pt"))  # as if killed after logging step 3 but before saving it
+    steps_before = [int(float(r["step"])) for r in _rows(out)]
+    assert steps_before == [0, 1, 2]
+    iddpm_fast.train(**cfg, max_steps=5, out_dir=out)  # resumes from model000002.pt
+    assert [int(float(r["step"])) for r in _rows(out)] == [0, 1, 2, 3, 4]
+    with open(os.path.join(out, "progress.json")) as f:
+        assert [json.loads(line)["step"] for line in f] == [0, 1, 2, 3, 4]
+    with open(os.path.join(out, "log.txt")) as f:
+        assert f.read().count("Logging to") == 2  # appended, not started over
+
+
+def test_csv_log_keeps_rows_before_the_resume_step(tmp_path):
+    path = str(tmp_path / "progress.csv")
+    w = logger.CSVOutputFormat(path)
+    for step in range(4):
+        w.writekvs({"step": step, "loss": 1.0 / (step + 1)})
+    w.close()
+    w = logger.CSVOutputFormat(path, keep_before_step=2)
+    w.writekvs({"step": 2, "loss": 0.5, "vb": 0.1})  # a new key extends the header of the kept rows
+    w.close()
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["0", "1", "2"] and rows[-1]["vb"] == "0.1" and rows[0]["vb"] == ""
+
+
 def _cli_args(out, **over):
     cfg = dict(TINY, out_dir=out, **over)
     args = []
