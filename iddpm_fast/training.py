@@ -205,13 +205,14 @@ def _configure_logging(out_dir, resume_step=None):
     return logger.get_dir()
 
 
-def _resume_step_for_logs(cfg):
-    """The step a run in an existing out_dir resumes from (its logs then continue), else None."""
-    out_dir = cfg["out_dir"]
-    if not out_dir or not os.path.isdir(out_dir):
-        return None
-    ckpt = cfg["resume_checkpoint"] or (latest_checkpoint(out_dir) if cfg["auto_resume"] else "")
-    return parse_resume_step_from_filename(ckpt) if ckpt else None
+def _resume_checkpoint(cfg, log_dir):
+    """The checkpoint this run resumes from: resume_checkpoint, else (with
+    auto_resume) the newest complete one in the log directory, else ""."""
+    if cfg["resume_checkpoint"]:
+        return cfg["resume_checkpoint"]
+    if cfg["auto_resume"] and log_dir:
+        return latest_checkpoint(log_dir) or ""
+    return ""
 
 
 def _respaced(cfg, respacing):
@@ -244,7 +245,12 @@ def train(**config):
         dist_util.setup_dist()
     rank = dist_util.get_rank()
     device = torch.device(cfg["device"]) if cfg["device"] else dist_util.dev()
-    out_dir = _configure_logging(cfg["out_dir"], _resume_step_for_logs(cfg))
+    # The folder the logger will write to (as logger.configure picks it), known before it opens its
+    # files: a resumed run's logs continue from its checkpoint's step.
+    log_dir = cfg["out_dir"] or os.getenv("OPENAI_LOGDIR") or ""
+    resume = _resume_checkpoint(cfg, log_dir)
+    start_step = parse_resume_step_from_filename(resume) if resume else 0
+    out_dir = _configure_logging(log_dir, start_step if resume else None)
     _seed_everything(int(cfg["seed"]))
 
     from . import image_datasets
@@ -274,12 +280,8 @@ def train(**config):
         n_params = sum(p.numel() for p in model.parameters())
         logger.log(f"data: {data_dir} ({len(dataset)} training images, {channels} channel(s)); model: {n_params / 1e6:.2f} M parameters")
 
-    resume = cfg["resume_checkpoint"]
-    if not resume and cfg["auto_resume"]:
-        resume = latest_checkpoint(out_dir) or ""
-        if resume:
-            logger.log(f"resuming from the newest complete checkpoint in {out_dir}: {resume}")
-    start_step = parse_resume_step_from_filename(resume) if resume else 0
+    if resume and not cfg["resume_checkpoint"]:
+        logger.log(f"resuming from the newest complete checkpoint in {out_dir}: {resume}")
 
     data = _StepBatches(
         dataset,
