@@ -53,7 +53,7 @@ for _name in _NORM_OPS:
     register(_name, "reference", getattr(ref, _name))
 
 from . import _triton  # noqa: E402,F401  (registers the Triton kernels; they load on first use)
-from . import _cpp  # noqa: E402,F401  (registers the C++ ops; the extension loads on first use)
+from . import _cpp  # noqa: E402  (registers the C++ ops; the extension loads on first use)
 
 
 def _types(model_mean_type=None, model_var_type=None, loss_type=None):
@@ -240,10 +240,11 @@ def _stock_group_norm_silu(x, weight, bias, num_groups, eps):
 def group_norm_silu(x, weight, bias, num_groups, eps=1e-5):
     """SiLU(GroupNorm(x)); see :func:`iddpm_fast.reference.group_norm_silu`."""
     _check_norm(x, weight, bias, num_groups)
-    if (x.device.type == "cuda" and requested_backend() == "auto"
-            and resolve_name("group_norm_silu", x.device) == "cpp" and _stock_kernels_win_on_cuda(x, weight, bias)):
+    fn = resolve("group_norm_silu", x.device)
+    if (fn is _cpp.group_norm_silu and x.device.type == "cuda" and requested_backend() == "auto"
+            and _stock_kernels_win_on_cuda(x, weight, bias)):
         return _stock_group_norm_silu(x, weight, bias, num_groups, eps)
-    return resolve("group_norm_silu", x.device)(x, weight, bias, num_groups, eps)
+    return fn(x, weight, bias, num_groups, eps)
 
 
 def group_norm_scale_shift_silu(x, weight, bias, scale, shift, num_groups, eps=1e-5):

@@ -257,17 +257,21 @@ def _with_reference_for_grad(name, triton_fn, *grad_inputs_idx):
     """The seam entry of a forward-only op: the reference runs when gradients
     are wanted; in eager mode the launcher is called directly (no dispatcher
     round trip), under torch.compile the custom op."""
-    module, launcher = _LAUNCHERS[name]
+    module, launcher_name = _LAUNCHERS[name]
+    launcher = None  # imported on first eager use (TRITON_INTERPRET must be set before the kernels import)
 
     def run(*args, **kwargs):
+        nonlocal launcher
         if _wants_grad(*(args[i] for i in grad_inputs_idx)):
             from .. import reference
 
             return getattr(reference, name)(*args, **kwargs)
         if _eager():
-            import importlib
+            if launcher is None:
+                import importlib
 
-            return getattr(importlib.import_module(f"iddpm_fast.kernels.{module}"), launcher)(*args, **kwargs)
+                launcher = getattr(importlib.import_module(f"iddpm_fast.kernels.{module}"), launcher_name)
+            return launcher(*args, **kwargs)
         return triton_fn(*args, **kwargs)
 
     return run
