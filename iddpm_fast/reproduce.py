@@ -168,9 +168,8 @@ class Quality:
         mu, sigma = self._stats(self.features(x))
         return float(frechet_distance(mu, sigma, *self.ref_stats))
 
-    def score(self, images_u8):
-        """dict(fd, confidence, classes_covered) of uint8 [N, H, W, C] samples."""
-        x = self._flat(images_u8)
+    def _scores(self, x):
+        """dict(fd, and for digits confidence, classes_covered) of [N, D] images in [0, 1]."""
         out = {"fd": self.frechet(x)}
         if self.digits:
             proba = self.clf.predict_proba(x)
@@ -179,24 +178,21 @@ class Quality:
             out["classes_covered"] = int((counts >= 0.3 * len(x) / 10).sum())
         return out
 
+    def score(self, images_u8):
+        """dict(fd, confidence, classes_covered) of uint8 [N, H, W, C] samples."""
+        return self._scores(self._flat(images_u8))
+
     def baselines(self, n, seed=0):
         """Real-vs-real (training images against the held-out ones) and
         noise-vs-real rows, with n images each, for the scale of the FD."""
         rng = np.random.default_rng(seed)
         real = self.train_x[rng.choice(len(self.train_x), size=min(n, len(self.train_x)), replace=False)]
         noise = rng.uniform(0, 1, size=(n, self.train_x.shape[1]))
-        rows = {"real (train) vs held-out": {"fd": self.frechet(real)},
-                "uniform noise vs held-out": {"fd": self.frechet(noise)}}
-        if not self.digits:
-            rows = {"real (one half) vs real (other half)": rows["real (train) vs held-out"],
-                    "uniform noise vs real": rows["uniform noise vs held-out"]}
         if self.digits:
-            for name, x in (("real (train) vs held-out", real), ("uniform noise vs held-out", noise)):
-                proba = self.clf.predict_proba(x)
-                counts = np.bincount(proba.argmax(axis=1), minlength=10)
-                rows[name]["confidence"] = float(proba.max(axis=1).mean())
-                rows[name]["classes_covered"] = int((counts >= 0.3 * len(x) / 10).sum())
-        return rows
+            names = ("real (train) vs held-out", "uniform noise vs held-out")
+        else:
+            names = ("real (one half) vs real (other half)", "uniform noise vs real")
+        return {names[0]: self._scores(real), names[1]: self._scores(noise)}
 
 
 # ------------------------------------------------------------------- runs
@@ -363,8 +359,10 @@ def line_plot(path, series, title="", xlabel="", ylabel="", logx=False, logy=Fal
     def ty(v):
         return math.log10(v) if logy else v
 
-    pts = [(tx(x), ty(y)) for _, xs, ys in series for x, y in zip(xs, ys)
-           if math.isfinite(x) and math.isfinite(y) and (not logx or x > 0) and (not logy or y > 0)]
+    def plottable(x, y):
+        return math.isfinite(x) and math.isfinite(y) and (not logx or x > 0) and (not logy or y > 0)
+
+    pts = [(tx(x), ty(y)) for _, xs, ys in series for x, y in zip(xs, ys) if plottable(x, y)]
     if not pts:
         raise ValueError(f"nothing to plot in {path}")
     x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
@@ -389,9 +387,7 @@ def line_plot(path, series, title="", xlabel="", ylabel="", logx=False, logy=Fal
     d.text((5, 22), ylabel, fill="black")
     for i, (label, xs, ys) in enumerate(series):
         colour = _COLOURS[i % len(_COLOURS)]
-        keep = [(x, y) for x, y in zip(xs, ys) if math.isfinite(x) and math.isfinite(y)
-                and (not logx or x > 0) and (not logy or y > 0)]
-        line = [px(x, y) for x, y in keep]
+        line = [px(x, y) for x, y in zip(xs, ys) if plottable(x, y)]
         if len(line) > 1:
             d.line(line, fill=colour, width=2)
         for p in line if len(line) < 40 else []:

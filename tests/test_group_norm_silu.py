@@ -229,6 +229,16 @@ def test_extension_builds_where_a_compiler_and_ninja_exist():
     assert REASON is None, REASON
 
 
+def _python_prints_ok(code, drop=(), **env_vars):
+    """Run `code` in a fresh interpreter (this checkout importable, env_vars
+    set, the variables in `drop` unset) and require it to print ok."""
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), **env_vars)
+    for name in drop:
+        env.pop(name, None)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
 def test_package_works_without_the_extension(tmp_path):
     """Simulate a machine where the extension cannot be had: the package
     imports, the ops warn once naming the reason and run the reference, and
@@ -254,9 +264,7 @@ out = model(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))
 out.square().mean().backward()
 print("ok")
 """
-    env = dict(os.environ, IDDPM_FAST_NO_EXT="1", PYTHONPATH=os.getcwd())
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+    _python_prints_ok(code, IDDPM_FAST_NO_EXT="1")
 
 
 @needs_ext
@@ -289,9 +297,7 @@ for shape, groups in [((2, 64, 7, 9), 32), ((3, 12, 5), 4)]:
             assert (gx.double() - gr).abs().max() <= tol * max(1, gr.abs().max()), (shape, cl, dt)
 print("ok")
 """
-    env = dict(os.environ, IDDPM_FAST_CPU_CAPABILITY="avx2", PYTHONPATH=os.getcwd())
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+    _python_prints_ok(code, IDDPM_FAST_CPU_CAPABILITY="avx2")
 
 
 @needs_ext
@@ -337,10 +343,7 @@ print("ok")
         pytest.skip("the build would stop earlier here (no ninja, or a CPU without AVX2)")
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    env = dict(os.environ, IDDPM_FAST_EXT_DIR=str(blocker / "sub"), PYTHONPATH=os.getcwd())
-    env.pop("IDDPM_FAST_NO_EXT", None)
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+    _python_prints_ok(code, drop=("IDDPM_FAST_NO_EXT",), IDDPM_FAST_EXT_DIR=str(blocker / "sub"))
 
 
 @needs_ext
