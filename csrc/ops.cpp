@@ -23,4 +23,11 @@ TORCH_LIBRARY(iddpm_fast, m) {
       "gn_silu_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, "
       "Tensor? shift, Tensor mean, Tensor rstd, int num_groups) "
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_scale, Tensor grad_shift)");
+
+  // Dropout drawing the same mask as F.dropout on the CPU generator (see
+  // cpu/dropout_cpu.cpp): y = x * (keep ? scale : 0) with keep ~ Bernoulli(1 - p)
+  // per element in memory order, scale = 1 / (1 - p) in x's dtype; returns y
+  // and the keep mask (bool, x's layout). CPU only.
+  m.def("dropout_forward(Tensor x, float p, float scale, Generator? generator=None) -> (Tensor y, Tensor mask)");
+  m.def("dropout_backward(Tensor grad_y, Tensor mask, float scale) -> Tensor");
 }

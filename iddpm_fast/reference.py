@@ -619,3 +619,25 @@ def group_norm_scale_shift_silu(x, weight, bias, scale, shift, num_groups, eps=1
     h = F.group_norm(_up(x), num_groups, weight, bias, eps).to(x.dtype)
     h = h * (1 + scale.to(x.dtype).view(*scale.shape, *extra)) + shift.to(x.dtype).view(*shift.shape, *extra)
     return h * torch.sigmoid(h)
+
+
+# --------------------------------------------------------------------------
+# Dropout (ResBlock out_layers).
+# --------------------------------------------------------------------------
+
+
+def dropout(x, p, training=True):
+    """
+    Dropout exactly as the original's ``nn.Dropout`` runs it, i.e.
+    ``F.dropout``. On a CPU tensor with 0 < p < 1 that is
+    ``noise = empty_like(x).bernoulli_(1 - p); noise.div_(1 - p); x * noise``:
+    one Bernoulli draw per element from the default CPU generator, in x's
+    memory order, each taking two 32-bit words of its Mersenne Twister. The
+    fused CPU op reproduces these draws bit for bit (and leaves the generator
+    where this leaves it).
+
+    :param x: any shape; float32, float64, float16 or bfloat16.
+    :param p: probability of zeroing an element.
+    :return: x's shape, dtype and layout.
+    """
+    return F.dropout(x, p, training)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from . import ops
 from .fp16_util import convert_module_to_f16, convert_module_to_f32
 from .nn import (
+    Dropout,
     SiLU,
     avg_pool_nd,
     checkpoint,
@@ -162,7 +163,7 @@ class ResBlock(TimestepBlock):
         self.out_layers = nn.Sequential(
             normalization_silu(c_out, scale_shift=use_scale_shift_norm),
             nn.Identity(),
-            nn.Dropout(p=dropout),
+            Dropout(p=dropout),
             zero_module(conv_nd(dims, c_out, c_out, 3, padding=1)),
         )
 

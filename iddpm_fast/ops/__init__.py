@@ -44,11 +44,12 @@ _DIFFUSION_OPS = (
     "training_loss",
 )
 _NORM_OPS = ("group_norm_silu", "group_norm_scale_shift_silu")
+_MODEL_OPS = _NORM_OPS + ("dropout",)
 
 for _name in _DIFFUSION_OPS:
     declare(_name, _DIFFUSION_KINDS)
     register(_name, "reference", getattr(ref, _name))
-for _name in _NORM_OPS:
+for _name in _MODEL_OPS:
     declare(_name, _NORM_KINDS)
     register(_name, "reference", getattr(ref, _name))
 
@@ -257,6 +258,17 @@ def group_norm_scale_shift_silu(x, weight, bias, scale, shift, num_groups, eps=1
     return resolve("group_norm_scale_shift_silu", x.device)(x, weight, bias, scale, shift, num_groups, eps)
 
 
+def dropout(x, p, training=True):
+    """Dropout with F.dropout's random draws; see :func:`iddpm_fast.reference.dropout`."""
+    p = float(p)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return x  # F.dropout returns its input here too, and draws nothing
+    _checks.check_float("x", x, min_dim=0)
+    return resolve("dropout", x.device)(x, p, training)
+
+
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
@@ -267,5 +279,5 @@ __all__ = [
     "resolve_name",
     "use_backend",
     *_DIFFUSION_OPS,
-    *_NORM_OPS,
+    *_MODEL_OPS,
 ]

@@ -1,16 +1,19 @@
 """
 The C++ extension's ops (csrc/) behind the seam: fake (meta) kernels for
 torch.compile, autograd through the C++ backward, and the seam's callables
-for ``group_norm_silu`` and ``group_norm_scale_shift_silu``.
+for ``group_norm_silu``, ``group_norm_scale_shift_silu`` and ``dropout``.
 
 The library itself is loaded lazily by :mod:`iddpm_fast._ext` the first time
 the seam asks whether the "cpp" kind is available.
 """
 
+import threading
+
 import torch
+import torch.nn.functional as F
 
 from .. import _ext
-from ._backend import register
+from ._backend import _compiling, register
 
 _registered = False
 
@@ -64,6 +67,35 @@ def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
     )
 
 
+def _fake_dropout_forward(x, p, scale, generator=None):
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
+
+def _fake_dropout_backward(grad_y, mask, scale):
+    return torch.empty_like(mask, dtype=grad_y.dtype)
+
+
+def _dropout_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.scale = inputs[2]
+
+
+def _dropout_backward(ctx, grad_y, _grad_mask):
+    (mask,) = ctx.saved_tensors
+    return torch.ops.iddpm_fast.dropout_backward(grad_y, mask, ctx.scale), None, None, None
+
+
+def _dropout_backward_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.scale = inputs[2]
+
+
+def _dropout_double_backward(ctx, grad_grad_x):
+    # dropout_backward is linear in grad_y with the same mask and scale.
+    (mask,) = ctx.saved_tensors
+    return torch.ops.iddpm_fast.dropout_backward(grad_grad_x, mask, ctx.scale), None, None
+
+
 def register_python_parts():
     """Fake kernels and autograd for the loaded C++ ops (once)."""
     global _registered
@@ -72,26 +104,98 @@ def register_python_parts():
     torch.library.register_fake("iddpm_fast::gn_silu_forward")(_fake_forward)
     torch.library.register_fake("iddpm_fast::gn_silu_backward")(_fake_backward)
     torch.library.register_autograd("iddpm_fast::gn_silu_forward", _backward, setup_context=_setup_context)
+    torch.library.register_fake("iddpm_fast::dropout_forward")(_fake_dropout_forward)
+    torch.library.register_fake("iddpm_fast::dropout_backward")(_fake_dropout_backward)
+    torch.library.register_autograd(
+        "iddpm_fast::dropout_forward", _dropout_backward, setup_context=_dropout_setup_context
+    )
+    torch.library.register_autograd(
+        "iddpm_fast::dropout_backward", _dropout_double_backward, setup_context=_dropout_backward_setup_context
+    )
     _registered = True
 
 
 def _dense(x):
+    """Contiguous or channels-last (any number of spatial dims)."""
+    return x.is_contiguous() or (x.dim() >= 3 and x.movedim(1, -1).is_contiguous())
+
+
+def _dense_copy(x):
     """x, or a contiguous copy when it is neither contiguous nor channels-last
     (the C++ op takes those two layouts)."""
-    if x.is_contiguous() or x.dim() < 3 or x.movedim(1, -1).is_contiguous():
-        return x
-    return x.contiguous()
+    return x if _dense(x) or x.dim() < 3 else x.contiguous()
 
 
 def group_norm_silu(x, weight, bias, num_groups, eps=1e-5):
-    return torch.ops.iddpm_fast.gn_silu_forward(_dense(x), weight, bias, None, None, num_groups, eps)[0]
+    return torch.ops.iddpm_fast.gn_silu_forward(_dense_copy(x), weight, bias, None, None, num_groups, eps)[0]
 
 
 def group_norm_scale_shift_silu(x, weight, bias, scale, shift, num_groups, eps=1e-5):
     n, c = x.shape[:2]
     return torch.ops.iddpm_fast.gn_silu_forward(
-        _dense(x), weight, bias, scale.reshape(n, c), shift.reshape(n, c), num_groups, eps
+        _dense_copy(x), weight, bias, scale.reshape(n, c), shift.reshape(n, c), num_groups, eps
     )[0]
+
+
+_SCALES = {}
+
+
+def dropout_scale(dtype, p):
+    """1 / (1 - p) rounded to `dtype` as F.dropout's noise.div_(1 - p) rounds
+    it (computed by that very op, once per dtype and p)."""
+    key = (dtype, p)
+    if key not in _SCALES:
+        _SCALES[key] = torch.ones((), dtype=dtype).div_(1 - p).item()
+    return _SCALES[key]
+
+
+def dropout(x, p, training=True):
+    # F.dropout off the CPU (CUDA's is one fused kernel with its own random
+    # numbers) and where the C++ op would not draw what it draws: p == 1 (no
+    # draws), strided views (noise is then laid out differently), and under
+    # torch.compile (whose dropout uses its own random numbers anyway).
+    if x.device.type != "cpu" or p >= 1.0 or x.numel() == 0 or not _dense(x) or _compiling():
+        return F.dropout(x, p, training)
+    return torch.ops.iddpm_fast.dropout_forward(x, p, dropout_scale(x.dtype, p))[0]
+
+
+_dropout_check = {"done": False, "reason": None}
+_dropout_lock = threading.Lock()
+
+
+def _dropout_self_check():
+    """None when the C++ dropout draws what bernoulli_ draws on this torch,
+    else why not (checked once: an odd number of words already used, both
+    layouts, a size spanning several Twister blocks)."""
+    with _dropout_lock:
+        if not _dropout_check["done"]:
+            reason = None
+            for layout, shape in ((torch.contiguous_format, (3, 5, 7, 11)), (torch.channels_last, (2, 6, 9, 13))):
+                x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).contiguous(memory_format=layout)
+                g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+                for g in (g1, g2):
+                    torch.randint(0, 2, (1,), generator=g, dtype=torch.int32)
+                noise = torch.empty_like(x).bernoulli_(0.7, generator=g1).div_(0.7)
+                y, _ = torch.ops.iddpm_fast.dropout_forward(x, 0.3, dropout_scale(x.dtype, 0.3), g2)
+                if not (torch.equal(y, x * noise) and torch.equal(g1.get_state(), g2.get_state())):
+                    reason = (
+                        f"torch {torch.__version__}'s CPU bernoulli_ draws differently from the extension's "
+                        "Mersenne-Twister emulation (an MKL-backed bernoulli_?), so F.dropout keeps its own draws"
+                    )
+                    break
+            _dropout_check["reason"] = reason
+            _dropout_check["done"] = True
+    return _dropout_check["reason"]
+
+
+def dropout_available(device):
+    """None when the C++ dropout can run on `device` with F.dropout's draws."""
+    if getattr(device, "type", str(device)) != "cpu":
+        return None  # dropout() runs F.dropout there
+    reason = _ext.load()
+    if reason is not None:
+        return reason
+    return _dropout_self_check()
 
 
 def available(device):
@@ -109,3 +213,4 @@ def available(device):
 
 register("group_norm_silu", "cpp", group_norm_silu, available)
 register("group_norm_scale_shift_silu", "cpp", group_norm_scale_shift_silu, available)
+register("dropout", "cpp", dropout, dropout_available)
