@@ -610,3 +610,41 @@ def test_attention_in_bf16_under_autocast_stays_bf16_and_close():
     a = torch.softmax(torch.einsum("bct,bcs->bts", q, k) / math.sqrt(w), dim=-1)
     want = torch.einsum("bts,bcs->bct", a, v)
     assert (out.double() - want).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("heads,channels,size", [(1, 64, 16), (4, 128, 8), (2, 64, 5)],
+                         ids=["1 head 16x16", "4 heads 8x8", "2 heads odd 5x5"])
+def test_attention_block_on_channels_last_tokens_equals_the_nct_route(heads, channels, size):
+    """A channels-last image is attended as [N, T, C] tokens (1x1 convs as
+    linear layers on the same weights, no layout copies): the same function
+    within fp32 rounding, values and every gradient, and the result stays
+    channels-last; NCHW input and the reference backend keep the original
+    [N, C, T] route."""
+    from iddpm_fast import ops
+    from iddpm_fast.unet import AttentionBlock
+
+    torch.manual_seed(9)
+    block = AttentionBlock(channels, num_heads=heads)
+    with torch.no_grad():  # proj_out starts at zero; make the attention count
+        for p in block.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(3, channels, size, size) - 1
+    x_cl = x.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
+    x_nchw = x.clone().requires_grad_()
+    assert block._tokens_last(x_cl) and not block._tokens_last(x_nchw)
+    with ops.use_backend("reference"):
+        assert not block._tokens_last(x_cl)
+    results = []
+    for inp in (x_nchw, x_cl):
+        out = block(inp)
+        grads = torch.autograd.grad(out.square().sum(), [inp, *block.parameters()])
+        results.append((out, grads))
+    assert results[1][0].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    for got, want in zip(results[1][1], results[0][1]):
+        # Sums over thousands of terms in another order: error relative to the tensor's scale.
+        assert (got - want).abs().max() <= 2e-5 * want.abs().max(), (got - want).abs().max() / want.abs().max()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = block(x_cl.detach().bfloat16()), block(x_nchw.detach().bfloat16())
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert (got.float() - want.float()).abs().max() < 0.1  # a few bf16 ulps at |x| ~ 3
