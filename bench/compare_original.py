@@ -215,9 +215,16 @@ def main(argv=None):
             _install_stubs()
             break
     sys.path.insert(0, os.path.abspath(args.original))
+    # The checkout this script belongs to, not whatever iddpm_fast pip
+    # installed last (run as `python bench/compare_original.py`, sys.path[0]
+    # is bench/, and a stale install would be measured instead).
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from improved_diffusion import script_util as osu
 
+    import iddpm_fast
     from iddpm_fast import script_util as nsu
+
+    print(f"iddpm_fast from {os.path.dirname(iddpm_fast.__file__)}")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.sample_batch = args.sample_batch or (256 if device.type == "cuda" else 16)
