@@ -76,11 +76,15 @@ def _fake_dropout_backward(grad_y, mask, scale):
 
 
 def _dropout_setup_context(ctx, inputs, output):
+    # No zeros materialised for the bool mask's (nonexistent) gradient.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
     ctx.scale = inputs[2]
 
 
 def _dropout_backward(ctx, grad_y, _grad_mask):
+    if grad_y is None:
+        return None, None, None, None
     (mask,) = ctx.saved_tensors
     return torch.ops.iddpm_fast.dropout_backward(grad_y, mask, ctx.scale), None, None, None
 
