@@ -241,13 +241,11 @@ void backward_row_scalar(acc_t<T>* dz, const T* dy, const T* x, int64_t n, acc_t
         as = at::vec::fmadd(d, xc, as);
         ab = ab + d;
       }
-      float ls[kV], lb[kV];
-      as.store(ls);
-      ab.store(lb);
-      for (int64_t k = 0; k < kV; ++k) {
-        ps += ls[k];
-        pb += lb[k];
-      }
+      // Shuffle-tree horizontal sums: on 8x8 rows (64 elements) a lane-by-
+      // lane float64 sum cost about as much as the row.
+      const auto plus = [](const Vec& u, const Vec& v) { return u + v; };
+      ps = at::vec::vec_reduce_all<float>(plus, as);
+      pb = at::vec::vec_reduce_all<float>(plus, ab);
     }
     A ts = 0, tb = 0;
     for (; j < stop; ++j) {
