@@ -28,6 +28,11 @@ TORCH_LIBRARY(iddpm_fast, m) {
   // cpu/dropout_cpu.cpp): y = x * (keep ? scale : 0) with keep ~ Bernoulli(1 - p)
   // per element in memory order, scale = 1 / (1 - p) in x's dtype; returns y
   // and the keep mask (bool, x's layout). CPU only.
-  m.def("dropout_forward(Tensor x, float p, float scale, Generator? generator=None) -> (Tensor y, Tensor mask)");
+  // Tagged nondeterministic_seeded (it draws random numbers). AOTAutograd's
+  // common-subexpression elimination in torch 2.13 spares only the aten
+  // random ops it lists, so under torch.compile the Python seam calls
+  // F.dropout instead of this op.
+  m.def("dropout_forward(Tensor x, float p, float scale, Generator? generator=None) -> (Tensor y, Tensor mask)",
+        {at::Tag::nondeterministic_seeded});
   m.def("dropout_backward(Tensor grad_y, Tensor mask, float scale) -> Tensor");
 }

@@ -168,6 +168,8 @@ def _info(args):
             if (name == "group_norm_silu" and torch.cuda.is_available() and requested == "auto"
                     and ops.resolve_name(name, torch.device("cuda")) == "cpp"):
                 kinds += " (float32 NCHW or training on cuda: stock F.group_norm + F.silu, measured faster)"
+            if name == "dropout" and torch.cuda.is_available() and ops.resolve_name(name, torch.device("cuda")) == "cpp":
+                kinds += " (on cuda: F.dropout, already one fused kernel)"
             print(f"  {name:38s} {kinds}")
     return 0
 

@@ -90,9 +90,12 @@ def test_same_draws_outputs_and_gradients_as_f_dropout(name, dtype, words):
 
 
 @needs_ext
-@pytest.mark.parametrize("p", [1e-6, 0.5, 0.9, 0.999999])
-def test_probabilities_near_the_ends_draw_the_same_mask(p):
-    x = _x((5, 16, 12, 12), torch.float32, "contiguous")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("p", [1e-6, 0.5, 0.9, 0.99999, 0.999999])
+def test_probabilities_near_the_ends_draw_the_same_mask(p, dtype):
+    # float16 at p > ~0.99998: 1 / (1 - p) rounds to inf, and a dropped
+    # element must still be x * +0, not x * (0 * inf) = NaN.
+    x = _x((5, 16, 12, 12), dtype, "contiguous")
     y, g, state = _run(_cpp.dropout, x, p, seed=11, words=5)
     y_ref, g_ref, state_ref = _run(ref.dropout, x, p, seed=11, words=5)
     _same_bits(y, y_ref)
@@ -115,6 +118,26 @@ def test_explicit_generator_and_many_seeds():
         _same_bits(y, x * noise)
         assert torch.equal(mask, noise != 0)
         assert torch.equal(g1.get_state(), g2.get_state())
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_signed_zeros_infinities_and_nans_as_f_dropout(dtype):
+    """x * noise semantics: a dropped -x stays -0, a dropped inf or NaN gives
+    NaN, a kept one stays inf/NaN. Bit for bit, except bfloat16 NaN payloads
+    (ATen's vector and scalar conversions differ; NaN stays NaN)."""
+    specials = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), -1.0, 1e-30])
+    x = specials.repeat(7 * 33 + 5).to(dtype)  # vector body and scalar tail
+    y, g, state = _run(_cpp.dropout, x, 0.5, seed=6, words=3)
+    y_ref, g_ref, state_ref = _run(ref.dropout, x, 0.5, seed=6, words=3)
+    assert torch.equal(state, state_ref)
+    for a, b in ((y, y_ref), (g, g_ref)):
+        assert torch.equal(a.isnan(), b.isnan())
+        if dtype == torch.bfloat16:
+            ok = ~a.isnan()
+            _same_bits(a[ok], b[ok])
+        else:
+            _same_bits(a, b)
 
 
 def test_reference_is_the_documented_noise_chain():
@@ -196,6 +219,36 @@ def test_torch_compile_fullgraph_runs_the_op_with_the_same_draws():
 
 
 @needs_ext
+def test_the_seam_under_torch_compile_keeps_every_random_call():
+    """Two identical dropout calls must draw two masks under torch.compile
+    too. AOTAutograd's common-subexpression elimination (torch 2.13) spares
+    only the aten random ops it lists, not ops tagged nondeterministic_seeded,
+    so it would merge two calls of the raw C++ op; the seam therefore hands
+    compiled code F.dropout."""
+    x = _x((4, 8, 6, 6), torch.float32, "contiguous").requires_grad_()  # a joint graph, where CSE runs
+
+    def twice(v):
+        return ops.dropout(v, 0.5) - ops.dropout(v, 0.5)
+
+    compiled = torch.compile(twice, fullgraph=True, backend="aot_eager")(x)
+    assert int((compiled != 0).sum()) > 0
+
+
+@needs_ext
+def test_unet_with_dropout_compiles_fullgraph():
+    """Through the seam, torch.compile traces F.dropout (the one-time self
+    check is a constant to it, its lock never traced)."""
+    from iddpm_fast.script_util import create_model
+
+    model = create_model(32, 32, 1, learn_sigma=False, class_cond=False, use_checkpoint=False,
+                         attention_resolutions="8", num_heads=1, num_heads_upsample=-1,
+                         use_scale_shift_norm=True, dropout=0.3)
+    ops.dropout(torch.randn(4), 0.5)  # the self-check has run (as in any real use before compiling)
+    out = torch.compile(model, fullgraph=True, backend="eager")(torch.randn(2, 3, 32, 32), torch.tensor([3, 7]))
+    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+
+
+@needs_ext
 def test_clear_errors_from_the_cpp_op():
     x = torch.randn(2, 3, 4)
     with pytest.raises(RuntimeError, match=r"p must be in \(0, 1\)"):
@@ -241,12 +294,15 @@ def test_a_failed_self_check_warns_once_and_keeps_f_dropout(monkeypatch):
 
 
 @needs_ext
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_unet_trains_bit_for_bit_as_with_nn_dropout(layout):
+@pytest.mark.parametrize("layout, use_checkpoint", [("contiguous", False), ("channels_last", False),
+                                                    ("contiguous", True)])
+def test_unet_trains_bit_for_bit_as_with_nn_dropout(layout, use_checkpoint):
+    """Also with gradient checkpointing, whose recomputation must redraw the
+    same masks (it restores the CPU generator's state, which the op reads)."""
     from iddpm_fast.script_util import create_model
 
     torch.manual_seed(0)
-    model = create_model(32, 32, 1, learn_sigma=True, class_cond=False, use_checkpoint=False,
+    model = create_model(32, 32, 1, learn_sigma=True, class_cond=False, use_checkpoint=use_checkpoint,
                          attention_resolutions="8", num_heads=2, num_heads_upsample=-1,
                          use_scale_shift_norm=True, dropout=0.3)
     with torch.no_grad():  # the out convs start at zero; make the dropped paths matter

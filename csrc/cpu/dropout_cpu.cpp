@@ -21,6 +21,10 @@
 //
 // The mask is returned (one byte per element, x's layout) for the backward,
 // dx = dy * (keep ? v : 0), which is what autograd computes for x * noise.
+// Values are bit-identical to stock, signed zeros and infinities included;
+// a NaN stays NaN, but in bfloat16 its bit pattern may differ (ATen's vector
+// and scalar conversions write different NaN payloads, and this loop splits
+// vector and tail work elsewhere than TensorIterator does).
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
@@ -32,6 +36,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <mutex>
 #include <type_traits>
 
@@ -113,11 +118,16 @@ void draw_mask(at::mt19937_data_pod& d, bool* mask, int64_t n, uint64_t threshol
 
 // out[i] = in[i] * (mask[i] ? v : 0), rounded once to T: what x * noise
 // (and autograd's grad * noise) computes, noise being v or 0 in T.
-// The multipliers mask[0:kV] ? v : 0 as a vector.
+// The multipliers mask[0:kV] ? v : +0 as a vector, selected through the
+// bits (branch-free, the mask being random; not mask * v, which is NaN for a
+// dropped element when v is inf: 1 / (1 - p) overflows float16 for p above
+// ~0.99998).
 inline at::vec::Vectorized<float> mask_vector(const bool* mask, float v) {
-  alignas(64) float m[at::vec::Vectorized<float>::size()];
+  uint32_t v_bits;
+  std::memcpy(&v_bits, &v, sizeof v_bits);
+  alignas(64) uint32_t m[at::vec::Vectorized<float>::size()];
   for (int64_t j = 0; j < at::vec::Vectorized<float>::size(); ++j) {
-    m[j] = static_cast<float>(mask[j]) * v;  // branch-free: the mask is random
+    m[j] = (0u - static_cast<uint32_t>(mask[j])) & v_bits;
   }
   return at::vec::Vectorized<float>::loadu(m);
 }
@@ -129,7 +139,7 @@ void apply_mask(const T* in, const bool* mask, T* out, int64_t n, double scale) 
   at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
     int64_t i = begin;
     if constexpr (std::is_same_v<T, double>) {
-      const double v = scale;
+      const double v = scale;  // finite: 1 / (1 - p) <= 2^53 for p < 1
       for (; i < end; ++i) {
         out[i] = in[i] * (static_cast<double>(mask[i]) * v);
       }

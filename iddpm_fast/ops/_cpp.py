@@ -7,6 +7,7 @@ The library itself is loaded lazily by :mod:`iddpm_fast._ext` the first time
 the seam asks whether the "cpp" kind is available.
 """
 
+import functools
 import threading
 
 import torch
@@ -141,23 +142,20 @@ def group_norm_scale_shift_silu(x, weight, bias, scale, shift, num_groups, eps=1
     )[0]
 
 
-_SCALES = {}
-
-
+@functools.lru_cache(maxsize=256)
 def dropout_scale(dtype, p):
     """1 / (1 - p) rounded to `dtype` as F.dropout's noise.div_(1 - p) rounds
     it (computed by that very op, once per dtype and p)."""
-    key = (dtype, p)
-    if key not in _SCALES:
-        _SCALES[key] = torch.ones((), dtype=dtype).div_(1 - p).item()
-    return _SCALES[key]
+    return torch.ones((), dtype=dtype).div_(1 - p).item()
 
 
 def dropout(x, p, training=True):
     # F.dropout off the CPU (CUDA's is one fused kernel with its own random
     # numbers) and where the C++ op would not draw what it draws: p == 1 (no
     # draws), strided views (noise is then laid out differently), and under
-    # torch.compile (whose dropout uses its own random numbers anyway).
+    # torch.compile (whose dropout uses its own random numbers anyway, and
+    # whose common-subexpression elimination would merge two identical calls
+    # of a custom random op).
     if x.device.type != "cpu" or p >= 1.0 or x.numel() == 0 or not _dense(x) or _compiling():
         return F.dropout(x, p, training)
     return torch.ops.iddpm_fast.dropout_forward(x, p, dropout_scale(x.dtype, p))[0]
@@ -167,10 +165,14 @@ _dropout_check = {"done": False, "reason": None}
 _dropout_lock = threading.Lock()
 
 
+@_ext._assume_constant
 def _dropout_self_check():
     """None when the C++ dropout draws what bernoulli_ draws on this torch,
     else why not (checked once: an odd number of words already used, both
-    layouts, a size spanning several Twister blocks)."""
+    layouts, a size spanning several Twister blocks). Constant for
+    torch.compile, which cannot trace the lock."""
+    if _dropout_check["done"]:
+        return _dropout_check["reason"]
     with _dropout_lock:
         if not _dropout_check["done"]:
             reason = None
