@@ -10,8 +10,8 @@ stubbed for a single process when absent or when --stub is given.
     python bench/compare_original.py --original ~/src/improved-diffusion --what sample,train
 
 Sampling: the 32x32 UNet (T=4000 cosine, learned sigmas) with `--respacing`
-steps at `--sample_batch`, original vs iddpm_fast fp32 eager, and on CUDA
-also with CUDA graphs (fp32 and bf16). Prints images/s and each variant's
+steps at `--sample_batch`, original vs iddpm_fast fp32 eager and bf16
+autocast (channels-last), on CUDA also with CUDA graphs. Prints images/s and each variant's
 ratio to the original, plus the largest difference of a short fixed-seed run
 against the original (fp32 eager: should be fp32 rounding).
 Training: TrainLoop.run_step at `--train_batch`, original vs iddpm_fast fp32
@@ -91,6 +91,9 @@ def compare_sampling(args, osu, nsu, device):
         return run
 
     variants = {"original": eager(do, mo), "iddpm_fast fp32": eager(dn, mcl, channels_last=cl)}
+    if device.type == "cpu":
+        # bf16 autocast (AMX/AVX-512 bf16 convolutions and attention), channels-last.
+        variants["iddpm_fast bf16 channels_last"] = eager(dn, mcl, amp=True, channels_last=True)
     if device.type == "cuda":
         # bf16 autocast with channels-last activations (what tensor-core convolutions want), eager and
         # with each step replayed from a CUDA graph.

@@ -648,3 +648,26 @@ def test_attention_block_on_channels_last_tokens_equals_the_nct_route(heads, cha
         got, want = block(x_cl.detach().bfloat16()), block(x_nchw.detach().bfloat16())
     assert got.dtype == want.dtype == torch.bfloat16
     assert (got.float() - want.float()).abs().max() < 0.1  # a few bf16 ulps at |x| ~ 3
+
+
+def test_half_precision_attention_upcasts_on_cpu_only_for_training():
+    """CPU bf16 attention runs in float32 when autograd will differentiate it
+    (the flash kernel's bf16 backward is the slower one) and in bf16 for
+    inference (its faster forward); both stay close to float64."""
+    from iddpm_fast.unet import QKVAttention
+
+    torch.manual_seed(10)
+    qkv = torch.randn(4, 3 * 16, 40).bfloat16()
+    assert not QKVAttention._upcast(qkv)
+    assert QKVAttention._upcast(qkv.clone().requires_grad_())
+    with torch.no_grad():
+        assert not QKVAttention._upcast(qkv.clone().requires_grad_())
+    assert not QKVAttention._upcast(qkv.float().requires_grad_())
+    q, k, v = torch.split(qkv.double(), 16, dim=1)
+    want = torch.einsum("bts,bcs->bct", torch.softmax(torch.einsum("bct,bcs->bts", q, k) / 4, dim=-1), v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        infer = QKVAttention()(qkv)
+        train = QKVAttention()(qkv.clone().requires_grad_())
+    for out in (infer, train):
+        assert out.dtype == torch.bfloat16
+        assert (out.double() - want).abs().max() < 2e-2
