@@ -1,6 +1,7 @@
 """
 The C++ extension's ops (csrc/) behind the seam: fake (meta) kernels for
-torch.compile, autograd through the C++ backward, and the seam's callables
+torch.compile (autograd is registered in C++, csrc/autograd.cpp), and the
+seam's callables
 for ``group_norm_silu``, ``group_norm_scale_shift_silu`` and ``dropout``.
 
 The library itself is loaded lazily by :mod:`iddpm_fast._ext` the first time
@@ -42,32 +43,6 @@ def _fake_backward(grad_y, x, weight, bias, scale, shift, mean, rstd, num_groups
     return torch.empty_like(x), dw, db, ds, dsh
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, scale, shift, num_groups, _eps = inputs
-    _y, mean, rstd = output
-    ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
-    ctx.num_groups = num_groups
-
-
-def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
-    x, weight, bias, scale, shift, mean, rstd = ctx.saved_tensors
-    if grad_y is None:
-        grad_y = torch.zeros_like(x)
-    dx, dw, db, dsc, dsh = torch.ops.iddpm_fast.gn_silu_backward(
-        grad_y, x, weight, bias, scale, shift, mean, rstd, ctx.num_groups
-    )
-    need = ctx.needs_input_grad
-    return (
-        dx if need[0] else None,
-        dw if weight is not None and need[1] else None,
-        db if bias is not None and need[2] else None,
-        dsc if scale is not None and need[3] else None,
-        dsh if shift is not None and need[4] else None,
-        None,
-        None,
-    )
-
-
 def _fake_dropout_forward(x, p, scale, generator=None):
     return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
 
@@ -76,47 +51,16 @@ def _fake_dropout_backward(grad_y, mask, scale):
     return torch.empty_like(mask, dtype=grad_y.dtype)
 
 
-def _dropout_setup_context(ctx, inputs, output):
-    # No zeros materialised for the bool mask's (nonexistent) gradient.
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(output[1])
-    ctx.scale = inputs[2]
-
-
-def _dropout_backward(ctx, grad_y, _grad_mask):
-    if grad_y is None:
-        return None, None, None, None
-    (mask,) = ctx.saved_tensors
-    return torch.ops.iddpm_fast.dropout_backward(grad_y, mask, ctx.scale), None, None, None
-
-
-def _dropout_backward_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1])
-    ctx.scale = inputs[2]
-
-
-def _dropout_double_backward(ctx, grad_grad_x):
-    # dropout_backward is linear in grad_y with the same mask and scale.
-    (mask,) = ctx.saved_tensors
-    return torch.ops.iddpm_fast.dropout_backward(grad_grad_x, mask, ctx.scale), None, None
-
-
 def register_python_parts():
-    """Fake kernels and autograd for the loaded C++ ops (once)."""
+    """Fake kernels for the loaded C++ ops (once)."""
     global _registered
     if _registered:
         return
+    # Their autograd is registered in C++ (csrc/autograd.cpp).
     torch.library.register_fake("iddpm_fast::gn_silu_forward")(_fake_forward)
     torch.library.register_fake("iddpm_fast::gn_silu_backward")(_fake_backward)
-    torch.library.register_autograd("iddpm_fast::gn_silu_forward", _backward, setup_context=_setup_context)
     torch.library.register_fake("iddpm_fast::dropout_forward")(_fake_dropout_forward)
     torch.library.register_fake("iddpm_fast::dropout_backward")(_fake_dropout_backward)
-    torch.library.register_autograd(
-        "iddpm_fast::dropout_forward", _dropout_backward, setup_context=_dropout_setup_context
-    )
-    torch.library.register_autograd(
-        "iddpm_fast::dropout_backward", _dropout_double_backward, setup_context=_dropout_backward_setup_context
-    )
     _registered = True
 
 
