@@ -9,6 +9,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <utility>
+
 namespace iddpm_fast {
 namespace {
 
@@ -23,11 +25,17 @@ c10::optional<at::Tensor> as_optional(const at::Tensor& t) {
   return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
 }
 
+// mean and rstd leave through `stats`, not as outputs of the Function: they
+// have no gradient, and marking outputs non-differentiable is unsupported by
+// compiled autograd (torch._dynamo.compiled_autograd) for C++ Functions.
+using Stats = std::pair<at::Tensor, at::Tensor>;
+
 class GnSiluFunction : public torch::autograd::Function<GnSiluFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                                const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scale,
-                               const c10::optional<at::Tensor>& shift, int64_t num_groups, double eps) {
+                               const c10::optional<at::Tensor>& shift, int64_t num_groups, double eps,
+                               Stats* stats) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("iddpm_fast::gn_silu_forward", "")
                          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
@@ -38,9 +46,9 @@ class GnSiluFunction : public torch::autograd::Function<GnSiluFunction> {
     ctx->save_for_backward({x, or_undefined(weight), or_undefined(bias), or_undefined(scale), or_undefined(shift),
                             mean, rstd});
     ctx->saved_data["num_groups"] = num_groups;
-    ctx->mark_non_differentiable({mean, rstd});
     ctx->set_materialize_grads(false);
-    return {y, mean, rstd};
+    *stats = {mean, rstd};
+    return {y};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -51,19 +59,27 @@ class GnSiluFunction : public torch::autograd::Function<GnSiluFunction> {
                              const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
                              const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, int64_t)>();
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor& x = saved[0];
-    variable_list out(7);
+    variable_list out(8);
     if (!grads[0].defined()) {
       return out;  // y unused: no gradient for anything
     }
+    // First order only: the backward op has no derivative of its own, so
+    // its results are plain tensors, and differentiating them again
+    // (create_graph=True, then backward) is an error instead of zeros.
+    at::AutoGradMode no_double_backward(false);
     auto [dx, dw, db, dsc, dsh] =
-        op.call(grads[0], x, as_optional(saved[1]), as_optional(saved[2]), as_optional(saved[3]),
+        op.call(grads[0], saved[0], as_optional(saved[1]), as_optional(saved[2]), as_optional(saved[3]),
                 as_optional(saved[4]), saved[5], saved[6], ctx->saved_data["num_groups"].toInt());
-    out[0] = ctx->needs_input_grad(0) ? dx : at::Tensor();
-    out[1] = saved[1].defined() && ctx->needs_input_grad(1) ? dw : at::Tensor();
-    out[2] = saved[2].defined() && ctx->needs_input_grad(2) ? db : at::Tensor();
-    out[3] = saved[3].defined() && ctx->needs_input_grad(3) ? dsc : at::Tensor();
-    out[4] = saved[4].defined() && ctx->needs_input_grad(4) ? dsh : at::Tensor();
+    // needs_input_grad counts the inputs that are tensors: an absent
+    // optional one has no entry.
+    size_t edge = 0;
+    auto wanted = [&](bool given) { return given && ctx->needs_input_grad(edge++); };
+    const at::Tensor* grad[5] = {&dx, &dw, &db, &dsc, &dsh};
+    for (int i = 0; i < 5; ++i) {
+      if (wanted(i == 0 || saved[i].defined())) {
+        out[i] = *grad[i];
+      }
+    }
     return out;
   }
 };
@@ -72,8 +88,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_autograd(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift, int64_t num_groups,
     double eps) {
-  auto out = GnSiluFunction::apply(x, weight, bias, scale, shift, num_groups, eps);
-  return {out[0], out[1], out[2]};
+  Stats stats;
+  auto out = GnSiluFunction::apply(x, weight, bias, scale, shift, num_groups, eps, &stats);
+  return {out[0], stats.first, stats.second};
 }
 
 at::Tensor call_dropout_backward(const at::Tensor& grad, const at::Tensor& mask, double scale) {
@@ -116,8 +133,9 @@ class DropoutFunction : public torch::autograd::Function<DropoutFunction> {
     auto [y, mask] = op.call(x, p, scale, generator);
     ctx->save_for_backward({mask});
     ctx->saved_data["scale"] = scale;
-    ctx->mark_non_differentiable({mask});
-    ctx->set_materialize_grads(false);  // no zeros for the bool mask's gradient
+    // The bool mask never requires grad (no mark_non_differentiable, which
+    // compiled autograd rejects for C++ Functions); no zeros for its gradient.
+    ctx->set_materialize_grads(false);
     return {y, mask};
   }
 

@@ -80,9 +80,17 @@ def _cpu_reason():
     return f"this CPU lacks {'/'.join(missing)}, which the extension's CPU kernels are compiled for" if missing else None
 
 
+# Ops whose autograd the library itself registers (csrc/autograd.cpp): a
+# stale build without it would run without gradients.
+_AUTOGRAD_OPS = ("gn_silu_forward", "dropout_forward", "dropout_backward")
+
+
 def _registered():
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
     try:
-        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"iddpm_fast::{op}", "CPU") for op in _OPS)
+        return all(has(f"iddpm_fast::{op}", "CPU") for op in _OPS) and all(
+            has(f"iddpm_fast::{op}", "Autograd") for op in _AUTOGRAD_OPS
+        )
     except RuntimeError:  # "operator ... does not exist": nothing loaded yet
         return False
 

@@ -381,3 +381,89 @@ def test_cuda_policy_picks_stock_kernels_for_float32_training_and_nchw():
     assert not _stock_kernels_win_on_cuda(nchw.bfloat16(), w, b)
     got = _stock_group_norm_silu(nchw, w.detach(), b, 4, 1e-5)
     torch.testing.assert_close(got, ref.group_norm_silu(nchw, w.detach(), b, 4), rtol=1e-6, atol=1e-6)
+
+
+def _params_case(weight, bias, scale_shift, wants):
+    """Inputs for one combination of given parameters and of which inputs
+    require grad (wants: names among x, weight, bias, scale, shift)."""
+    g = torch.Generator().manual_seed(5)
+    x = -2.3 + 0.5 * torch.randn(2, 8, 3, 3, generator=g, dtype=torch.float64)
+    given = {
+        "x": x,
+        "weight": 1 + 0.3 * torch.randn(8, generator=g, dtype=torch.float64) if weight else None,
+        "bias": 0.2 * torch.randn(8, generator=g, dtype=torch.float64) if bias else None,
+        "scale": 0.5 * torch.randn(2, 8, generator=g, dtype=torch.float64) if scale_shift else None,
+        "shift": 0.5 * torch.randn(2, 8, generator=g, dtype=torch.float64) if scale_shift else None,
+    }
+    return {k: (v.requires_grad_() if v is not None and k in wants else v) for k, v in given.items()}
+
+
+@needs_ext
+@pytest.mark.parametrize("weight, bias, scale_shift", [(True, True, True), (False, False, True), (True, False, False),
+                                                       (False, True, True), (False, False, False)],
+                         ids=["all", "no affine + scale/shift", "weight only", "bias only + scale/shift", "x only"])
+@pytest.mark.parametrize("wants", [("x",), ("weight", "bias"), ("x", "scale"), ("shift",), ("x", "bias", "shift")],
+                         ids="+".join)
+def test_gradients_for_every_combination_of_given_and_differentiated_inputs(weight, bias, scale_shift, wants):
+    """The C++ autograd hands each gradient to the right input whichever
+    optional parameters are absent and whichever inputs require grad (the
+    reference substitutes ones/zeros for absent parameters)."""
+    case = _params_case(weight, bias, scale_shift, wants)
+    leaves = [v for k, v in case.items() if v is not None and v.requires_grad]
+    if not leaves:
+        pytest.skip("nothing requires grad in this combination")
+    y = torch.ops.iddpm_fast.gn_silu_forward(case["x"], case["weight"], case["bias"], case["scale"], case["shift"],
+                                             4, 1e-5)[0]
+    got = torch.autograd.grad(y.square().sum(), leaves)
+    w = case["weight"] if case["weight"] is not None else torch.ones(8, dtype=torch.float64)
+    b = case["bias"] if case["bias"] is not None else torch.zeros(8, dtype=torch.float64)
+    if scale_shift:
+        want_y = ref.group_norm_scale_shift_silu(case["x"], w, b, case["scale"], case["shift"], 4)
+    else:
+        want_y = ref.group_norm_silu(case["x"], w, b, 4)
+    want = torch.autograd.grad(want_y.square().sum(), leaves)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-9)
+
+
+@needs_ext
+def test_statistics_outputs_carry_no_gradient_and_double_backward_is_an_error():
+    x = torch.randn(2, 8, 3, 3, requires_grad=True)
+    y, mean, rstd = torch.ops.iddpm_fast.gn_silu_forward(x, None, None, None, None, 4, 1e-5)
+    assert y.requires_grad and not mean.requires_grad and not rstd.requires_grad
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        torch.autograd.grad(gx.sum(), x)
+
+
+@needs_ext
+def test_compiled_autograd_runs_the_cpp_backwards():
+    """torch._dynamo.compiled_autograd traces the C++ autograd Functions (it
+    rejects ones that mark outputs non-differentiable)."""
+    x = torch.randn(2, 8, 3, 3)
+    w, b = torch.randn(8), torch.randn(8)
+    results = []
+    for compiled in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = torch.ops.iddpm_fast.gn_silu_forward(*leaves, None, None, 4, 1e-5)[0]
+        loss = torch.ops.iddpm_fast.dropout_forward(y, 0.3, 1 / 0.7, torch.Generator().manual_seed(0))[0].square().sum()
+        if compiled:
+            with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager")):
+                loss.backward()
+        else:
+            loss.backward()
+        results.append([t.grad for t in leaves])
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e)
+
+
+@needs_ext
+def test_a_library_without_the_cpp_autograd_counts_as_stale(monkeypatch):
+    """A prebuilt library from before the autograd moved to C++ would run the
+    ops without gradients; the loader must not accept it as registered."""
+    real = torch._C._dispatch_has_kernel_for_dispatch_key
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key",
+                        lambda name, key: False if key == "Autograd" else real(name, key))
+    assert not _ext._registered()
+    monkeypatch.undo()
+    assert _ext._registered()
