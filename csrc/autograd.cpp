@@ -93,30 +93,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_autograd(
   return {out[0], stats.first, stats.second};
 }
 
-at::Tensor call_dropout_backward(const at::Tensor& grad, const at::Tensor& mask, double scale) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("iddpm_fast::dropout_backward", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double)>();
-  return op.call(grad, mask, scale);
-}
-
 // dropout_backward is linear in grad_y: its own gradient is itself (double
 // backward, e.g. gradgradcheck).
 class DropoutBackwardFunction : public torch::autograd::Function<DropoutBackwardFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& grad_y, const at::Tensor& mask, double scale) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("iddpm_fast::dropout_backward", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, double)>();
     at::AutoDispatchBelowADInplaceOrView guard;
     ctx->save_for_backward({mask});
     ctx->saved_data["scale"] = scale;
-    return {call_dropout_backward(grad_y, mask, scale)};
+    return {op.call(grad_y, mask, scale)};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     if (!grads[0].defined()) {
       return {at::Tensor(), at::Tensor(), at::Tensor()};
     }
-    const auto saved = ctx->get_saved_variables();
-    return {DropoutBackwardFunction::apply(grads[0], saved[0], ctx->saved_data["scale"].toDouble())[0], at::Tensor(),
+    return {apply(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["scale"].toDouble())[0], at::Tensor(),
             at::Tensor()};
   }
 };
@@ -142,8 +137,8 @@ class DropoutFunction : public torch::autograd::Function<DropoutFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     variable_list out(4);
     if (grads[0].defined()) {
-      const auto saved = ctx->get_saved_variables();
-      out[0] = DropoutBackwardFunction::apply(grads[0], saved[0], ctx->saved_data["scale"].toDouble())[0];
+      out[0] = DropoutBackwardFunction::apply(grads[0], ctx->get_saved_variables()[0],
+                                              ctx->saved_data["scale"].toDouble())[0];
     }
     return out;
   }

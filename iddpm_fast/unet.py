@@ -238,8 +238,7 @@ class AttentionBlock(nn.Module):
         into place for each 1x1 conv and for the attention itself (on a
         2-core CPU, a bf16 training step of the 32x32 model spent ~5% of its
         time in those copies)."""
-        return (x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-                and QKVAttention._use_sdpa(x))
+        return ops.stored_channels_last(x) and QKVAttention._use_sdpa(x)
 
     def _forward_tokens_last(self, x):
         """The same function on [N, T, C] tokens: the 1x1 convs as linear

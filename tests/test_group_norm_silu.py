@@ -386,15 +386,8 @@ def test_cuda_policy_picks_stock_kernels_for_float32_training_and_nchw():
 def _params_case(weight, bias, scale_shift, wants):
     """Inputs for one combination of given parameters and of which inputs
     require grad (wants: names among x, weight, bias, scale, shift)."""
-    g = torch.Generator().manual_seed(5)
-    x = -2.3 + 0.5 * torch.randn(2, 8, 3, 3, generator=g, dtype=torch.float64)
-    given = {
-        "x": x,
-        "weight": 1 + 0.3 * torch.randn(8, generator=g, dtype=torch.float64) if weight else None,
-        "bias": 0.2 * torch.randn(8, generator=g, dtype=torch.float64) if bias else None,
-        "scale": 0.5 * torch.randn(2, 8, generator=g, dtype=torch.float64) if scale_shift else None,
-        "shift": 0.5 * torch.randn(2, 8, generator=g, dtype=torch.float64) if scale_shift else None,
-    }
+    x, w, b, sc, sh, _gy = _inputs((2, 8, 3, 3), torch.float64, scale_shift, "contiguous", seed=5)
+    given = {"x": x, "weight": w if weight else None, "bias": b if bias else None, "scale": sc, "shift": sh}
     return {k: (v.requires_grad_() if v is not None and k in wants else v) for k, v in given.items()}
 
 

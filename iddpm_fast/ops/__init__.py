@@ -216,6 +216,12 @@ def _check_norm(x, weight, bias, num_groups):
             raise ValueError(f"GroupNorm {name} must have shape ({C},), got {tuple(p.shape)}")
 
 
+def stored_channels_last(x):
+    """True for a 4-D tensor stored channels-last ([N, H, W, C] in memory)
+    and not also plain contiguous (for C == 1 or H == W == 1 both hold)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def _stock_kernels_win_on_cuda(x, weight, bias):
     """
     Where, on CUDA, F.group_norm + F.silu beat the fused C++ op (measured on
@@ -227,9 +233,8 @@ def _stock_kernels_win_on_cuda(x, weight, bias):
     """
     if x.dtype != torch.float32 or any(p is not None and p.dtype != torch.float32 for p in (weight, bias)):
         return False
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    return wants_grad or not channels_last
+    return wants_grad or not stored_channels_last(x)
 
 
 def _stock_group_norm_silu(x, weight, bias, num_groups, eps):
