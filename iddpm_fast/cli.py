@@ -166,8 +166,8 @@ def _info(args):
         for name in ops.declared_ops():
             kinds = ", ".join(f"{d.type}: {ops.resolve_name(name, d)}" for d in devices)
             if (name == "group_norm_silu" and torch.cuda.is_available() and requested == "auto"
-                    and ops.resolve_name(name, torch.device("cuda")) == "cpp"):
-                kinds += " (float32 NCHW or training on cuda: stock F.group_norm + F.silu, measured faster)"
+                    and ops.resolve_name(name, torch.device("cuda")) == "cpp" and ops._cuda_wants_stock()):
+                kinds += " (IDDPM_FAST_CUDA_GN=stock: F.group_norm + F.silu on cuda)"
             if name == "dropout" and torch.cuda.is_available() and ops.resolve_name(name, torch.device("cuda")) == "cpp":
                 kinds += " (on cuda: F.dropout, already one fused kernel)"
             print(f"  {name:38s} {kinds}")

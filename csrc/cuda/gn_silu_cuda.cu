@@ -22,10 +22,12 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
 
 #include "../gn_silu.h"
@@ -325,6 +327,477 @@ __global__ void apply_backward(const T* __restrict__ dy, const T* __restrict__ x
   }
 }
 
+// ------------------------------------------------------- vectorised kernels
+//
+// The fast path, taken when the tensor has fewer than 2^31 elements, the
+// vectors below do not straddle a row (contiguous: L % V == 0; channels-last:
+// C % V == 0) and the pointers are 16-byte aligned; the kernels above serve
+// every other case. Each thread moves 16 bytes per load (V elements), index
+// arithmetic is 32-bit with precomputed divisors (a 64-bit division per
+// element had made the elementwise passes compute-bound), and the statistics
+// merge whole chunks of values into the running Welford state (Chan's
+// formula, one reciprocal per chunk) instead of dividing per element.
+
+using at::cuda::detail::IntDivider;
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+template <typename T>
+constexpr int vec_width() {
+  return static_cast<int>(16 / sizeof(T));
+}
+
+constexpr int kUnroll = 4;  // channels-last: positions each thread loads per iteration
+
+// Merges a chunk of k values with mean cmean and centred square sum cm2 into
+// w; r = k / (w.n + k), shared by every channel a thread accumulates.
+template <typename A>
+__device__ __forceinline__ void merge_chunk(Welford<A>& w, A cmean, A cm2, A k, A r) {
+  const A delta = cmean - w.mean;
+  w.mean += delta * r;
+  w.m2 += cm2 + delta * delta * w.n * r;
+  w.n += k;
+}
+
+// Welford statistics of (n, c, slice), contiguous x, V positions per load;
+// grid (N*C, S), blockDim.x a power of two <= kRowThreads, slice % V == 0.
+template <typename T, typename A, int V>
+__global__ void stats_partial_rows_vec(const T* __restrict__ x, int64_t L, int64_t S, int64_t slice,
+                                       Welford<A>* __restrict__ out) {
+  const int64_t nc = blockIdx.x, s = blockIdx.y;
+  const int64_t l0 = s * slice, l1 = lmin(L, l0 + slice);
+  const T* row = x + nc * L;
+  Welford<A> w{A(0), A(0), A(0)};
+  const A inv_v = A(1) / A(V);
+  for (int64_t l = l0 + int64_t(threadIdx.x) * V; l < l1; l += int64_t(blockDim.x) * V) {
+    const Vec<T, V> xv = *reinterpret_cast<const Vec<T, V>*>(row + l);
+    A sum = A(0);
+#pragma unroll
+    for (int v = 0; v < V; ++v) sum += static_cast<A>(xv.v[v]);
+    const A cmean = sum * inv_v;
+    A cm2 = A(0);
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const A d = static_cast<A>(xv.v[v]) - cmean;
+      cm2 += d * d;
+    }
+    merge_chunk(w, cmean, cm2, A(V), A(V) / (w.n + A(V)));
+  }
+  const Welford<A> total = reduce_rows(w);
+  if (threadIdx.x == 0) out[nc * S + s] = total;
+}
+
+// Short contiguous rows (the 8x8 and 16x16 stages of a UNet in NCHW): one
+// warp per row, eight rows per block, totals by warp shuffles. One block per
+// row would leave most of its threads idle and synchronise for a handful of
+// loads. grid ceil(N*C / 8), block (32, 8); S == 1.
+template <typename A>
+__device__ __forceinline__ Welford<A> shfl_xor(const Welford<A>& w, int mask) {
+  return {__shfl_xor_sync(0xffffffffu, w.mean, mask), __shfl_xor_sync(0xffffffffu, w.m2, mask),
+          __shfl_xor_sync(0xffffffffu, w.n, mask)};
+}
+
+template <typename A>
+__device__ __forceinline__ GradSums<A> shfl_xor(const GradSums<A>& g, int mask) {
+  return {__shfl_xor_sync(0xffffffffu, g.ds, mask), __shfl_xor_sync(0xffffffffu, g.db, mask)};
+}
+
+template <typename R>
+__device__ __forceinline__ R warp_allreduce(R r) {
+#pragma unroll
+  for (int mask = 16; mask > 0; mask >>= 1) r = merge(r, shfl_xor(r, mask));
+  return r;
+}
+
+constexpr int kWarpRows = 8;  // rows (warps) per block in the warp-per-row kernels
+
+template <typename T, typename A, int V>
+__global__ void stats_partial_rows_warp(const T* __restrict__ x, int64_t rows, int64_t L,
+                                        Welford<A>* __restrict__ out) {
+  const int64_t nc = int64_t(blockIdx.x) * kWarpRows + threadIdx.y;
+  if (nc >= rows) return;  // the whole warp leaves together
+  const T* row = x + nc * L;
+  Welford<A> w{A(0), A(0), A(0)};
+  const A inv_v = A(1) / A(V);
+  for (int64_t l = int64_t(threadIdx.x) * V; l < L; l += 32 * V) {
+    const Vec<T, V> xv = *reinterpret_cast<const Vec<T, V>*>(row + l);
+    A sum = A(0);
+#pragma unroll
+    for (int v = 0; v < V; ++v) sum += static_cast<A>(xv.v[v]);
+    const A cmean = sum * inv_v;
+    A cm2 = A(0);
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const A d = static_cast<A>(xv.v[v]) - cmean;
+      cm2 += d * d;
+    }
+    merge_chunk(w, cmean, cm2, A(V), A(V) / (w.n + A(V)));
+  }
+  w = warp_allreduce(w);
+  if (threadIdx.x == 0) out[nc] = w;
+}
+
+template <typename T, typename A, int V>
+__global__ void grad_partial_rows_warp(const T* __restrict__ dy, const T* __restrict__ x, const A* __restrict__ m,
+                                       const A* __restrict__ a, const A* __restrict__ b, int64_t rows, int64_t L,
+                                       GradSums<A>* __restrict__ out) {
+  const int64_t nc = int64_t(blockIdx.x) * kWarpRows + threadIdx.y;
+  if (nc >= rows) return;
+  const A mn = m[nc], an = a[nc], bn = b[nc];
+  GradSums<A> g{A(0), A(0)};
+  for (int64_t l = int64_t(threadIdx.x) * V; l < L; l += 32 * V) {
+    const Vec<T, V> xv = *reinterpret_cast<const Vec<T, V>*>(x + nc * L + l);
+    const Vec<T, V> gv = *reinterpret_cast<const Vec<T, V>*>(dy + nc * L + l);
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const A xc = static_cast<A>(xv.v[v]) - mn;
+      const A d = silu_grad(static_cast<A>(gv.v[v]), xc * an + bn);
+      g.ds += d * xc;
+      g.db += d;
+    }
+  }
+  g = warp_allreduce(g);
+  if (threadIdx.x == 0) out[nc] = g;
+}
+
+// Channels-last x [N, L, C]: thread (tx, ty) of a (TX, TY) block (TX * TY <=
+// kRowThreads) owns channels (blockIdx.y * TX + tx) * V .. + V - 1 and the
+// positions ty, ty + TY, ... of slice blockIdx.z, kUnroll of them per
+// iteration; grid (N, ceil(C / V / TX), S).
+template <typename T, typename A, int V>
+__global__ void stats_partial_cl_vec(const T* __restrict__ x, int64_t L, int64_t C, int64_t S, int64_t slice,
+                                     Welford<A>* __restrict__ out) {
+  __shared__ Welford<A> shared[kRowThreads * V];
+  const int TX = blockDim.x, TY = blockDim.y, tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t n = blockIdx.x, cv = int64_t(blockIdx.y) * TX + tx, s = blockIdx.z;
+  const int64_t l0 = s * slice, l1 = lmin(L, l0 + slice);
+  const bool active = cv * V < C;
+  A mean[V], m2[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) mean[v] = m2[v] = A(0);
+  A count = A(0);
+  if (active) {
+    const T* base = x + n * L * C + cv * V;
+    for (int64_t l = l0 + ty; l < l1; l += int64_t(kUnroll) * TY) {
+      Vec<T, V> xv[kUnroll];
+      int k = 0;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t lu = l + int64_t(u) * TY;
+        if (lu < l1) {
+          xv[u] = *reinterpret_cast<const Vec<T, V>*>(base + lu * C);
+          k = u + 1;
+        }
+      }
+      const A kk = A(k), inv_k = A(1) / kk, r = kk / (count + kk);
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        A sum = A(0);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) sum += u < k ? static_cast<A>(xv[u].v[v]) : A(0);
+        const A cmean = sum * inv_k;
+        A cm2 = A(0);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const A d = u < k ? static_cast<A>(xv[u].v[v]) - cmean : A(0);
+          cm2 += d * d;
+        }
+        const A delta = cmean - mean[v];
+        mean[v] += delta * r;
+        m2[v] += cm2 + delta * delta * count * r;
+      }
+      count += kk;
+    }
+  }
+#pragma unroll
+  for (int v = 0; v < V; ++v) shared[(ty * TX + tx) * V + v] = Welford<A>{mean[v], m2[v], count};
+  __syncthreads();
+  // Thread t merges the TY lanes of output (channel vector t % TX, element t / TX).
+  const int t = ty * TX + tx;
+  if (t < TX * V) {
+    const int ox = t % TX, ov = t / TX;
+    const int64_t c = (int64_t(blockIdx.y) * TX + ox) * V + ov;
+    if (c < C) {
+      Welford<A> w = shared[ox * V + ov];
+      for (int y = 1; y < TY; ++y) w = merge(w, shared[(y * TX + ox) * V + ov]);
+      out[(n * C + c) * S + s] = w;
+    }
+  }
+}
+
+// sum(dz * (x - mean)), sum(dz) of (n, c, slice), contiguous, V positions per
+// load; grid (N*C, S); m, a, b are per (n, c).
+template <typename T, typename A, int V>
+__global__ void grad_partial_rows_vec(const T* __restrict__ dy, const T* __restrict__ x, const A* __restrict__ m,
+                                      const A* __restrict__ a, const A* __restrict__ b, int64_t L, int64_t S,
+                                      int64_t slice, GradSums<A>* __restrict__ out) {
+  const int64_t nc = blockIdx.x, s = blockIdx.y;
+  const int64_t l0 = s * slice, l1 = lmin(L, l0 + slice);
+  const A mn = m[nc], an = a[nc], bn = b[nc];
+  GradSums<A> g{A(0), A(0)};
+  for (int64_t l = l0 + int64_t(threadIdx.x) * V; l < l1; l += int64_t(blockDim.x) * V) {
+    const Vec<T, V> xv = *reinterpret_cast<const Vec<T, V>*>(x + nc * L + l);
+    const Vec<T, V> gv = *reinterpret_cast<const Vec<T, V>*>(dy + nc * L + l);
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const A xc = static_cast<A>(xv.v[v]) - mn;
+      const A d = silu_grad(static_cast<A>(gv.v[v]), xc * an + bn);
+      g.ds += d * xc;
+      g.db += d;
+    }
+  }
+  const GradSums<A> total = reduce_rows(g);
+  if (threadIdx.x == 0) out[nc * S + s] = total;
+}
+
+// The same for channels-last, laid out like stats_partial_cl_vec.
+template <typename T, typename A, int V>
+__global__ void __launch_bounds__(kRowThreads, 2) grad_partial_cl_vec(const T* __restrict__ dy, const T* __restrict__ x, const A* __restrict__ m,
+                                    const A* __restrict__ a, const A* __restrict__ b, int64_t L, int64_t C, int64_t S,
+                                    int64_t slice, GradSums<A>* __restrict__ out) {
+  __shared__ GradSums<A> shared[kRowThreads * V];
+  const int TX = blockDim.x, TY = blockDim.y, tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t n = blockIdx.x, cv = int64_t(blockIdx.y) * TX + tx, s = blockIdx.z;
+  const int64_t l0 = s * slice, l1 = lmin(L, l0 + slice);
+  const bool active = cv * V < C;
+  A ds[V], db[V], mv[V], av[V], bv[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    ds[v] = db[v] = A(0);
+    mv[v] = active ? m[n * C + cv * V + v] : A(0);
+    av[v] = active ? a[n * C + cv * V + v] : A(0);
+    bv[v] = active ? b[n * C + cv * V + v] : A(0);
+  }
+  if (active) {
+    const int64_t base = n * L * C + cv * V;
+    for (int64_t l = l0 + ty; l < l1; l += int64_t(kUnroll) * TY) {
+      Vec<T, V> xv[kUnroll], gv[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t lu = l + int64_t(u) * TY;
+        if (lu < l1) {
+          xv[u] = *reinterpret_cast<const Vec<T, V>*>(x + base + lu * C);
+          gv[u] = *reinterpret_cast<const Vec<T, V>*>(dy + base + lu * C);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (l + int64_t(u) * TY < l1) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            const A xc = static_cast<A>(xv[u].v[v]) - mv[v];
+            const A d = silu_grad(static_cast<A>(gv[u].v[v]), xc * av[v] + bv[v]);
+            ds[v] += d * xc;
+            db[v] += d;
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int v = 0; v < V; ++v) shared[(ty * TX + tx) * V + v] = GradSums<A>{ds[v], db[v]};
+  __syncthreads();
+  const int t = ty * TX + tx;
+  if (t < TX * V) {
+    const int ox = t % TX, ov = t / TX;
+    const int64_t c = (int64_t(blockIdx.y) * TX + ox) * V + ov;
+    if (c < C) {
+      GradSums<A> g = shared[ox * V + ov];
+      for (int y = 1; y < TY; ++y) g = merge(g, shared[(y * TX + ox) * V + ov]);
+      out[(n * C + c) * S + s] = g;
+    }
+  }
+}
+
+// Per (n, g): merge the partials into mean and 1/std, then fold the affine /
+// scale / shift parameters into m (the mean), a, b per (n, c) of the group.
+template <typename A>
+__global__ void stats_finalize_fold(const Welford<A>* __restrict__ partial, const A* __restrict__ w,
+                                    const A* __restrict__ bias, const A* __restrict__ scale,
+                                    const A* __restrict__ shift, int64_t N, int64_t G, int64_t D, int64_t S,
+                                    double eps, A* __restrict__ mean, A* __restrict__ rstd, A* __restrict__ m,
+                                    A* __restrict__ a, A* __restrict__ b) {
+  const int64_t ng = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (ng >= N * G) return;
+  Welford<double> acc{0.0, 0.0, 0.0};
+  const Welford<A>* p = partial + ng * D * S;
+  for (int64_t i = 0; i < D * S; ++i) {
+    acc = merge(acc, Welford<double>{static_cast<double>(p[i].mean), static_cast<double>(p[i].m2),
+                                     static_cast<double>(p[i].n)});
+  }
+  const double var = acc.n > 0 ? acc.m2 / acc.n : 0.0;
+  const A mu = static_cast<A>(acc.mean), r = static_cast<A>(rsqrt(var + eps));
+  mean[ng] = mu;
+  rstd[ng] = r;
+  const int64_t C = G * D, n = ng / G;
+  for (int64_t c = (ng % G) * D; c < (ng % G + 1) * D; ++c) {
+    const int64_t i = n * C + c;
+    const A gamma = w ? w[c] : A(1), beta = bias ? bias[c] : A(0);
+    const A mod = scale ? A(1) + scale[i] : A(1), off = shift ? shift[i] : A(0);
+    m[i] = mu;
+    a[i] = gamma * r * mod;
+    b[i] = beta * mod + off;
+  }
+}
+
+// Per (n, c), from given mean/rstd (the backward): m, a, b as above.
+template <typename A>
+__global__ void fold_coefficients_nc(const A* __restrict__ mean, const A* __restrict__ rstd, const A* __restrict__ w,
+                                     const A* __restrict__ bias, const A* __restrict__ scale,
+                                     const A* __restrict__ shift, int64_t N, int64_t C, int64_t D,
+                                     A* __restrict__ m, A* __restrict__ a, A* __restrict__ b) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= N * C) return;
+  const int64_t c = i % C;
+  const A gamma = w ? w[c] : A(1), beta = bias ? bias[c] : A(0);
+  const A mod = scale ? A(1) + scale[i] : A(1), off = shift ? shift[i] : A(0);
+  m[i] = mean[i / D];
+  a[i] = gamma * rstd[i / D] * mod;
+  b[i] = beta * mod + off;
+}
+
+// Per (n, g): total each channel's slices (sums[0] = DS, sums[1] = DB per
+// (n, c), float64, for grad_params_blocks), d scale / d shift, and the
+// group's c2, c3 written per (n, c) of the group.
+template <typename A>
+__global__ void grad_finalize_groups(const GradSums<A>* __restrict__ partial, const A* __restrict__ rstd,
+                                     const A* __restrict__ w, const A* __restrict__ bias,
+                                     const A* __restrict__ scale, int64_t N, int64_t G, int64_t D, int64_t S,
+                                     double M, double* __restrict__ ds, double* __restrict__ db,
+                                     double* __restrict__ dscale, double* __restrict__ dshift,
+                                     A* __restrict__ c2, A* __restrict__ c3) {
+  const int64_t ng = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (ng >= N * G) return;
+  const int64_t C = G * D, n = ng / G, g = ng % G;
+  const double r = static_cast<double>(rstd[ng]);
+  double sa = 0, sb = 0;
+  for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+    const int64_t i = n * C + c;
+    double s1 = 0, s2 = 0;
+    for (int64_t s = 0; s < S; ++s) {
+      s1 += static_cast<double>(partial[i * S + s].ds);
+      s2 += static_cast<double>(partial[i * S + s].db);
+    }
+    ds[i] = s1;
+    db[i] = s2;
+    const double gamma = w ? static_cast<double>(w[c]) : 1.0;
+    if (dscale) {
+      const double beta = bias ? static_cast<double>(bias[c]) : 0.0;
+      dscale[i] = gamma * r * s1 + beta * s2;
+      dshift[i] = s2;
+    }
+    const double gk = gamma * (scale ? 1.0 + static_cast<double>(scale[i]) : 1.0);
+    sa += gk * s1;
+    sb += gk * s2;
+  }
+  const A k2 = static_cast<A>(-sa * r * r * r / M), k3 = static_cast<A>(-sb * r / M);
+  for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+    c2[n * C + c] = k2;
+    c3[n * C + c] = k3;
+  }
+}
+
+// Per c (one block each): d weight = sum_n (1 + scale) rstd DS, d bias =
+// sum_n (1 + scale) DB, the samples spread over the block's threads.
+template <typename A>
+__global__ void grad_params_blocks(const double* __restrict__ ds, const double* __restrict__ db,
+                                   const A* __restrict__ rstd, const A* __restrict__ scale, int64_t N, int64_t C,
+                                   int64_t D, double* __restrict__ dw, double* __restrict__ dbias) {
+  __shared__ double sw_shared[kRowThreads], sb_shared[kRowThreads];
+  const int64_t c = blockIdx.x, G = C / D;
+  double sw = 0, sb = 0;
+  for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
+    const int64_t i = n * C + c;
+    const double k = scale ? 1.0 + static_cast<double>(scale[i]) : 1.0;
+    sw += k * static_cast<double>(rstd[n * G + c / D]) * ds[i];
+    sb += k * db[i];
+  }
+  sw_shared[threadIdx.x] = sw;
+  sb_shared[threadIdx.x] = sb;
+  __syncthreads();
+  for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) {
+      sw_shared[threadIdx.x] += sw_shared[threadIdx.x + stride];
+      sb_shared[threadIdx.x] += sb_shared[threadIdx.x + stride];
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    dw[c] = sw_shared[0];
+    dbias[c] = sb_shared[0];
+  }
+}
+
+// y = SiLU((x - m) a + b), V elements per thread. Channels-last: the V
+// elements are consecutive channels of one (n, l): div_c divides by C, div_l
+// by L. Contiguous: they lie in one row nc; div_c divides by L.
+template <typename T, typename A, int V, bool ChannelsLast>
+__global__ void apply_forward_vec(const T* __restrict__ x, T* __restrict__ y, const A* __restrict__ m,
+                                  const A* __restrict__ a, const A* __restrict__ b, uint32_t nvec,
+                                  IntDivider<uint32_t> div_c, IntDivider<uint32_t> div_l, uint32_t C) {
+  for (uint32_t j = blockIdx.x * blockDim.x + threadIdx.x; j < nvec; j += blockDim.x * gridDim.x) {
+    const uint32_t i = j * V;
+    const Vec<T, V> xv = *reinterpret_cast<const Vec<T, V>*>(x + i);
+    Vec<T, V> yv;
+    if (ChannelsLast) {
+      const auto q = div_c.divmod(i);
+      const uint32_t nc0 = div_l.div(q.div) * C + q.mod;
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const A z = (static_cast<A>(xv.v[v]) - m[nc0 + v]) * a[nc0 + v] + b[nc0 + v];
+        yv.v[v] = static_cast<T>(z * sigmoid_(z));
+      }
+    } else {
+      const uint32_t nc = div_c.div(i);
+      const A mn = m[nc], an = a[nc], bn = b[nc];
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const A z = (static_cast<A>(xv.v[v]) - mn) * an + bn;
+        yv.v[v] = static_cast<T>(z * sigmoid_(z));
+      }
+    }
+    *reinterpret_cast<Vec<T, V>*>(y + i) = yv;
+  }
+}
+
+// dx = a dz + c2 (x - m) + c3, V elements per thread, laid out as above.
+template <typename T, typename A, int V, bool ChannelsLast>
+__global__ void apply_backward_vec(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                                   const A* __restrict__ m, const A* __restrict__ a, const A* __restrict__ b,
+                                   const A* __restrict__ c2, const A* __restrict__ c3, uint32_t nvec,
+                                   IntDivider<uint32_t> div_c, IntDivider<uint32_t> div_l, uint32_t C) {
+  for (uint32_t j = blockIdx.x * blockDim.x + threadIdx.x; j < nvec; j += blockDim.x * gridDim.x) {
+    const uint32_t i = j * V;
+    const Vec<T, V> xv = *reinterpret_cast<const Vec<T, V>*>(x + i);
+    const Vec<T, V> gv = *reinterpret_cast<const Vec<T, V>*>(dy + i);
+    Vec<T, V> out;
+    if (ChannelsLast) {
+      const auto q = div_c.divmod(i);
+      const uint32_t nc0 = div_l.div(q.div) * C + q.mod;
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const uint32_t nc = nc0 + v;
+        const A xc = static_cast<A>(xv.v[v]) - m[nc];
+        const A d = silu_grad(static_cast<A>(gv.v[v]), xc * a[nc] + b[nc]);
+        out.v[v] = static_cast<T>(a[nc] * d + c2[nc] * xc + c3[nc]);
+      }
+    } else {
+      const uint32_t nc = div_c.div(i);
+      const A mn = m[nc], an = a[nc], bn = b[nc], k2 = c2[nc], k3 = c3[nc];
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const A xc = static_cast<A>(xv.v[v]) - mn;
+        const A d = silu_grad(static_cast<A>(gv.v[v]), xc * an + bn);
+        out.v[v] = static_cast<T>(an * d + k2 * xc + k3);
+      }
+    }
+    *reinterpret_cast<Vec<T, V>*>(dx + i) = out;
+  }
+}
+
 // ---------------------------------------------------------------- launchers
 
 // Blocks for one thread per item (the small kernels have no grid-stride
@@ -356,6 +829,77 @@ const A* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<A>() : nullptr;
 }
 
+inline bool aligned16(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// Whether the vectorised kernels apply (see their section): x and the
+// other element tensors given, V elements per 16-byte load.
+// IDDPM_FAST_GN_CUDA_VEC=0 turns the vectorised kernels off (read per call,
+// so that one process can time both; a switch for diagnosis, not tuning).
+inline bool use_vec(const GnShape& s, int64_t numel, int V, std::initializer_list<const void*> ptrs) {
+  const char* off = std::getenv("IDDPM_FAST_GN_CUDA_VEC");
+  if (off != nullptr && off[0] == '0' && off[1] == '\0') return false;
+  if (numel >= (int64_t(1) << 31) || (s.channels_last ? s.C % V : s.L % V) != 0) return false;
+  for (const void* p : ptrs) {
+    if (!aligned16(p)) return false;
+  }
+  return true;
+}
+
+inline int sm_count() {
+  int device = 0, sms = 132;
+  if (cudaGetDevice(&device) == cudaSuccess) {
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  }
+  return sms;
+}
+
+// Contiguous rows, vectorised: slices as above rounded up to whole vectors,
+// and a power-of-two block of 32..kRowThreads threads that covers a slice.
+inline int row_slices_vec(const GnShape& s, int V, int64_t& slice, int64_t& S) {
+  slices(s, slice, S);
+  slice = (slice + V - 1) / V * V;
+  S = (s.L + slice - 1) / slice;
+  const int64_t need = (std::min(slice, s.L) + V - 1) / V;
+  int threads = 32;
+  while (threads < need && threads < kRowThreads) threads *= 2;
+  return threads;
+}
+
+// Contiguous rows short enough for one warp each (at most eight 16-byte
+// loads per lane): the warp-per-row kernels, ceil(N*C / kWarpRows) blocks.
+inline bool rows_per_warp(const GnShape& s, int V) {
+  return s.L <= int64_t(32) * V * 8;
+}
+
+inline unsigned warp_row_blocks(const GnShape& s) {
+  const int64_t blocks = (s.N * s.C + kWarpRows - 1) / kWarpRows;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
+              message("iddpm_fast gn_silu (CUDA): N * C = ", s.N * s.C, " exceeds one grid"));
+  return static_cast<unsigned>(blocks);
+}
+
+// Channels-last, vectorised: a (TX, TY) block, TX channel vectors (at most
+// 32) by TY position lanes, and enough slices along the positions that the
+// grid holds about four blocks per multiprocessor (each slice at least 64
+// positions long, at most 65535 slices).
+inline void cl_launch_vec(const GnShape& s, int V, dim3& grid, dim3& block, int64_t& slice, int64_t& S) {
+  const int64_t cv = s.C / V;
+  const int tx = static_cast<int>(std::min<int64_t>(cv, 32));
+  const int ty = kRowThreads / tx;
+  const int64_t blocks_c = (cv + tx - 1) / tx;
+  TORCH_CHECK(s.N <= std::numeric_limits<int32_t>::max() && blocks_c <= kMaxSlices,
+              message("iddpm_fast gn_silu (CUDA): shape [N=", s.N, ", C=", s.C, "] exceeds one grid"));
+  const int64_t base = s.N * blocks_c;
+  int64_t want = std::max<int64_t>(1, (int64_t(4) * sm_count() + base - 1) / base);
+  want = std::min<int64_t>(want, std::max<int64_t>(1, s.L / 64));
+  slice = std::max<int64_t>((s.L + want - 1) / want, (s.L + kMaxSlices - 1) / kMaxSlices);
+  S = (s.L + slice - 1) / slice;
+  grid = dim3(static_cast<unsigned>(s.N), static_cast<unsigned>(blocks_c), static_cast<unsigned>(S));
+  block = dim3(tx, ty);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_cuda(const at::Tensor& x_in,
                                                                      const c10::optional<at::Tensor>& weight,
                                                                      const c10::optional<at::Tensor>& bias,
@@ -370,15 +914,67 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_cuda(const at::Te
   s.channels_last = stored_channels_last(x);
   const auto st = stat_type(x);
   at::Tensor y = at::empty_like(x);
-  at::Tensor mean = at::zeros({s.N, s.G}, x.options().dtype(st));
-  at::Tensor rstd = at::zeros({s.N, s.G}, x.options().dtype(st));
-  if (x.numel() == 0) return {y, mean, rstd};
+  if (x.numel() == 0) {
+    return {y, at::zeros({s.N, s.G}, x.options().dtype(st)), at::zeros({s.N, s.G}, x.options().dtype(st))};
+  }
+  at::Tensor mean = at::empty({s.N, s.G}, x.options().dtype(st));
+  at::Tensor rstd = at::empty({s.N, s.G}, x.options().dtype(st));
   at::Tensor w = as_stat(weight, st), b = as_stat(bias, st), sc = as_stat(scale, st), sh = as_stat(shift, st);
-  int64_t slice, S;
-  slices(s, slice, S);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gn_silu_forward_cuda", [&] {
     using A = at::opmath_type<scalar_t>;
+    constexpr int V = vec_width<scalar_t>();
+    const int64_t numel = x.numel();
+    if (use_vec(s, numel, V, {x.data_ptr(), y.data_ptr()})) {
+      int64_t slice, S;
+      at::Tensor partial;
+      Welford<A>* pw = nullptr;
+      if (s.channels_last) {
+        dim3 grid, block;
+        cl_launch_vec(s, V, grid, block, slice, S);
+        partial = at::empty({s.N * s.C * S * 3}, x.options().dtype(st));
+        pw = reinterpret_cast<Welford<A>*>(partial.data_ptr<A>());
+        stats_partial_cl_vec<scalar_t, A, V><<<grid, block, 0, stream>>>(x.data_ptr<scalar_t>(), s.L, s.C, S,
+                                                                          slice, pw);
+      } else if (rows_per_warp(s, V)) {
+        S = 1;
+        partial = at::empty({s.N * s.C * 3}, x.options().dtype(st));
+        pw = reinterpret_cast<Welford<A>*>(partial.data_ptr<A>());
+        stats_partial_rows_warp<scalar_t, A, V><<<warp_row_blocks(s), dim3(32, kWarpRows), 0, stream>>>(
+            x.data_ptr<scalar_t>(), s.N * s.C, s.L, pw);
+      } else {
+        const int threads = row_slices_vec(s, V, slice, S);
+        partial = at::empty({s.N * s.C * S * 3}, x.options().dtype(st));
+        pw = reinterpret_cast<Welford<A>*>(partial.data_ptr<A>());
+        stats_partial_rows_vec<scalar_t, A, V><<<dim3(s.N * s.C, S), threads, 0, stream>>>(
+            x.data_ptr<scalar_t>(), s.L, S, slice, pw);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      at::Tensor coef = at::empty({3, s.N * s.C}, x.options().dtype(st));
+      A* pm = coef[0].data_ptr<A>();
+      A* pa = coef[1].data_ptr<A>();
+      A* pb = coef[2].data_ptr<A>();
+      stats_finalize_fold<A><<<blocks_for(s.N * s.G, 256), 256, 0, stream>>>(
+          pw, ptr_or_null<A>(w), ptr_or_null<A>(b), ptr_or_null<A>(sc), ptr_or_null<A>(sh), s.N, s.G, s.D, S, eps,
+          mean.data_ptr<A>(), rstd.data_ptr<A>(), pm, pa, pb);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const uint32_t nvec = static_cast<uint32_t>(numel / V);
+      const IntDivider<uint32_t> div_c(static_cast<uint32_t>(s.channels_last ? s.C : s.L));
+      const IntDivider<uint32_t> div_l(static_cast<uint32_t>(s.L));
+      if (s.channels_last) {
+        apply_forward_vec<scalar_t, A, V, true><<<elementwise_blocks(nvec), 256, 0, stream>>>(
+            x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), pm, pa, pb, nvec, div_c, div_l,
+            static_cast<uint32_t>(s.C));
+      } else {
+        apply_forward_vec<scalar_t, A, V, false><<<elementwise_blocks(nvec), 256, 0, stream>>>(
+            x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), pm, pa, pb, nvec, div_c, div_l,
+            static_cast<uint32_t>(s.C));
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    int64_t slice, S;
+    slices(s, slice, S);
     at::Tensor partial = at::empty({s.N * s.C * S * 3}, x.options().dtype(st));
     auto* pw = reinterpret_cast<Welford<A>*>(partial.data_ptr<A>());
     if (s.channels_last) {
@@ -399,7 +995,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_cuda(const at::Te
         rstd.data_ptr<A>(), ptr_or_null<A>(w), ptr_or_null<A>(b), ptr_or_null<A>(sc), ptr_or_null<A>(sh), s.N, s.C,
         s.D, pa, pb);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t numel = x.numel();
     if (s.channels_last) {
       apply_forward<scalar_t, A, true><<<elementwise_blocks(numel), 256, 0, stream>>>(
           x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), mean.data_ptr<A>(), pa, pb, numel, s.C, s.D, s.L);
@@ -430,16 +1025,84 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
   at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   at::Tensor w = as_stat(weight, st), b = as_stat(bias, st), sc = as_stat(scale, st), sh = as_stat(shift, st);
   at::Tensor dx = at::empty_like(x);
-  at::Tensor gw = at::zeros({s.C}, x.options().dtype(at::kDouble));
-  at::Tensor gb = at::zeros({s.C}, x.options().dtype(at::kDouble));
-  at::Tensor gsc = at::zeros({has_scale ? s.N : 0, s.C}, x.options().dtype(at::kDouble));
-  at::Tensor gsh = at::zeros({has_scale ? s.N : 0, s.C}, x.options().dtype(at::kDouble));
-  if (x.numel() > 0) {
-    int64_t slice, S;
-    slices(s, slice, S);
+  // Every kernel path below writes all of these when x has elements.
+  const auto dbl = x.options().dtype(at::kDouble);
+  const bool empty = x.numel() == 0;
+  at::Tensor gw = empty ? at::zeros({s.C}, dbl) : at::empty({s.C}, dbl);
+  at::Tensor gb = empty ? at::zeros({s.C}, dbl) : at::empty({s.C}, dbl);
+  at::Tensor gsc = empty ? at::zeros({has_scale ? s.N : 0, s.C}, dbl) : at::empty({has_scale ? s.N : 0, s.C}, dbl);
+  at::Tensor gsh = empty ? at::zeros({has_scale ? s.N : 0, s.C}, dbl) : at::empty({has_scale ? s.N : 0, s.C}, dbl);
+  if (!empty) {
     auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gn_silu_backward_cuda", [&] {
       using A = at::opmath_type<scalar_t>;
+      constexpr int V = vec_width<scalar_t>();
+      const int64_t numel = x.numel();
+      const A* pmean = mean.data_ptr<A>();
+      const A* prstd = rstd.data_ptr<A>();
+      if (use_vec(s, numel, V, {x.data_ptr(), dy.data_ptr(), dx.data_ptr()})) {
+        at::Tensor coef = at::empty({5, s.N * s.C}, x.options().dtype(st));
+        A* pm = coef[0].data_ptr<A>();
+        A* pa = coef[1].data_ptr<A>();
+        A* pb = coef[2].data_ptr<A>();
+        A* c2 = coef[3].data_ptr<A>();
+        A* c3 = coef[4].data_ptr<A>();
+        fold_coefficients_nc<A><<<blocks_for(s.N * s.C, 256), 256, 0, stream>>>(
+            pmean, prstd, ptr_or_null<A>(w), ptr_or_null<A>(b), ptr_or_null<A>(sc), ptr_or_null<A>(sh), s.N, s.C,
+            s.D, pm, pa, pb);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        int64_t slice, S;
+        at::Tensor partial;
+        GradSums<A>* pg = nullptr;
+        if (s.channels_last) {
+          dim3 grid, block;
+          cl_launch_vec(s, V, grid, block, slice, S);
+          partial = at::empty({s.N * s.C * S * 2}, x.options().dtype(st));
+          pg = reinterpret_cast<GradSums<A>*>(partial.data_ptr<A>());
+          grad_partial_cl_vec<scalar_t, A, V><<<grid, block, 0, stream>>>(
+              dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), pm, pa, pb, s.L, s.C, S, slice, pg);
+        } else if (rows_per_warp(s, V)) {
+          S = 1;
+          partial = at::empty({s.N * s.C * 2}, x.options().dtype(st));
+          pg = reinterpret_cast<GradSums<A>*>(partial.data_ptr<A>());
+          grad_partial_rows_warp<scalar_t, A, V><<<warp_row_blocks(s), dim3(32, kWarpRows), 0, stream>>>(
+              dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), pm, pa, pb, s.N * s.C, s.L, pg);
+        } else {
+          const int threads = row_slices_vec(s, V, slice, S);
+          partial = at::empty({s.N * s.C * S * 2}, x.options().dtype(st));
+          pg = reinterpret_cast<GradSums<A>*>(partial.data_ptr<A>());
+          grad_partial_rows_vec<scalar_t, A, V><<<dim3(s.N * s.C, S), threads, 0, stream>>>(
+              dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), pm, pa, pb, s.L, S, slice, pg);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        at::Tensor sums = at::empty({2, s.N * s.C}, dbl);
+        double* ds = sums[0].data_ptr<double>();
+        double* db = sums[1].data_ptr<double>();
+        grad_finalize_groups<A><<<blocks_for(s.N * s.G, 256), 256, 0, stream>>>(
+            pg, prstd, ptr_or_null<A>(w), ptr_or_null<A>(b), ptr_or_null<A>(sc), s.N, s.G, s.D, S,
+            static_cast<double>(s.D * s.L), ds, db, has_scale ? gsc.data_ptr<double>() : nullptr,
+            has_scale ? gsh.data_ptr<double>() : nullptr, c2, c3);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        grad_params_blocks<A><<<static_cast<unsigned>(s.C), kRowThreads, 0, stream>>>(
+            ds, db, prstd, ptr_or_null<A>(sc), s.N, s.C, s.D, gw.data_ptr<double>(), gb.data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        const uint32_t nvec = static_cast<uint32_t>(numel / V);
+        const IntDivider<uint32_t> div_c(static_cast<uint32_t>(s.channels_last ? s.C : s.L));
+        const IntDivider<uint32_t> div_l(static_cast<uint32_t>(s.L));
+        if (s.channels_last) {
+          apply_backward_vec<scalar_t, A, V, true><<<elementwise_blocks(nvec), 256, 0, stream>>>(
+              dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), pm, pa, pb, c2, c3, nvec,
+              div_c, div_l, static_cast<uint32_t>(s.C));
+        } else {
+          apply_backward_vec<scalar_t, A, V, false><<<elementwise_blocks(nvec), 256, 0, stream>>>(
+              dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), pm, pa, pb, c2, c3, nvec,
+              div_c, div_l, static_cast<uint32_t>(s.C));
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+      int64_t slice, S;
+      slices(s, slice, S);
       at::Tensor coef = at::empty({2, s.N, s.C}, x.options().dtype(st));
       A* pa = coef[0].data_ptr<A>();
       A* pb = coef[1].data_ptr<A>();
@@ -460,7 +1123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
             dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), pm, pa, pb, s.L, s.D, S, slice, pg);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      at::Tensor sums = at::empty({2, s.N, s.C}, x.options().dtype(at::kDouble));
+      at::Tensor sums = at::empty({2, s.N, s.C}, dbl);
       double* ds = sums[0].data_ptr<double>();
       double* db = sums[1].data_ptr<double>();
       grad_finalize_channels<A><<<blocks_for(s.N * s.C, 256), 256, 0, stream>>>(
@@ -477,7 +1140,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
       grad_params<A><<<blocks_for(s.C, 256), 256, 0, stream>>>(ds, db, pm, pr, ptr_or_null<A>(sc), s.N, s.C, s.D,
                                                                gw.data_ptr<double>(), gb.data_ptr<double>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const int64_t numel = x.numel();
       if (s.channels_last) {
         apply_backward<scalar_t, A, true><<<elementwise_blocks(numel), 256, 0, stream>>>(
             dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), pm, pa, pb, c2, c3, numel, s.C,

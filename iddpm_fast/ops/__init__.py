@@ -11,6 +11,8 @@ Select with ``IDDPM_FAST_BACKEND=auto|triton|cpp|reference`` or
 ``with iddpm_fast.ops.use_backend("reference"): ...``.
 """
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -222,19 +224,21 @@ def stored_channels_last(x):
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _stock_kernels_win_on_cuda(x, weight, bias):
+def _cuda_wants_stock():
     """
-    Where, on CUDA, F.group_norm + F.silu beat the fused C++ op (measured on
-    an H200, bench/results/REPORT.md): float32 activations either in NCHW or
-    with autograd (training); there stock PyTorch's GroupNorm kernels ran 1.1
-    to 2.5x faster than the fused op. The fused op stays for bfloat16/float16
-    and for channels-last float32 inference (sampling), where it won by 1.1
-    to 1.5x.
+    Whether group_norm_silu on CUDA runs stock F.group_norm + F.silu instead
+    of the fused op: only when ``IDDPM_FAST_CUDA_GN=stock`` (an A/B switch,
+    used by bench/profile_gpu.py). ``auto`` (the default) and ``fused`` run
+    the fused op, which measured faster than the stock kernels at every UNet
+    shape, dtype and layout on an H200 once its kernels were vectorised:
+    forward + backward 2.5-4.2x in channels-last, 1.8-2.0x in float32 NCHW
+    down to 16x16 and 1.2x at 8x8; a bf16 channels-last training step 10%
+    faster (bench/results/h200-20261126/README.md).
     """
-    if x.dtype != torch.float32 or any(p is not None and p.dtype != torch.float32 for p in (weight, bias)):
-        return False
-    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    return wants_grad or not stored_channels_last(x)
+    policy = os.environ.get("IDDPM_FAST_CUDA_GN", "auto")
+    if policy not in ("auto", "fused", "stock"):
+        raise ValueError(f"IDDPM_FAST_CUDA_GN must be auto, fused or stock, got {policy!r}")
+    return policy == "stock"
 
 
 def _stock_group_norm_silu(x, weight, bias, num_groups, eps):
@@ -248,7 +252,7 @@ def group_norm_silu(x, weight, bias, num_groups, eps=1e-5):
     _check_norm(x, weight, bias, num_groups)
     fn = resolve("group_norm_silu", x.device)
     if (fn is _cpp.group_norm_silu and x.device.type == "cuda" and requested_backend() == "auto"
-            and _stock_kernels_win_on_cuda(x, weight, bias)):
+            and _cuda_wants_stock()):
         return _stock_group_norm_silu(x, weight, bias, num_groups, eps)
     return fn(x, weight, bias, num_groups, eps)
 

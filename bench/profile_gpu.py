@@ -1,0 +1,296 @@
+"""
+Where the GPU time goes: torch.profiler tables (self CUDA time per kernel) of
+  1. one respaced sampling step of the 32x32 UNet (c128, batch 256) in bf16
+     channels-last, the configuration compare_original.py times;
+  2. the fused GroupNorm-SiLU op and stock F.group_norm + F.silu at the UNet's
+     activation shapes (bf16 channels-last, float32 NCHW), forward and backward;
+  3. one bf16 channels-last training step (c128, batch 128).
+
+    python bench/profile_gpu.py [--what sample,gn,train] [--rows 25]
+    python bench/profile_gpu.py --what ab_gn,ab_sample,ab_train   # A/B timings only
+
+Needs CUDA. Prints tables; writes nothing.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _table(prof, rows):
+    ka = prof.key_averages()
+    for key in ("self_cuda_time_total", "self_device_time_total"):
+        try:
+            return ka.table(sort_by=key, row_limit=rows, max_name_column_width=70)
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return ka.table(row_limit=rows)
+
+
+def _profile(fn, steps, rows, title, *args):
+    """Times fn(*args) with CUDA events, then prints its profiler table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        fn(*args)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        fn(*args)
+    end.record()
+    torch.cuda.synchronize()
+    print(f"\n==== {title}: {start.elapsed_time(end) / steps:.3f} ms per call (CUDA events, {steps} calls)")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn(*args)
+        torch.cuda.synchronize()
+    print(_table(prof, rows))
+
+
+def _model(channels, respacing, dropout=0.0):
+    from iddpm_fast import script_util as su
+
+    cfg = dict(
+        su.model_and_diffusion_defaults(),
+        image_size=32,
+        num_channels=channels,
+        num_res_blocks=2,
+        learn_sigma=True,
+        noise_schedule="cosine",
+        diffusion_steps=4000,
+        attention_resolutions="16,8",
+        timestep_respacing=respacing,
+        dropout=dropout,
+    )
+    torch.manual_seed(0)
+    model, diffusion = su.create_model_and_diffusion(**cfg)
+    return model.cuda().to(memory_format=torch.channels_last), diffusion
+
+
+def profile_sample(args):
+    model, diffusion = _model(128, "100")
+    model.eval()
+    B = 256
+    x = torch.randn(B, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    t = torch.full((B,), 50, device="cuda", dtype=torch.long)
+
+    def step():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            diffusion.p_sample(model, x, t)
+
+    def model_only():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x, diffusion._scale_timesteps(t) if hasattr(diffusion, "_scale_timesteps") else t)
+
+    _profile(step, 5, args.rows, "sampling step, c128 batch 256, bf16 channels-last")
+    _profile(model_only, 5, 8, "model forward only, same")
+
+
+def _stock_fwd_bwd(x, w, b, gy):
+    F.silu(F.group_norm(x, 32, w, b, 1e-5)).backward(gy)
+
+
+def _stock_fwd(x, w, b):
+    return F.silu(F.group_norm(x, 32, w, b, 1e-5))
+
+
+def profile_gn(args):
+    from iddpm_fast import _ext
+
+    _ext.load()
+
+    for shape in ((256, 128, 32, 32), (256, 256, 16, 16), (256, 256, 8, 8)):
+        C = shape[1]
+        for dtype, cl in ((torch.bfloat16, True), (torch.float32, False)):
+            x = (torch.randn(shape, device="cuda") * 0.5 - 2.3).to(dtype)
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            w = torch.randn(C, device="cuda")
+            b = torch.randn(C, device="cuda")
+            gy = torch.randn_like(x)
+            tag = f"{list(shape)} {str(dtype)[6:]} {'channels_last' if cl else 'NCHW'}"
+            fwd = torch.ops.iddpm_fast.gn_silu_forward
+            bwd = torch.ops.iddpm_fast.gn_silu_backward
+            _y, mean, rstd = fwd(x, w, b, None, None, 32, 1e-5)
+            nbytes = x.numel() * x.element_size()
+            _profile(fwd, 10, 10, f"fused forward {tag} ({2 * nbytes / 1e6:.0f} MB min)", x, w, b, None, None, 32, 1e-5)
+            _profile(
+                bwd,
+                10,
+                12,
+                f"fused backward {tag} ({3 * nbytes / 1e6:.0f} MB min)",
+                gy,
+                x,
+                w,
+                b,
+                None,
+                None,
+                mean,
+                rstd,
+                32,
+            )
+            xs = x.detach().requires_grad_(True)
+            ws, bs = w.to(dtype).requires_grad_(True), b.to(dtype).requires_grad_(True)
+            _profile(_stock_fwd_bwd, 10, 12, f"stock F.group_norm + F.silu forward+backward {tag}", xs, ws, bs, gy)
+
+
+def profile_train(args):
+    model, diffusion = _model(128, "", dropout=0.1)
+    model.train()
+    B = 128
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = (torch.rand(B, 3, 32, 32, device="cuda") * 2 - 1).contiguous(memory_format=torch.channels_last)
+
+    def step():
+        t = torch.randint(0, diffusion.num_timesteps, (B,), device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = diffusion.training_losses(model, x, t)["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    _profile(step, 3, args.rows, "training step, c128 batch 128, bf16 channels-last")
+
+
+def _time(fn, steps, *args):
+    """Milliseconds per call of fn(*args), CUDA events around `steps` calls."""
+    for _ in range(2):
+        fn(*args)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        fn(*args)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def _vec(on):
+    os.environ["IDDPM_FAST_GN_CUDA_VEC"] = "1" if on else "0"
+
+
+def ab_gn(args):
+    """Fused op forward / backward with the vectorised kernels on and off, and
+    stock F.group_norm + F.silu, at UNet shapes; GB/s against the minimal bytes."""
+    from iddpm_fast import _ext
+
+    _ext.load()
+    fwd, bwd = torch.ops.iddpm_fast.gn_silu_forward, torch.ops.iddpm_fast.gn_silu_backward
+    print("\n==== GroupNorm-SiLU A/B (ms per call, CUDA events; GB/s of the minimal bytes)")
+    for shape in ((128, 128, 32, 32), (128, 256, 16, 16), (128, 512, 8, 8), (256, 128, 32, 32), (64, 128, 64, 64)):
+        for dtype, cl in (
+            (torch.bfloat16, True),
+            (torch.float32, True),
+            (torch.float32, False),
+            (torch.bfloat16, False),
+        ):
+            C = shape[1]
+            x = (torch.randn(shape, device="cuda") * 0.5 - 2.3).to(dtype)
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            w, b = torch.randn(C, device="cuda"), torch.randn(C, device="cuda")
+            gy = torch.randn_like(x)
+            nb = x.numel() * x.element_size()
+            row = {}
+            for on in (True, False):
+                _vec(on)
+                _y, mean, rstd = fwd(x, w, b, None, None, 32, 1e-5)
+                row[f"fwd_vec{int(on)}"] = _time(fwd, 20, x, w, b, None, None, 32, 1e-5)
+                row[f"bwd_vec{int(on)}"] = _time(bwd, 20, gy, x, w, b, None, None, mean, rstd, 32)
+            _vec(True)
+            xs = x.detach().requires_grad_(True)
+            ws, bs = w.to(dtype).requires_grad_(True), b.to(dtype).requires_grad_(True)
+            row["stock_fwd"] = _time(_stock_fwd, 20, x, ws.detach(), bs.detach())
+            row["stock_fwdbwd"] = _time(_stock_fwd_bwd, 20, xs, ws, bs, gy)
+            tag = f"{list(shape)} {str(dtype)[6:]} {'CL' if cl else 'NCHW'}"
+            print(
+                f"{tag:34s} fwd new {row['fwd_vec1']:.4f} ({2 * nb / row['fwd_vec1'] / 1e6:.0f} GB/s) "
+                f"old {row['fwd_vec0']:.4f} | bwd new {row['bwd_vec1']:.4f} ({3 * nb / row['bwd_vec1'] / 1e6:.0f} GB/s)"
+                f" old {row['bwd_vec0']:.4f} | stock fwd {row['stock_fwd']:.4f} fwd+bwd {row['stock_fwdbwd']:.4f}"
+                f" | fused fwd+bwd/stock {row['stock_fwdbwd'] / (row['fwd_vec1'] + row['bwd_vec1']):.2f}x"
+            )
+    x = torch.empty(64 << 18, device="cuda")
+    y = torch.empty_like(x)
+    ms = _time(y.copy_, 50, x)
+    print(f"copy 64 MiB: {ms:.4f} ms, {2 * x.numel() * 4 / ms / 1e6:.0f} GB/s")
+
+
+def ab_sample(args):
+    """Sampling step (bf16 channels-last, c128, batch 256, one autocast context as
+    in p_sample_loop) with the vectorised GroupNorm kernels on and off."""
+    model, diffusion = _model(128, "100")
+    model.eval()
+    B = 256
+    x = torch.randn(B, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    t = torch.full((B,), 50, device="cuda", dtype=torch.long)
+    print("\n==== sampling step A/B, c128 batch 256, bf16 channels-last")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for rnd in range(2):
+            for on in (True, False):
+                _vec(on)
+                print(f"  round {rnd} vec={int(on)}: {_time(diffusion.p_sample, 10, model, x, t):.3f} ms/step")
+        _vec(True)
+        _profile(diffusion.p_sample, 3, 14, "sampling step, vectorised GroupNorm", model, x, t)
+
+
+def _ab_train_case(amp, channels_last):
+    model, diffusion = _model(128, "", dropout=0.1)
+    if not channels_last:
+        model = model.to(memory_format=torch.contiguous_format)
+    model.train()
+    B = 128
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.rand(B, 3, 32, 32, device="cuda") * 2 - 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def step():
+        t = torch.randint(0, diffusion.num_timesteps, (B,), device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            loss = diffusion.training_losses(model, x, t)["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for rnd in range(2):
+        for policy in ("stock", "fused"):
+            os.environ["IDDPM_FAST_CUDA_GN"] = policy
+            print(f"  {'bf16 CL' if amp else 'fp32 NCHW'} round {rnd} GN {policy}: {_time(step, 5):.2f} ms/step")
+    os.environ.pop("IDDPM_FAST_CUDA_GN")
+
+
+def ab_train(args):
+    """Training step (c128, batch 128) with the CUDA GroupNorm-SiLU policy
+    forced to stock kernels and to the fused op, bf16 channels-last and fp32."""
+    print("\n==== training step A/B, c128 batch 128")
+    _ab_train_case(True, True)
+    _ab_train_case(False, False)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    p.add_argument("--what", default="sample,gn,train")
+    p.add_argument("--rows", type=int, default=25)
+    args = p.parse_args()
+    assert torch.cuda.is_available(), "profile_gpu.py needs CUDA"
+    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    for what in args.what.split(","):
+        {
+            "sample": profile_sample,
+            "gn": profile_gn,
+            "train": profile_train,
+            "ab_gn": ab_gn,
+            "ab_sample": ab_sample,
+            "ab_train": ab_train,
+        }[what](args)
+
+
+if __name__ == "__main__":
+    main()
