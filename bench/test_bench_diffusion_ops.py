@@ -53,7 +53,7 @@ def _sync(device):
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_training_loss_fwd_bwd(benchmark, compiled, provider, shape):
+def test_training_loss_fwd_bwd(benchmark, compiled, device_timer, provider, shape):
     device = _device()
     tables, x0, noise, out, t = _inputs(shape, device)
     if provider == "fused":
@@ -65,22 +65,26 @@ def test_training_loss_fwd_bwd(benchmark, compiled, provider, shape):
         fn = ref.training_loss
     out.requires_grad_(True)
 
-    def step():
+    def run():
         out.grad = None
         loss, _, _ = fn(out, x0, noise, t, tables, num_timesteps=4000, **KINDS)
         loss.sum().backward()
+
+    def step():
+        run()
         _sync(device)
 
     step()  # warm-up (compilation)
     benchmark.group = "training_loss fwd+bwd"
     benchmark.extra_info["min_bytes_fwd"] = (x0.numel() * 2 + out.numel()) * 4 + shape[0] * 4
     benchmark(step)
+    device_timer(benchmark, run)
     assert out.grad is not None and torch.isfinite(out.grad).all()
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_q_sample(benchmark, compiled, provider, shape):
+def test_q_sample(benchmark, compiled, device_timer, provider, shape):
     device = _device()
     tables, x0, noise, _, t = _inputs(shape, device)
     if provider == "fused":
@@ -100,12 +104,13 @@ def test_q_sample(benchmark, compiled, provider, shape):
     benchmark.group = "q_sample fwd"
     benchmark.extra_info["min_bytes"] = x0.numel() * 3 * 4
     y = benchmark(step)
+    device_timer(benchmark, lambda: fn(x0, t, noise, tables))
     torch.testing.assert_close(y, ref.q_sample(x0, t, noise, tables))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_p_sample_step(benchmark, compiled, provider, shape):
+def test_p_sample_step(benchmark, compiled, device_timer, provider, shape):
     device = _device()
     tables, x0, noise, out, t = _inputs(shape, device)
     kinds = dict(model_mean_type="epsilon", model_var_type="learned_range", clip_denoised=True)
@@ -117,9 +122,12 @@ def test_p_sample_step(benchmark, compiled, provider, shape):
     else:
         fn = ref.p_sample_step
 
-    def step():
+    def run():
         with torch.no_grad():
-            y = fn(out, x0, t, noise, tables, **kinds)
+            return fn(out, x0, t, noise, tables, **kinds)
+
+    def step():
+        y = run()
         _sync(device)
         return y
 
@@ -128,5 +136,6 @@ def test_p_sample_step(benchmark, compiled, provider, shape):
     # reads x_t, noise and the model output (2C channels); writes the sample and pred_xstart
     benchmark.extra_info["min_bytes"] = (x0.numel() * 4 + out.numel()) * 4
     sample, _ = benchmark(step)
+    device_timer(benchmark, run)
     want, _ = ref.p_sample_step(out, x0, t, noise, tables, **kinds)
     torch.testing.assert_close(sample, want, rtol=1e-4, atol=1e-5)

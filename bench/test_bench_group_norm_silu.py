@@ -53,7 +53,7 @@ def _shapes():
 @pytest.mark.parametrize("fmt", list(FORMATS))
 @pytest.mark.parametrize("shape", _shapes(), ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_group_norm_silu(benchmark, compiled, provider, shape, fmt, mode):
+def test_group_norm_silu(benchmark, compiled, device_timer, provider, shape, fmt, mode):
     device = _device()
     dtype, memory_format = FORMATS[fmt]
     if provider == "fused":
@@ -77,14 +77,15 @@ def test_group_norm_silu(benchmark, compiled, provider, shape, fmt, mode):
         w.requires_grad_(True)
         b.requires_grad_(True)
 
-    def step():
+    def run():
         if backward:
             y = fn(x, w, b, 32)
-            grads = torch.autograd.grad(y, (x, w, b), dy)
-        else:
-            with torch.no_grad():
-                y = fn(x, w, b, 32)
-            grads = None
+            return y, torch.autograd.grad(y, (x, w, b), dy)
+        with torch.no_grad():
+            return fn(x, w, b, 32), None
+
+    def step():
+        y, grads = run()
         _sync(device)
         return y, grads
 
@@ -92,7 +93,8 @@ def test_group_norm_silu(benchmark, compiled, provider, shape, fmt, mode):
     benchmark.group = f"group_norm_silu {mode} {fmt}"
     size = x.numel() * x.element_size()
     benchmark.extra_info["min_bytes"] = size * (5 if backward else 2)
-    y, grads = benchmark(step)
+    y, _grads = benchmark(step)
+    device_timer(benchmark, run)
     want = ref.group_norm_silu(x.detach().float(), w.detach(), b.detach(), 32)
     tol = 1e-4 if dtype == torch.float32 else 0.05
     torch.testing.assert_close(y.detach().float(), want, rtol=tol, atol=tol)
@@ -101,7 +103,7 @@ def test_group_norm_silu(benchmark, compiled, provider, shape, fmt, mode):
 
 
 @pytest.mark.parametrize("provider", ["reference"])
-def test_copy_bandwidth(benchmark, provider):
+def test_copy_bandwidth(benchmark, device_timer, provider):
     """What a plain copy achieves here (read + write), for the GB/s column."""
     device = _device()
     src = torch.randn(16 * 1024 * 1024 // 4 * 4, device=device)  # 64 MiB
@@ -114,4 +116,5 @@ def test_copy_bandwidth(benchmark, provider):
     benchmark.group = "memory copy 64MiB"
     benchmark.extra_info["min_bytes"] = 2 * src.numel() * 4
     benchmark(step)
+    device_timer(benchmark, lambda: dst.copy_(src))
     assert torch.equal(dst, src)

@@ -42,3 +42,63 @@ def test_report_without_results_is_a_clear_error(tmp_path, capsys):
     _write(tmp_path)
     assert cli.main(["bench", "--report", "--results", str(tmp_path)]) == 0
     assert "speedups.png" in capsys.readouterr().out
+
+
+def _bench_conftest():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "conftest.py")
+    spec = importlib.util.spec_from_file_location("iddpm_bench_conftest", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _FakeBenchmark:
+    def __init__(self, disabled=False):
+        self.disabled = disabled
+        self.extra_info = {}
+
+
+def test_device_time_is_recorded_on_cuda_only(monkeypatch):
+    """bench/conftest.py's time_on_device: on CUDA, CUDA events around back-to-back
+    calls (no sync between them) give extra_info["device_ms"]; on CPUs and in
+    smoke runs nothing is recorded and nothing runs. CUDA is simulated here."""
+    import torch
+
+    conf = _bench_conftest()
+    calls = []
+    bench = _FakeBenchmark()
+    conf.time_on_device(bench, lambda: calls.append(1))
+    assert not torch.cuda.is_available() or "device_ms" in bench.extra_info
+    if not torch.cuda.is_available():
+        assert bench.extra_info == {} and calls == []
+
+    clock = iter([10.0, 10.5])  # the events' record times, in seconds
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.t = None
+
+        def record(self):
+            self.t = next(clock)
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(len(calls)))
+    calls.clear()
+    bench = _FakeBenchmark()
+    conf.time_on_device(bench, lambda: calls.append(1), calls=20)
+    assert len(calls) == 21  # one warm-up call, then 20 timed
+    assert syncs == [1, 21]  # after the warm-up and after the last call, never in between
+    assert bench.extra_info["device_ms"] == pytest.approx(500.0 / 20)
+    calls.clear()
+    disabled = _FakeBenchmark(disabled=True)
+    conf.time_on_device(disabled, lambda: calls.append(1))
+    assert disabled.extra_info == {} and calls == []
