@@ -102,3 +102,23 @@ def test_device_time_is_recorded_on_cuda_only(monkeypatch):
     disabled = _FakeBenchmark(disabled=True)
     conf.time_on_device(disabled, lambda: calls.append(1))
     assert disabled.extra_info == {} and calls == []
+
+
+def test_report_device_time_columns(tmp_path):
+    """Cases with a recorded device time get its column and its GB/s; the others a dash."""
+    data = {
+        "iddpm_fast": {"device": "gpu-test"},
+        "benchmarks": [
+            {"name": "t[reference]", "group": "op", "params": {"provider": "reference"},
+             "stats": {"median": 0.004}, "extra_info": {"min_bytes": 2_000_000, "device_ms": 0.002}},
+            {"name": "t[fused]", "group": "op", "params": {"provider": "fused"},
+             "stats": {"median": 0.001}, "extra_info": {"min_bytes": 2_000_000}},
+        ],
+    }
+    (tmp_path / "gpu.json").write_text(json.dumps(data))
+    from iddpm_fast.bench_report import render_markdown
+
+    md = render_markdown(load_results(str(tmp_path)))
+    assert "| device time | device GB/s |" in md
+    assert "| reference | 4.000 ms | 1.00x | - | 0.002 ms | 1000 |" in md
+    assert "| fused | 1.000 ms | 4.00x | - | - | - |" in md
