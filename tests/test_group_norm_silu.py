@@ -31,6 +31,10 @@ SHAPES = {
     "UNet 16x16": ((2, 128, 16, 16), 32),
     "channels not a multiple of the vector width": ((3, 12, 5, 5), 4),
     "HxW over one CUDA slice": ((1, 4, 48, 48), 2),  # 2304 positions: several slices per channel
+    # CUDA channels-last: several blocks along the channels, some threads idle.
+    "wide channels, odd HxW": ((2, 320, 5, 7), 32),
+    # CUDA NCHW: one warp per row, several (and partial) steps per lane.
+    "576-position rows": ((1, 32, 24, 24), 8),
 }
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # The CUDA kernels are tested wherever a GPU and a CUDA build exist.
@@ -390,15 +394,17 @@ print("ok")
 
 @needs_ext
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_statistics_stay_accurate_far_from_zero_mean(layout):
+@pytest.mark.parametrize("hw", [(9, 7), (8, 8)], ids=["odd HxW", "8x8"])  # CUDA: per-element / vector paths
+@pytest.mark.parametrize("device", DEVICES)
+def test_statistics_stay_accurate_far_from_zero_mean(layout, hw, device):
     """Groups with |mean| / std = 3e4: a one-pass sum of squares about zero
     would lose every digit of the variance; the kernel stays within twice
     PyTorch's own float32 error."""
     g = torch.Generator().manual_seed(3)
-    x = (300.0 + 0.01 * torch.randn(2, 8, 9, 7, generator=g)).float()
+    x = (300.0 + 0.01 * torch.randn(2, 8, *hw, generator=g)).float().to(device)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    w, b = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    w, b = torch.randn(8, generator=g).to(device), torch.randn(8, generator=g).to(device)
     truth = ref.group_norm_silu(x.double(), w.double(), b.double(), 4)
     torch_err = (ref.group_norm_silu(x, w, b, 4).double() - truth).abs().max().item()
     err = (_cpp.group_norm_silu(x, w, b, 4).double() - truth).abs().max().item()

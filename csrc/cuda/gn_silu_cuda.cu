@@ -1,19 +1,27 @@
 // CUDA implementation of the fused GroupNorm(-scale-shift)-SiLU ops declared
 // in ops.cpp (the CPU twin, with the math written out, is cpu/gn_silu_kernel.h).
 //
-// The reduction over a group is split across many blocks, not one block per
-// (sample, group): each block reduces one (sample, channel, slice of
-// positions), at least kPositionsPerSlice positions long, so a 256x256 image gives
-// dozens of blocks per channel. Two block shapes keep the loads coalesced:
-//   contiguous [N, C, L]:  grid (N*C, S), 256 threads along the positions;
-//   channels-last [N, L, C]: grid (N, ceil(C/32), S), 32 threads along the
-//                            channels x 8 along the positions.
-// Small kernels then merge the slices per (sample, group) (Chan's parallel
-// Welford merge, in float64), fold the affine/scale/shift parameters into
-// a, b per (sample, channel), and one elementwise pass writes
-// y = SiLU((x - mean) a + b). The backward follows the same plan with the
-// sums of dz (x - mean) and dz (dz = dy * SiLU'(z)) in place of the
-// statistics, then writes dx = a dz + c2 (x - mean) + c3 elementwise.
+// Plan, forward: partial Welford statistics per (sample, channel, slice of
+// positions); a small kernel merges them per (sample, group) (Chan's
+// parallel merge, in float64) and folds mean, 1/std and the affine / scale /
+// shift parameters into m, a, b per (sample, channel); one elementwise pass
+// writes y = SiLU((x - m) a + b). Backward: the same plan with the sums of
+// dz (x - mean) and dz (dz = dy * SiLU'(z)) in place of the statistics, then
+// dx = a dz + c2 (x - mean) + c3 elementwise. x is centred before scaling:
+// folding the mean into b would cost precision when |mean| * rstd is large.
+//
+// Two sets of kernels implement it:
+//  - the vectorised kernels (the "vectorised kernels" section; taken when
+//    the tensor has fewer than 2^31 elements, its pointers are 16-byte
+//    aligned and a 16-byte vector never straddles a row: C % V == 0 in
+//    channels-last, L % V == 0 in contiguous layout): 16-byte loads, 32-bit
+//    index arithmetic with precomputed divisors, statistics merged a chunk
+//    at a time, one warp per row for contiguous rows of up to 256 vectors,
+//    channels-last blocks of (channel vectors x position lanes) with enough
+//    slices along the positions to fill the GPU;
+//  - the per-element kernels (every other case): contiguous [N, C, L] on a
+//    grid (N*C, S) of 256 threads along the positions; channels-last
+//    [N, L, C] on a grid (N, ceil(C/32), S) of 32 channels x 8 positions.
 //
 // All math in float32 (float64 for float64 inputs); x/y in any of
 // fp32/fp64/fp16/bf16.
@@ -816,12 +824,16 @@ inline void slices(const GnShape& s, int64_t& slice, int64_t& S) {
   TORCH_CHECK(s.N * s.C <= std::numeric_limits<int32_t>::max() && s.N <= std::numeric_limits<int32_t>::max(), message("iddpm_fast gn_silu (CUDA): N * C = ", s.N * s.C, " exceeds one grid dimension"));
 }
 
-inline int elementwise_blocks(int64_t numel) {
+inline int sm_count() {
   int device = 0, sms = 132;
   if (cudaGetDevice(&device) == cudaSuccess) {
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   }
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((numel + 255) / 256, int64_t(sms) * 32)));
+  return sms;
+}
+
+inline int elementwise_blocks(int64_t numel) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((numel + 255) / 256, int64_t(sm_count()) * 32)));
 }
 
 template <typename A>
@@ -847,24 +859,13 @@ inline bool use_vec(const GnShape& s, int64_t numel, int V, std::initializer_lis
   return true;
 }
 
-inline int sm_count() {
-  int device = 0, sms = 132;
-  if (cudaGetDevice(&device) == cudaSuccess) {
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  }
-  return sms;
-}
-
-// Contiguous rows, vectorised: slices as above rounded up to whole vectors,
-// and a power-of-two block of 32..kRowThreads threads that covers a slice.
+// Contiguous rows too long for one warp, vectorised: slices as above rounded
+// up to whole vectors, kRowThreads threads per (row, slice).
 inline int row_slices_vec(const GnShape& s, int V, int64_t& slice, int64_t& S) {
   slices(s, slice, S);
   slice = (slice + V - 1) / V * V;
   S = (s.L + slice - 1) / slice;
-  const int64_t need = (std::min(slice, s.L) + V - 1) / V;
-  int threads = 32;
-  while (threads < need && threads < kRowThreads) threads *= 2;
-  return threads;
+  return kRowThreads;
 }
 
 // Contiguous rows short enough for one warp each (at most eight 16-byte
