@@ -231,9 +231,10 @@ def _cuda_wants_stock():
     used by bench/profile_gpu.py). ``auto`` (the default) and ``fused`` run
     the fused op, which measured faster than the stock kernels at every UNet
     shape, dtype and layout on an H200 once its kernels were vectorised:
-    forward + backward 2.5-4.2x in channels-last, 1.8-2.0x in float32 NCHW
-    down to 16x16 and 1.2x at 8x8; a bf16 channels-last training step 10%
-    faster (bench/results/h200-20261126/README.md).
+    forward + backward 2.5-4.2x in channels-last and 2.0-3.7x in NCHW (CUDA
+    events), a bf16 channels-last training step 10% faster
+    (bench/results/h200-20261126-run4-5/README.md). The scale-shift variant
+    always runs fused.
     """
     policy = os.environ.get("IDDPM_FAST_CUDA_GN", "auto")
     if policy not in ("auto", "fused", "stock"):
