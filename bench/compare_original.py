@@ -174,7 +174,7 @@ def compare_training(args, osu, nsu, device):
         m.to(device)
         loops[name] = ntu.TrainLoop(model=m, diffusion=d, data=data(), checkpoint_dir=tmp, **kw, **common)
     times = {k: [] for k in loops}
-    for r in range(args.rounds + 1):
+    for r in range(args.train_rounds + 1):
         for name, loop in loops.items():
             batch, cond = next(loop.data)
             batch = batch.to(device)
@@ -189,8 +189,10 @@ def compare_training(args, osu, nsu, device):
     for name, ts in times.items():
         med = statistics.median(ts)
         rows[name] = dict(seconds_per_step=med, samples_per_s=B / med,
-                          vs_original=statistics.median(times["original"]) / med)
-    return dict(batch=B, channels=args.channels, rounds=args.rounds, variants=rows,
+                          vs_original=statistics.median(times["original"]) / med,
+                          min_s=min(ts), max_s=max(ts))
+    return dict(batch=B, channels=args.channels, rounds=args.train_rounds, steps_per_round=args.train_steps,
+                variants=rows,
                 note="the original wraps the model in DDP whenever CUDA is available (also with one process)")
 
 
@@ -202,8 +204,11 @@ def main(argv=None):
     p.add_argument("--respacing", default="100")
     p.add_argument("--sample_batch", type=int, default=0, help="default: 256 on CUDA, 16 on CPU")
     p.add_argument("--train_batch", type=int, default=0, help="default: 128 on CUDA, 16 on CPU")
-    p.add_argument("--train_steps", type=int, default=3)
+    p.add_argument("--train_steps", type=int, default=0, help="steps per timed round; default: 5 on CUDA, 3 on CPU")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--train_rounds", type=int, default=0,
+                   help="timed rounds of training steps; default: 8 on CUDA (6 steps per variant proved too noisy "
+                        "there), --rounds on CPU")
     p.add_argument("--stub", action="store_true", help="always stub mpi4py and blobfile")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
@@ -232,6 +237,8 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.sample_batch = args.sample_batch or (256 if device.type == "cuda" else 16)
     args.train_batch = args.train_batch or (128 if device.type == "cuda" else 16)
+    args.train_steps = args.train_steps or (5 if device.type == "cuda" else 3)
+    args.train_rounds = args.train_rounds or (8 if device.type == "cuda" else args.rounds)
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     result = {"device": name, "torch": torch.__version__}
     what = set(args.what.split(","))
@@ -245,10 +252,11 @@ def main(argv=None):
               f"{res['max_abs_diff_10_steps']:.2e}")
     if "train" in what:
         result["train"] = res = compare_training(args, osu, nsu, device)
-        print(f"training step, 32x32 c{res['channels']}, batch {res['batch']}, on {name}:")
+        print(f"training step, 32x32 c{res['channels']}, batch {res['batch']}, on {name} "
+              f"(median of {res['rounds']} rounds of {res['steps_per_round']} steps; range across rounds):")
         for k, v in res["variants"].items():
             print(f"  {k:30s} {v['samples_per_s']:9.1f} samples/s {1e3 * v['seconds_per_step']:8.1f} ms/step "
-                  f"x{v['vs_original']:.2f} vs original")
+                  f"({1e3 * v['min_s']:.1f}-{1e3 * v['max_s']:.1f}) x{v['vs_original']:.2f} vs original")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
