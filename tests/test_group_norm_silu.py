@@ -173,6 +173,35 @@ def test_inputs_off_16_byte_alignment(dtype, layout, device):
 
 
 @needs_ext
+@pytest.mark.skipif("cuda" not in DEVICES, reason="the CUDA kernels need a GPU and a CUDA build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 64, 8, 8), (2, 320, 6, 6), (1, 8, 48, 48)], ids=["8x8", "wide", "48x48"])
+def test_cuda_vectorised_and_per_element_kernels_agree(shape, layout, dtype, monkeypatch):
+    # IDDPM_FAST_GN_CUDA_VEC=0 forces the per-element kernels (read per call):
+    # both kernel sets give the same forward and backward within rounding.
+    x, w, b, sc, sh, gy = _inputs(shape, dtype, True, layout, device="cuda")
+    w, b, sc, sh, gy = w.float(), b.float(), sc.float(), sh.float(), gy.to(dtype)
+    if layout == "channels_last":
+        gy = gy.contiguous(memory_format=torch.channels_last)
+    groups = 4 if shape[1] == 8 else 32
+    fwd, bwd = torch.ops.iddpm_fast.gn_silu_forward, torch.ops.iddpm_fast.gn_silu_backward
+    results = {}
+    for vec in ("1", "0"):
+        monkeypatch.setenv("IDDPM_FAST_GN_CUDA_VEC", vec)
+        y, mean, rstd = fwd(x, w, b, sc, sh, groups, 1e-5)
+        results[vec] = (y, mean, rstd, *bwd(gy, x, w, b, sc, sh, mean, rstd, groups))
+    names = ["y", "mean", "rstd", "dx", "dweight", "dbias", "dscale", "dshift"]
+    for name, a, c in zip(names, results["1"], results["0"]):
+        scale = max(c.abs().max().item(), 1.0)
+        # Elementwise outputs: a few ulps of their dtype. Sums over a group or a
+        # channel (float32, summed in other orders): cancellation allows more.
+        eps = torch.finfo(a.dtype).eps
+        tol = 16 * eps if name in ("y", "mean", "rstd", "dx") else max(16 * eps, 1e-4)
+        torch.testing.assert_close(a, c, rtol=tol, atol=tol * scale, msg=name)
+
+
+@needs_ext
 def test_no_affine_and_edge_values():
     # weight/bias None (GroupNorm(affine=False)); a constant group (variance
     # 0: rstd = 1/sqrt(eps)); very large |z| where the sigmoid saturates.
