@@ -194,10 +194,11 @@ def test_cuda_vectorised_and_per_element_kernels_agree(shape, layout, dtype, mon
     names = ["y", "mean", "rstd", "dx", "dweight", "dbias", "dscale", "dshift"]
     for name, a, c in zip(names, results["1"], results["0"]):
         scale = max(c.abs().max().item(), 1.0)
-        # Elementwise outputs: a few ulps of their dtype. Sums over a group or a
-        # channel (float32, summed in other orders): cancellation allows more.
+        # Statistics and elementwise outputs: a few ulps of their dtype (1e-5 in
+        # float32: the two kernel sets merge the statistics in other orders).
+        # Sums over a channel (float32, other orders): cancellation allows more.
         eps = torch.finfo(a.dtype).eps
-        tol = 16 * eps if name in ("y", "mean", "rstd", "dx") else max(16 * eps, 1e-4)
+        tol = max(16 * eps, 1e-5) if name in ("y", "mean", "rstd", "dx") else max(16 * eps, 1e-4)
         torch.testing.assert_close(a, c, rtol=tol, atol=tol * scale, msg=name)
 
 
