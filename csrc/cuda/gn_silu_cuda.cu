@@ -620,28 +620,40 @@ __global__ void __launch_bounds__(kRowThreads, 2) grad_partial_cl_vec(const T* _
   }
 }
 
-// Per (n, g): merge the partials into mean and 1/std, then fold the affine /
-// scale / shift parameters into m (the mean), a, b per (n, c) of the group.
+// Per (n, g), one warp each (kWarpRows groups per block): the lanes merge
+// the group's D * S partials in float64 (a channels-last 256x256 image at
+// batch 1 has thousands, too many for one thread), and lane 0's total is the
+// result; then mean and 1/std, and the affine / scale / shift parameters
+// folded into m (the mean), a, b per (n, c) of the group.
 template <typename A>
 __global__ void stats_finalize_fold(const Welford<A>* __restrict__ partial, const A* __restrict__ w,
                                     const A* __restrict__ bias, const A* __restrict__ scale,
                                     const A* __restrict__ shift, int64_t N, int64_t G, int64_t D, int64_t S,
                                     double eps, A* __restrict__ mean, A* __restrict__ rstd, A* __restrict__ m,
                                     A* __restrict__ a, A* __restrict__ b) {
-  const int64_t ng = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (ng >= N * G) return;
+  const int64_t ng = int64_t(blockIdx.x) * kWarpRows + threadIdx.y;
+  if (ng >= N * G) return;  // the whole warp leaves together
+  const int lane = threadIdx.x;
   Welford<double> acc{0.0, 0.0, 0.0};
   const Welford<A>* p = partial + ng * D * S;
-  for (int64_t i = 0; i < D * S; ++i) {
+  for (int64_t i = lane; i < D * S; i += 32) {
     acc = merge(acc, Welford<double>{static_cast<double>(p[i].mean), static_cast<double>(p[i].m2),
                                      static_cast<double>(p[i].n)});
   }
-  const double var = acc.n > 0 ? acc.m2 / acc.n : 0.0;
-  const A mu = static_cast<A>(acc.mean), r = static_cast<A>(rsqrt(var + eps));
-  mean[ng] = mu;
-  rstd[ng] = r;
-  const int64_t C = G * D, n = ng / G;
-  for (int64_t c = (ng % G) * D; c < (ng % G + 1) * D; ++c) {
+  acc = warp_allreduce(acc);
+  // Chan's merge is not symmetric in its arguments: the lanes' totals may
+  // differ in the last bit, so every lane takes lane 0's.
+  const double total_mean = __shfl_sync(0xffffffffu, acc.mean, 0);
+  const double total_m2 = __shfl_sync(0xffffffffu, acc.m2, 0);
+  const double total_n = __shfl_sync(0xffffffffu, acc.n, 0);
+  const double var = total_n > 0 ? total_m2 / total_n : 0.0;
+  const A mu = static_cast<A>(total_mean), r = static_cast<A>(rsqrt(var + eps));
+  if (lane == 0) {
+    mean[ng] = mu;
+    rstd[ng] = r;
+  }
+  const int64_t C = G * D, n = ng / G, c0 = (ng % G) * D;
+  for (int64_t c = c0 + lane; c < c0 + D; c += 32) {
     const int64_t i = n * C + c;
     const A gamma = w ? w[c] : A(1), beta = bias ? bias[c] : A(0);
     const A mod = scale ? A(1) + scale[i] : A(1), off = shift ? shift[i] : A(0);
@@ -667,9 +679,11 @@ __global__ void fold_coefficients_nc(const A* __restrict__ mean, const A* __rest
   b[i] = beta * mod + off;
 }
 
-// Per (n, g): total each channel's slices (sums[0] = DS, sums[1] = DB per
-// (n, c), float64, for grad_params_blocks), d scale / d shift, and the
-// group's c2, c3 written per (n, c) of the group.
+// Per (n, g), one warp each (kWarpRows groups per block): total each
+// channel's S slices across the lanes (sums[0] = DS, sums[1] = DB per (n, c),
+// float64, for grad_params_blocks), d scale / d shift, and the group's c2, c3
+// written per (n, c) of the group. Sums are symmetric, so every lane holds
+// the same totals after the butterfly.
 template <typename A>
 __global__ void grad_finalize_groups(const GradSums<A>* __restrict__ partial, const A* __restrict__ rstd,
                                      const A* __restrict__ w, const A* __restrict__ bias,
@@ -677,32 +691,36 @@ __global__ void grad_finalize_groups(const GradSums<A>* __restrict__ partial, co
                                      double M, double* __restrict__ ds, double* __restrict__ db,
                                      double* __restrict__ dscale, double* __restrict__ dshift,
                                      A* __restrict__ c2, A* __restrict__ c3) {
-  const int64_t ng = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
-  if (ng >= N * G) return;
+  const int64_t ng = int64_t(blockIdx.x) * kWarpRows + threadIdx.y;
+  if (ng >= N * G) return;  // the whole warp leaves together
+  const int lane = threadIdx.x;
   const int64_t C = G * D, n = ng / G, g = ng % G;
   const double r = static_cast<double>(rstd[ng]);
   double sa = 0, sb = 0;
   for (int64_t c = g * D; c < (g + 1) * D; ++c) {
     const int64_t i = n * C + c;
-    double s1 = 0, s2 = 0;
-    for (int64_t s = 0; s < S; ++s) {
-      s1 += static_cast<double>(partial[i * S + s].ds);
-      s2 += static_cast<double>(partial[i * S + s].db);
+    GradSums<double> t{0.0, 0.0};
+    for (int64_t s = lane; s < S; s += 32) {
+      t.ds += static_cast<double>(partial[i * S + s].ds);
+      t.db += static_cast<double>(partial[i * S + s].db);
     }
-    ds[i] = s1;
-    db[i] = s2;
+    t = warp_allreduce(t);
     const double gamma = w ? static_cast<double>(w[c]) : 1.0;
-    if (dscale) {
-      const double beta = bias ? static_cast<double>(bias[c]) : 0.0;
-      dscale[i] = gamma * r * s1 + beta * s2;
-      dshift[i] = s2;
+    if (lane == 0) {
+      ds[i] = t.ds;
+      db[i] = t.db;
+      if (dscale) {
+        const double beta = bias ? static_cast<double>(bias[c]) : 0.0;
+        dscale[i] = gamma * r * t.ds + beta * t.db;
+        dshift[i] = t.db;
+      }
     }
     const double gk = gamma * (scale ? 1.0 + static_cast<double>(scale[i]) : 1.0);
-    sa += gk * s1;
-    sb += gk * s2;
+    sa += gk * t.ds;
+    sb += gk * t.db;
   }
   const A k2 = static_cast<A>(-sa * r * r * r / M), k3 = static_cast<A>(-sb * r / M);
-  for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+  for (int64_t c = g * D + lane; c < (g + 1) * D; c += 32) {
     c2[n * C + c] = k2;
     c3[n * C + c] = k3;
   }
@@ -881,6 +899,14 @@ inline unsigned warp_row_blocks(const GnShape& s) {
   return static_cast<unsigned>(blocks);
 }
 
+// One warp per (n, g) for the finalize kernels of the vectorised path.
+inline unsigned warp_group_blocks(const GnShape& s) {
+  const int64_t blocks = (s.N * s.G + kWarpRows - 1) / kWarpRows;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
+              message("iddpm_fast gn_silu (CUDA): N * groups = ", s.N * s.G, " exceeds one grid"));
+  return static_cast<unsigned>(blocks);
+}
+
 // Channels-last, vectorised: a (TX, TY) block, TX channel vectors (at most
 // 32) by TY position lanes, and enough slices along the positions that the
 // grid holds about four blocks per multiprocessor (each slice at least 64
@@ -955,7 +981,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_cuda(const at::Te
       A* pm = coef[0].data_ptr<A>();
       A* pa = coef[1].data_ptr<A>();
       A* pb = coef[2].data_ptr<A>();
-      stats_finalize_fold<A><<<blocks_for(s.N * s.G, 256), 256, 0, stream>>>(
+      stats_finalize_fold<A><<<warp_group_blocks(s), dim3(32, kWarpRows), 0, stream>>>(
           pw, ptr_or_null<A>(w), ptr_or_null<A>(b), ptr_or_null<A>(sc), ptr_or_null<A>(sh), s.N, s.G, s.D, S, eps,
           mean.data_ptr<A>(), rstd.data_ptr<A>(), pm, pa, pb);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1079,7 +1105,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
         at::Tensor sums = at::empty({2, s.N * s.C}, dbl);
         double* ds = sums[0].data_ptr<double>();
         double* db = sums[1].data_ptr<double>();
-        grad_finalize_groups<A><<<blocks_for(s.N * s.G, 256), 256, 0, stream>>>(
+        grad_finalize_groups<A><<<warp_group_blocks(s), dim3(32, kWarpRows), 0, stream>>>(
             pg, prstd, ptr_or_null<A>(w), ptr_or_null<A>(b), ptr_or_null<A>(sc), s.N, s.G, s.D, S,
             static_cast<double>(s.D * s.L), ds, db, has_scale ? gsc.data_ptr<double>() : nullptr,
             has_scale ? gsh.data_ptr<double>() : nullptr, c2, c3);
