@@ -184,7 +184,14 @@ def ab_gn(args):
     _ext.load()
     fwd, bwd = torch.ops.iddpm_fast.gn_silu_forward, torch.ops.iddpm_fast.gn_silu_backward
     print("\n==== GroupNorm-SiLU A/B (ms per call, CUDA events; GB/s of the minimal bytes)")
-    for shape in ((128, 128, 32, 32), (128, 256, 16, 16), (128, 512, 8, 8), (256, 128, 32, 32), (64, 128, 64, 64)):
+    for shape in (
+        (128, 128, 32, 32),
+        (128, 256, 16, 16),
+        (128, 512, 8, 8),
+        (256, 128, 32, 32),
+        (64, 128, 64, 64),
+        (2, 128, 256, 256),
+    ):
         for dtype, cl in (
             (torch.bfloat16, True),
             (torch.float32, True),
