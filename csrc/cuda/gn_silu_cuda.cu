@@ -370,6 +370,53 @@ __device__ __forceinline__ void merge_chunk(Welford<A>& w, A cmean, A cm2, A k, 
   w.n += k;
 }
 
+// Merges the V values of one vector (a chunk) into w.
+template <typename T, typename A, int V>
+__device__ __forceinline__ void merge_vector(Welford<A>& w, const Vec<T, V>& xv) {
+  A sum = A(0);
+#pragma unroll
+  for (int v = 0; v < V; ++v) sum += static_cast<A>(xv.v[v]);
+  const A cmean = sum * (A(1) / A(V));
+  A cm2 = A(0);
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    const A d = static_cast<A>(xv.v[v]) - cmean;
+    cm2 += d * d;
+  }
+  merge_chunk(w, cmean, cm2, A(V), A(V) / (w.n + A(V)));
+}
+
+// Adds one vector of a row's dz * (x - mean) and dz to g (m, a, b of the row).
+template <typename T, typename A, int V>
+__device__ __forceinline__ void accumulate_vector(GradSums<A>& g, const Vec<T, V>& xv, const Vec<T, V>& gv, A mn,
+                                                  A an, A bn) {
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    const A xc = static_cast<A>(xv.v[v]) - mn;
+    const A d = silu_grad(static_cast<A>(gv.v[v]), xc * an + bn);
+    g.ds += d * xc;
+    g.db += d;
+  }
+}
+
+// The channels-last kernels' last step: each thread (tx, ty) of the (TX, TY)
+// block has stored its V channels' results at shared[(ty * TX + tx) * V + v];
+// thread t < TX * V merges the TY lanes of output (channel vector t % TX,
+// element t / TX) and writes it to out[(n * C + c) * S + s].
+template <int V, typename R>
+__device__ __forceinline__ void write_lane_totals(const R* shared, int64_t n, int64_t C, int64_t S, int64_t s,
+                                                  R* __restrict__ out) {
+  const int TX = blockDim.x, TY = blockDim.y;
+  const int t = threadIdx.y * TX + threadIdx.x;
+  if (t >= TX * V) return;
+  const int ox = t % TX, ov = t / TX;
+  const int64_t c = (int64_t(blockIdx.y) * TX + ox) * V + ov;
+  if (c >= C) return;
+  R total = shared[ox * V + ov];
+  for (int y = 1; y < TY; ++y) total = merge(total, shared[(y * TX + ox) * V + ov]);
+  out[(n * C + c) * S + s] = total;
+}
+
 // Welford statistics of (n, c, slice), contiguous x, V positions per load;
 // grid (N*C, S), blockDim.x a power of two <= kRowThreads, slice % V == 0.
 template <typename T, typename A, int V>
@@ -379,20 +426,8 @@ __global__ void stats_partial_rows_vec(const T* __restrict__ x, int64_t L, int64
   const int64_t l0 = s * slice, l1 = lmin(L, l0 + slice);
   const T* row = x + nc * L;
   Welford<A> w{A(0), A(0), A(0)};
-  const A inv_v = A(1) / A(V);
   for (int64_t l = l0 + int64_t(threadIdx.x) * V; l < l1; l += int64_t(blockDim.x) * V) {
-    const Vec<T, V> xv = *reinterpret_cast<const Vec<T, V>*>(row + l);
-    A sum = A(0);
-#pragma unroll
-    for (int v = 0; v < V; ++v) sum += static_cast<A>(xv.v[v]);
-    const A cmean = sum * inv_v;
-    A cm2 = A(0);
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
-      const A d = static_cast<A>(xv.v[v]) - cmean;
-      cm2 += d * d;
-    }
-    merge_chunk(w, cmean, cm2, A(V), A(V) / (w.n + A(V)));
+    merge_vector(w, *reinterpret_cast<const Vec<T, V>*>(row + l));
   }
   const Welford<A> total = reduce_rows(w);
   if (threadIdx.x == 0) out[nc * S + s] = total;
@@ -429,20 +464,8 @@ __global__ void stats_partial_rows_warp(const T* __restrict__ x, int64_t rows, i
   if (nc >= rows) return;  // the whole warp leaves together
   const T* row = x + nc * L;
   Welford<A> w{A(0), A(0), A(0)};
-  const A inv_v = A(1) / A(V);
   for (int64_t l = int64_t(threadIdx.x) * V; l < L; l += 32 * V) {
-    const Vec<T, V> xv = *reinterpret_cast<const Vec<T, V>*>(row + l);
-    A sum = A(0);
-#pragma unroll
-    for (int v = 0; v < V; ++v) sum += static_cast<A>(xv.v[v]);
-    const A cmean = sum * inv_v;
-    A cm2 = A(0);
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
-      const A d = static_cast<A>(xv.v[v]) - cmean;
-      cm2 += d * d;
-    }
-    merge_chunk(w, cmean, cm2, A(V), A(V) / (w.n + A(V)));
+    merge_vector(w, *reinterpret_cast<const Vec<T, V>*>(row + l));
   }
   w = warp_allreduce(w);
   if (threadIdx.x == 0) out[nc] = w;
@@ -457,15 +480,8 @@ __global__ void grad_partial_rows_warp(const T* __restrict__ dy, const T* __rest
   const A mn = m[nc], an = a[nc], bn = b[nc];
   GradSums<A> g{A(0), A(0)};
   for (int64_t l = int64_t(threadIdx.x) * V; l < L; l += 32 * V) {
-    const Vec<T, V> xv = *reinterpret_cast<const Vec<T, V>*>(x + nc * L + l);
-    const Vec<T, V> gv = *reinterpret_cast<const Vec<T, V>*>(dy + nc * L + l);
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
-      const A xc = static_cast<A>(xv.v[v]) - mn;
-      const A d = silu_grad(static_cast<A>(gv.v[v]), xc * an + bn);
-      g.ds += d * xc;
-      g.db += d;
-    }
+    accumulate_vector(g, *reinterpret_cast<const Vec<T, V>*>(x + nc * L + l),
+                      *reinterpret_cast<const Vec<T, V>*>(dy + nc * L + l), mn, an, bn);
   }
   g = warp_allreduce(g);
   if (threadIdx.x == 0) out[nc] = g;
@@ -523,17 +539,7 @@ __global__ void stats_partial_cl_vec(const T* __restrict__ x, int64_t L, int64_t
 #pragma unroll
   for (int v = 0; v < V; ++v) shared[(ty * TX + tx) * V + v] = Welford<A>{mean[v], m2[v], count};
   __syncthreads();
-  // Thread t merges the TY lanes of output (channel vector t % TX, element t / TX).
-  const int t = ty * TX + tx;
-  if (t < TX * V) {
-    const int ox = t % TX, ov = t / TX;
-    const int64_t c = (int64_t(blockIdx.y) * TX + ox) * V + ov;
-    if (c < C) {
-      Welford<A> w = shared[ox * V + ov];
-      for (int y = 1; y < TY; ++y) w = merge(w, shared[(y * TX + ox) * V + ov]);
-      out[(n * C + c) * S + s] = w;
-    }
-  }
+  write_lane_totals<V>(shared, n, C, S, s, out);
 }
 
 // sum(dz * (x - mean)), sum(dz) of (n, c, slice), contiguous, V positions per
@@ -547,15 +553,8 @@ __global__ void grad_partial_rows_vec(const T* __restrict__ dy, const T* __restr
   const A mn = m[nc], an = a[nc], bn = b[nc];
   GradSums<A> g{A(0), A(0)};
   for (int64_t l = l0 + int64_t(threadIdx.x) * V; l < l1; l += int64_t(blockDim.x) * V) {
-    const Vec<T, V> xv = *reinterpret_cast<const Vec<T, V>*>(x + nc * L + l);
-    const Vec<T, V> gv = *reinterpret_cast<const Vec<T, V>*>(dy + nc * L + l);
-#pragma unroll
-    for (int v = 0; v < V; ++v) {
-      const A xc = static_cast<A>(xv.v[v]) - mn;
-      const A d = silu_grad(static_cast<A>(gv.v[v]), xc * an + bn);
-      g.ds += d * xc;
-      g.db += d;
-    }
+    accumulate_vector(g, *reinterpret_cast<const Vec<T, V>*>(x + nc * L + l),
+                      *reinterpret_cast<const Vec<T, V>*>(dy + nc * L + l), mn, an, bn);
   }
   const GradSums<A> total = reduce_rows(g);
   if (threadIdx.x == 0) out[nc * S + s] = total;
@@ -608,16 +607,7 @@ __global__ void __launch_bounds__(kRowThreads, 2) grad_partial_cl_vec(const T* _
 #pragma unroll
   for (int v = 0; v < V; ++v) shared[(ty * TX + tx) * V + v] = GradSums<A>{ds[v], db[v]};
   __syncthreads();
-  const int t = ty * TX + tx;
-  if (t < TX * V) {
-    const int ox = t % TX, ov = t / TX;
-    const int64_t c = (int64_t(blockIdx.y) * TX + ox) * V + ov;
-    if (c < C) {
-      GradSums<A> g = shared[ox * V + ov];
-      for (int y = 1; y < TY; ++y) g = merge(g, shared[(y * TX + ox) * V + ov]);
-      out[(n * C + c) * S + s] = g;
-    }
-  }
+  write_lane_totals<V>(shared, n, C, S, s, out);
 }
 
 // Per (n, g), one warp each (kWarpRows groups per block): the lanes merge
