@@ -32,10 +32,8 @@ def _table(prof, rows):
     return ka.table(row_limit=rows)
 
 
-def _profile(fn, steps, rows, title, *args):
-    """Times fn(*args) with CUDA events, then prints its profiler table."""
-    from torch.profiler import ProfilerActivity, profile
-
+def _time(fn, steps, *args):
+    """Milliseconds per call of fn(*args), CUDA events around `steps` calls."""
     for _ in range(2):
         fn(*args)
     torch.cuda.synchronize()
@@ -45,7 +43,14 @@ def _profile(fn, steps, rows, title, *args):
         fn(*args)
     end.record()
     torch.cuda.synchronize()
-    print(f"\n==== {title}: {start.elapsed_time(end) / steps:.3f} ms per call (CUDA events, {steps} calls)")
+    return start.elapsed_time(end) / steps
+
+
+def _profile(fn, steps, rows, title, *args):
+    """Times fn(*args) with CUDA events, then prints its profiler table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    print(f"\n==== {title}: {_time(fn, steps, *args):.3f} ms per call (CUDA events, {steps} calls)")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             fn(*args)
@@ -73,12 +78,43 @@ def _model(channels, respacing, dropout=0.0):
     return model.cuda().to(memory_format=torch.channels_last), diffusion
 
 
-def profile_sample(args):
+def _sampling_case():
+    """The c128 model (eval, channels-last), its 100-step diffusion, and a
+    batch of 256 noisy images at step 50."""
     model, diffusion = _model(128, "100")
     model.eval()
     B = 256
     x = torch.randn(B, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
     t = torch.full((B,), 50, device="cuda", dtype=torch.long)
+    return model, diffusion, x, t
+
+
+def _train_step(amp, channels_last):
+    """One training step of the c128 model (dropout 0.1, AdamW, batch 128),
+    bf16 autocast when amp, activations and weights channels-last or NCHW."""
+    model, diffusion = _model(128, "", dropout=0.1)
+    if not channels_last:
+        model = model.to(memory_format=torch.contiguous_format)
+    model.train()
+    B = 128
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.rand(B, 3, 32, 32, device="cuda") * 2 - 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def step():
+        t = torch.randint(0, diffusion.num_timesteps, (B,), device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            loss = diffusion.training_losses(model, x, t)["loss"].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def profile_sample(args):
+    model, diffusion, x, t = _sampling_case()
 
     def step():
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -141,35 +177,7 @@ def profile_gn(args):
 
 
 def profile_train(args):
-    model, diffusion = _model(128, "", dropout=0.1)
-    model.train()
-    B = 128
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = (torch.rand(B, 3, 32, 32, device="cuda") * 2 - 1).contiguous(memory_format=torch.channels_last)
-
-    def step():
-        t = torch.randint(0, diffusion.num_timesteps, (B,), device="cuda")
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = diffusion.training_losses(model, x, t)["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    _profile(step, 3, args.rows, "training step, c128 batch 128, bf16 channels-last")
-
-
-def _time(fn, steps, *args):
-    """Milliseconds per call of fn(*args), CUDA events around `steps` calls."""
-    for _ in range(2):
-        fn(*args)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(steps):
-        fn(*args)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / steps
+    _profile(_train_step(True, True), 3, args.rows, "training step, c128 batch 128, bf16 channels-last")
 
 
 def _vec(on):
@@ -232,11 +240,7 @@ def ab_gn(args):
 def ab_sample(args):
     """Sampling step (bf16 channels-last, c128, batch 256, one autocast context as
     in p_sample_loop) with the vectorised GroupNorm kernels on and off."""
-    model, diffusion = _model(128, "100")
-    model.eval()
-    B = 256
-    x = torch.randn(B, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
-    t = torch.full((B,), 50, device="cuda", dtype=torch.long)
+    model, diffusion, x, t = _sampling_case()
     print("\n==== sampling step A/B, c128 batch 256, bf16 channels-last")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         for rnd in range(2):
@@ -248,24 +252,7 @@ def ab_sample(args):
 
 
 def _ab_train_case(amp, channels_last):
-    model, diffusion = _model(128, "", dropout=0.1)
-    if not channels_last:
-        model = model.to(memory_format=torch.contiguous_format)
-    model.train()
-    B = 128
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.rand(B, 3, 32, 32, device="cuda") * 2 - 1
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-
-    def step():
-        t = torch.randint(0, diffusion.num_timesteps, (B,), device="cuda")
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            loss = diffusion.training_losses(model, x, t)["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
+    step = _train_step(amp, channels_last)
     for rnd in range(2):
         for policy in ("stock", "fused"):
             os.environ["IDDPM_FAST_CUDA_GN"] = policy
