@@ -917,6 +917,36 @@ inline void cl_launch_vec(const GnShape& s, int V, dim3& grid, dim3& block, int6
   block = dim3(tx, ty);
 }
 
+// The vectorised path's partial kernel (statistics in the forward, gradient
+// sums in the backward: the same plan for both) and its launch shape.
+enum class VecPartials { ChannelsLast, WarpRows, Rows };
+
+struct VecPlan {
+  VecPartials kind;
+  dim3 grid, block;
+  int64_t slice, S;  // positions per slice, slices per (n, c)
+};
+
+inline VecPlan plan_vec_partials(const GnShape& s, int V) {
+  VecPlan p;
+  if (s.channels_last) {
+    p.kind = VecPartials::ChannelsLast;
+    cl_launch_vec(s, V, p.grid, p.block, p.slice, p.S);
+  } else if (rows_per_warp(s, V)) {
+    p.kind = VecPartials::WarpRows;
+    p.slice = s.L;
+    p.S = 1;
+    p.grid = dim3(warp_row_blocks(s));
+    p.block = dim3(32, kWarpRows);
+  } else {
+    p.kind = VecPartials::Rows;
+    const int threads = row_slices_vec(s, V, p.slice, p.S);
+    p.grid = dim3(s.N * s.C, p.S);
+    p.block = dim3(threads);
+  }
+  return p;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_cuda(const at::Tensor& x_in,
                                                                      const c10::optional<at::Tensor>& weight,
                                                                      const c10::optional<at::Tensor>& bias,
@@ -943,28 +973,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_cuda(const at::Te
     constexpr int V = vec_width<scalar_t>();
     const int64_t numel = x.numel();
     if (use_vec(s, numel, V, {x.data_ptr(), y.data_ptr()})) {
-      int64_t slice, S;
-      at::Tensor partial;
-      Welford<A>* pw = nullptr;
-      if (s.channels_last) {
-        dim3 grid, block;
-        cl_launch_vec(s, V, grid, block, slice, S);
-        partial = at::empty({s.N * s.C * S * 3}, x.options().dtype(st));
-        pw = reinterpret_cast<Welford<A>*>(partial.data_ptr<A>());
-        stats_partial_cl_vec<scalar_t, A, V><<<grid, block, 0, stream>>>(x.data_ptr<scalar_t>(), s.L, s.C, S,
-                                                                          slice, pw);
-      } else if (rows_per_warp(s, V)) {
-        S = 1;
-        partial = at::empty({s.N * s.C * 3}, x.options().dtype(st));
-        pw = reinterpret_cast<Welford<A>*>(partial.data_ptr<A>());
-        stats_partial_rows_warp<scalar_t, A, V><<<warp_row_blocks(s), dim3(32, kWarpRows), 0, stream>>>(
-            x.data_ptr<scalar_t>(), s.N * s.C, s.L, pw);
-      } else {
-        const int threads = row_slices_vec(s, V, slice, S);
-        partial = at::empty({s.N * s.C * S * 3}, x.options().dtype(st));
-        pw = reinterpret_cast<Welford<A>*>(partial.data_ptr<A>());
-        stats_partial_rows_vec<scalar_t, A, V><<<dim3(s.N * s.C, S), threads, 0, stream>>>(
-            x.data_ptr<scalar_t>(), s.L, S, slice, pw);
+      const VecPlan plan = plan_vec_partials(s, V);
+      const int64_t S = plan.S;
+      at::Tensor partial = at::empty({s.N * s.C * S * 3}, x.options().dtype(st));
+      auto* pw = reinterpret_cast<Welford<A>*>(partial.data_ptr<A>());
+      const scalar_t* px = x.data_ptr<scalar_t>();
+      switch (plan.kind) {
+        case VecPartials::ChannelsLast:
+          stats_partial_cl_vec<scalar_t, A, V><<<plan.grid, plan.block, 0, stream>>>(px, s.L, s.C, S, plan.slice,
+                                                                                    pw);
+          break;
+        case VecPartials::WarpRows:
+          stats_partial_rows_warp<scalar_t, A, V><<<plan.grid, plan.block, 0, stream>>>(px, s.N * s.C, s.L, pw);
+          break;
+        case VecPartials::Rows:
+          stats_partial_rows_vec<scalar_t, A, V><<<plan.grid, plan.block, 0, stream>>>(px, s.L, S, plan.slice, pw);
+          break;
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       at::Tensor coef = at::empty({3, s.N * s.C}, x.options().dtype(st));
@@ -1068,28 +1092,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
             pmean, prstd, ptr_or_null<A>(w), ptr_or_null<A>(b), ptr_or_null<A>(sc), ptr_or_null<A>(sh), s.N, s.C,
             s.D, pm, pa, pb);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        int64_t slice, S;
-        at::Tensor partial;
-        GradSums<A>* pg = nullptr;
-        if (s.channels_last) {
-          dim3 grid, block;
-          cl_launch_vec(s, V, grid, block, slice, S);
-          partial = at::empty({s.N * s.C * S * 2}, x.options().dtype(st));
-          pg = reinterpret_cast<GradSums<A>*>(partial.data_ptr<A>());
-          grad_partial_cl_vec<scalar_t, A, V><<<grid, block, 0, stream>>>(
-              dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), pm, pa, pb, s.L, s.C, S, slice, pg);
-        } else if (rows_per_warp(s, V)) {
-          S = 1;
-          partial = at::empty({s.N * s.C * 2}, x.options().dtype(st));
-          pg = reinterpret_cast<GradSums<A>*>(partial.data_ptr<A>());
-          grad_partial_rows_warp<scalar_t, A, V><<<warp_row_blocks(s), dim3(32, kWarpRows), 0, stream>>>(
-              dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), pm, pa, pb, s.N * s.C, s.L, pg);
-        } else {
-          const int threads = row_slices_vec(s, V, slice, S);
-          partial = at::empty({s.N * s.C * S * 2}, x.options().dtype(st));
-          pg = reinterpret_cast<GradSums<A>*>(partial.data_ptr<A>());
-          grad_partial_rows_vec<scalar_t, A, V><<<dim3(s.N * s.C, S), threads, 0, stream>>>(
-              dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), pm, pa, pb, s.L, S, slice, pg);
+        const VecPlan plan = plan_vec_partials(s, V);
+        const int64_t S = plan.S;
+        at::Tensor partial = at::empty({s.N * s.C * S * 2}, x.options().dtype(st));
+        auto* pg = reinterpret_cast<GradSums<A>*>(partial.data_ptr<A>());
+        const scalar_t* pdy = dy.data_ptr<scalar_t>();
+        const scalar_t* px = x.data_ptr<scalar_t>();
+        switch (plan.kind) {
+          case VecPartials::ChannelsLast:
+            grad_partial_cl_vec<scalar_t, A, V><<<plan.grid, plan.block, 0, stream>>>(pdy, px, pm, pa, pb, s.L, s.C,
+                                                                                       S, plan.slice, pg);
+            break;
+          case VecPartials::WarpRows:
+            grad_partial_rows_warp<scalar_t, A, V><<<plan.grid, plan.block, 0, stream>>>(pdy, px, pm, pa, pb,
+                                                                                          s.N * s.C, s.L, pg);
+            break;
+          case VecPartials::Rows:
+            grad_partial_rows_vec<scalar_t, A, V><<<plan.grid, plan.block, 0, stream>>>(pdy, px, pm, pa, pb, s.L, S,
+                                                                                         plan.slice, pg);
+            break;
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         at::Tensor sums = at::empty({2, s.N * s.C}, dbl);
