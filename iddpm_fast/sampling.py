@@ -18,7 +18,7 @@ import re
 import numpy as np
 import torch
 
-from . import cuda_graphs, dist_util, logger
+from . import cuda_graphs, dist_util, fp16_util, logger
 from .image_utils import save_grid, to_uint8
 from .script_util import channels_last_option, create_model_and_diffusion, model_and_diffusion_defaults
 
@@ -170,6 +170,8 @@ def sample(**config):
     device = _setup(cfg)
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     model, diffusion, channels_last = _load_for_eval(cfg, device)
+    if cfg.get("amp") == "bf16":  # the casts autocast would make at every step, made once: same numbers
+        fp16_util.cast_autocast_weights(model, torch.bfloat16)
     channels = int(cfg.get("in_channels") or 3)
     size, batch = int(cfg["image_size"]), int(cfg["batch_size"])
     num_classes = int(cfg.get("num_classes") or 0) or 1000

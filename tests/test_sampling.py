@@ -55,6 +55,51 @@ def test_channels_last_sampling_draws_the_same_samples(run_dir, tmp_path):
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_autocast_weights_stored_in_bf16_compute_the_same_numbers(channels_last):
+    """cast_autocast_weights stores conv/linear parameters in bf16, which
+    autocast would cast them to at each call: bit-identical outputs, norm
+    parameters untouched."""
+    from iddpm_fast import fp16_util
+
+    torch.manual_seed(0)
+    cfg = dict(model_and_diffusion_defaults(), image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+               attention_resolutions="4", num_heads=2, learn_sigma=True, use_scale_shift_norm=True, num_classes=3,
+               class_cond=True)
+    model, _ = create_model_and_diffusion(**{k: v for k, v in cfg.items() if k != "num_classes"})
+    model.eval()
+    for p in model.parameters():  # zero-initialised output convs would hide a difference
+        p.data.add_(0.05 * torch.randn_like(p))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=fmt)
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=fmt)
+    t, y = torch.tensor([0, 7]), torch.tensor([1, 2])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        before = model(x, t, y=y)
+        fp16_util.cast_autocast_weights(model, torch.bfloat16)
+        after = model(x, t, y=y)
+    assert model.input_blocks[0][0].weight.dtype == torch.bfloat16
+    assert model.time_embed[0].weight.dtype == torch.bfloat16
+    assert model.out[0].weight.dtype == torch.float32  # the GroupNorm
+    assert model.label_emb.weight.dtype == torch.float32
+    assert before.dtype == after.dtype and torch.equal(before, after)
+
+
+def test_bf16_sampling_casts_the_weights_once_with_the_same_samples(run_dir, tmp_path, monkeypatch):
+    from iddpm_fast import fp16_util
+
+    kw = dict(model_path=os.path.join(run_dir, "model000002.pt"), num_samples=4, batch_size=4,
+              timestep_respacing="5", progress=False, grid=False, amp="bf16")
+    calls = []
+    cast = fp16_util.cast_autocast_weights
+    monkeypatch.setattr(fp16_util, "cast_autocast_weights", lambda m, d: calls.append(d) or cast(m, d))
+    a = np.load(iddpm_fast.sample(**kw, out_dir=str(tmp_path / "a"))["npz"])["arr_0"]
+    assert calls == [torch.bfloat16]
+    monkeypatch.setattr(fp16_util, "cast_autocast_weights", lambda m, d: m)
+    b = np.load(iddpm_fast.sample(**kw, out_dir=str(tmp_path / "b"))["npz"])["arr_0"]
+    assert np.array_equal(a, b)
+
+
 def test_contradicting_flag_is_an_error_naming_both(run_dir):
     with pytest.raises(ValueError, match=r"--num_channels=64 contradicts the checkpoint's training config "
                                          r"\(num_channels=32"):
