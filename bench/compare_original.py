@@ -71,7 +71,7 @@ def _pair(osu, nsu, cfg, device):
 def compare_sampling(args, osu, nsu, device):
     import copy
 
-    from iddpm_fast import cuda_graphs
+    from iddpm_fast import cuda_graphs, fp16_util
 
     cfg = _cfg(osu, args.channels, args.respacing)
     mo, do, mn, dn = _pair(osu, nsu, cfg, device)
@@ -99,8 +99,11 @@ def compare_sampling(args, osu, nsu, device):
         # with each step replayed from a CUDA graph.
         mcl = copy.deepcopy(mn).to(memory_format=torch.channels_last)
         variants["iddpm_fast bf16 channels_last"] = eager(dn, mcl, amp=True, channels_last=True)
+        # As sample(amp="bf16", cuda_graphs=True) runs it: weights stored in bf16 (the same numbers as
+        # autocast's casts, which without its cast cache would be replayed at every step).
+        mbf = fp16_util.cast_autocast_weights(copy.deepcopy(mcl), torch.bfloat16)
         with cuda_graphs.autocast(device, True):
-            graph = cuda_graphs.GraphedSampler(dn, mcl, shape, memory_format=torch.channels_last)
+            graph = cuda_graphs.GraphedSampler(dn, mbf, shape, memory_format=torch.channels_last)
 
         def graphed():
             with cuda_graphs.autocast(device, True):

@@ -238,17 +238,38 @@ def ab_gn(args):
 
 
 def ab_sample(args):
-    """Sampling step (bf16 channels-last, c128, batch 256, one autocast context as
-    in p_sample_loop) with the vectorised GroupNorm kernels on and off."""
+    """Sampling step (bf16 channels-last, c128, batch 256): eager in one
+    autocast context as in p_sample_loop, convolution biases added by the
+    fused bias_add against stock; then replayed CUDA graphs (autocast cache
+    off, as sample(cuda_graphs=True) runs), with stock biases and weights cast
+    by autocast at each replay (the old default), fused biases, and fused
+    biases with the weights stored in bf16 (the new default)."""
+    import copy
+
+    from iddpm_fast import cuda_graphs, fp16_util
+
     model, diffusion, x, t = _sampling_case()
     print("\n==== sampling step A/B, c128 batch 256, bf16 channels-last")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         for rnd in range(2):
-            for on in (True, False):
-                _vec(on)
-                print(f"  round {rnd} vec={int(on)}: {_time(diffusion.p_sample, 10, model, x, t):.3f} ms/step")
-        _vec(True)
-        _profile(diffusion.p_sample, 3, 14, "sampling step, vectorised GroupNorm", model, x, t)
+            for policy in ("fused", "stock"):
+                os.environ["IDDPM_FAST_CONV_BIAS"] = policy
+                print(f"  eager round {rnd} conv bias {policy}: {_time(diffusion.p_sample, 10, model, x, t):.3f} ms/step")
+        os.environ.pop("IDDPM_FAST_CONV_BIAS")
+        _profile(diffusion.p_sample, 3, 16, "sampling step, eager, fused conv biases", model, x, t)
+    bf16_model = fp16_util.cast_autocast_weights(copy.deepcopy(model), torch.bfloat16)
+    graphs = {}
+    with cuda_graphs.autocast("cuda", enabled=True):
+        for name, m, policy in (("stock bias, autocast weights", model, "stock"),
+                                ("fused bias, autocast weights", model, "fused"),
+                                ("fused bias, bf16 weights", bf16_model, "fused")):
+            os.environ["IDDPM_FAST_CONV_BIAS"] = policy  # read while capturing
+            graphs[name] = cuda_graphs.GraphedSampler(diffusion, m, tuple(x.shape),
+                                                      memory_format=torch.channels_last)
+    os.environ.pop("IDDPM_FAST_CONV_BIAS")
+    for rnd in range(2):
+        for name, sampler in graphs.items():  # the sampler keeps the graph's input buffers alive
+            print(f"  graphs round {rnd} {name}: {_time(sampler.graph.replay, 10):.3f} ms/step")
 
 
 def _ab_train_case(amp, channels_last):

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <utility>
+#include <vector>
 
 namespace iddpm_fast {
 namespace {
@@ -93,6 +94,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_autograd(
   return {out[0], stats.first, stats.second};
 }
 
+// y = (x + bias) + residual: d x = d residual = d y, d bias = d y summed over
+// every dim but the channels, in the wider of the two dtypes (at::sum
+// accumulates a bf16/fp16 sum in float32), returned in bias's dtype. The backward is made of differentiable ATen ops, so
+// double backward works.
+class BiasAddFunction : public torch::autograd::Function<BiasAddFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& bias,
+                               const c10::optional<at::Tensor>& residual) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("iddpm_fast::bias_add", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->saved_data["bias_dtype"] = bias.scalar_type();
+    ctx->saved_data["has_residual"] = residual.has_value() && residual->defined();
+    ctx->set_materialize_grads(false);
+    return {op.call(x, bias, residual)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list out(3);
+    const at::Tensor& g = grads[0];
+    if (!g.defined()) {
+      return out;
+    }
+    out[0] = g;
+    if (ctx->needs_input_grad(1)) {
+      std::vector<int64_t> dims;
+      for (int64_t d = 0; d < g.dim(); ++d) {
+        if (d != 1) dims.push_back(d);
+      }
+      const auto bias_dtype = ctx->saved_data["bias_dtype"].toScalarType();
+      out[1] = at::sum(g, dims, false, at::promoteTypes(g.scalar_type(), bias_dtype)).to(bias_dtype);
+    }
+    if (ctx->saved_data["has_residual"].toBool()) {
+      out[2] = g;
+    }
+    return out;
+  }
+};
+
+at::Tensor bias_add_autograd(const at::Tensor& x, const at::Tensor& bias, const c10::optional<at::Tensor>& residual) {
+  return BiasAddFunction::apply(x, bias, residual)[0];
+}
+
 // dropout_backward is linear in grad_y: its own gradient is itself (double
 // backward, e.g. gradgradcheck).
 class DropoutBackwardFunction : public torch::autograd::Function<DropoutBackwardFunction> {
@@ -158,6 +203,7 @@ at::Tensor dropout_backward_autograd(const at::Tensor& grad_y, const at::Tensor&
 
 TORCH_LIBRARY_IMPL(iddpm_fast, Autograd, m) {
   m.impl("gn_silu_forward", &gn_silu_forward_autograd);
+  m.impl("bias_add", &bias_add_autograd);
   m.impl("dropout_forward", &dropout_forward_autograd);
   m.impl("dropout_backward", &dropout_backward_autograd);
 }

@@ -24,6 +24,13 @@ TORCH_LIBRARY(iddpm_fast, m) {
       "Tensor? shift, Tensor mean, Tensor rstd, int num_groups) "
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_scale, Tensor grad_shift)");
 
+  // A convolution's bias added after it, the way PyTorch adds it after a
+  // cuDNN convolution (x + bias rounded to x's dtype), optionally followed by
+  // a residual add (rounded again): y = (x + bias[c]) + residual in one pass.
+  // x: [N, C, *] contiguous or channels-last; bias: [C], any float dtype
+  // (cast to x's); residual: x's shape and dtype, or None. y has x's layout.
+  m.def("bias_add(Tensor x, Tensor bias, Tensor? residual=None) -> Tensor");
+
   // Dropout drawing the same mask as F.dropout on the CPU generator (see
   // cpu/dropout_cpu.cpp): y = x * (keep ? scale : 0) with keep ~ Bernoulli(1 - p)
   // per element in memory order, scale = 1 / (1 - p) in x's dtype; returns y

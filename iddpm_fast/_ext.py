@@ -26,7 +26,7 @@ import torch
 
 _ENV_DISABLE = "IDDPM_FAST_NO_EXT"
 _ENV_DIR = "IDDPM_FAST_EXT_DIR"
-_OPS = ("gn_silu_forward", "gn_silu_backward", "dropout_forward", "dropout_backward")
+_OPS = ("gn_silu_forward", "gn_silu_backward", "bias_add", "dropout_forward", "dropout_backward")
 # -fopenmp: at::parallel_for is an inline `#pragma omp parallel`, serial
 # without it. The extension then binds to the libgomp torch already loaded.
 _CPU_FLAGS = ["-O3", "-fopenmp"]  # no -std: cpp_extension picks what the torch headers need
@@ -82,7 +82,7 @@ def _cpu_reason():
 
 # Ops whose autograd the library itself registers (csrc/autograd.cpp): a
 # stale build without it would run without gradients.
-_AUTOGRAD_OPS = ("gn_silu_forward", "dropout_forward", "dropout_backward")
+_AUTOGRAD_OPS = ("gn_silu_forward", "bias_add", "dropout_forward", "dropout_backward")
 
 
 def _registered():

@@ -15,7 +15,40 @@ import torch.utils.checkpoint as _torch_checkpoint
 from . import ops
 from .reference import mean_flat  # noqa: F401  (public here, as in the original)
 
-_CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+class _BiasAddConv:
+    """A convolution whose bias may be added by the fused ``ops.bias_add``
+    (where :func:`iddpm_fast.ops.fuse_conv_bias` says so: on CUDA), which
+    also takes the residual add that follows a ResBlock's last convolution.
+    Same parameters and state-dict keys as the ``nn.ConvNd`` it extends, and
+    the same numbers: PyTorch adds a cuDNN convolution's bias after it, just
+    as this does.
+
+    :param residual: optional tensor of the output's shape added last, as
+        ``residual + conv(x)``.
+    """
+
+    def forward(self, x, residual=None):
+        if self.bias is not None and ops.fuse_conv_bias(x):
+            return ops.bias_add(self._conv_forward(x, self.weight, None), self.bias, residual)
+        y = super().forward(x)
+        return y if residual is None else residual + y
+
+
+class Conv1d(_BiasAddConv, nn.Conv1d):
+    pass
+
+
+class Conv2d(_BiasAddConv, nn.Conv2d):
+    pass
+
+
+class Conv3d(_BiasAddConv, nn.Conv3d):
+    pass
+
+
+_CONV_CLASSES = {1: Conv1d, 2: Conv2d, 3: Conv3d}
 _AVG_POOL_CLASSES = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 
 

@@ -622,6 +622,28 @@ def group_norm_scale_shift_silu(x, weight, bias, scale, shift, num_groups, eps=1
 
 
 # --------------------------------------------------------------------------
+# Convolution bias (and the ResBlock's residual add).
+# --------------------------------------------------------------------------
+
+
+def bias_add(x, bias, residual=None):
+    """
+    ``residual + (x + bias)``: a convolution's bias added to its output x the
+    way PyTorch adds it after a cuDNN convolution (bias cast to x's dtype, as
+    autocast casts it, the sum rounded to x's dtype), then the residual
+    added (rounded again). With x = conv(h) without its bias, this is
+    ``skip + conv(h)`` (ResBlock) or plain ``conv(h)``.
+
+    :param x: [N x C x ...] float tensor (contiguous or channels-last).
+    :param bias: [C] float tensor.
+    :param residual: x's shape and dtype, or None.
+    :return: x's shape and dtype.
+    """
+    y = x + bias.to(x.dtype).reshape((1, -1) + (1,) * (x.dim() - 2))
+    return y if residual is None else residual + y
+
+
+# --------------------------------------------------------------------------
 # Dropout (ResBlock out_layers).
 # --------------------------------------------------------------------------
 

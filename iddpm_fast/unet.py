@@ -23,6 +23,7 @@ from .fp16_util import convert_module_to_f16, convert_module_to_f32
 from .nn import (
     Dropout,
     SiLU,
+    _BiasAddConv,
     avg_pool_nd,
     checkpoint,
     conv_nd,
@@ -40,6 +41,14 @@ def _check_channels(x, expected, where):
             f"{where}: expected {expected} channels in dim 1, "
             f"got {x.shape[1]} (input shape {tuple(x.shape)})"
         )
+
+
+def _conv_plus(conv, h, residual):
+    """``residual + conv(h)``, the add fused into the convolution's bias add
+    where the convolution is one of :mod:`iddpm_fast.nn`'s."""
+    if isinstance(conv, _BiasAddConv):
+        return conv(h, residual=residual)
+    return residual + conv(h)
 
 
 class TimestepBlock(nn.Module):
@@ -188,11 +197,13 @@ class ResBlock(TimestepBlock):
         if self.use_scale_shift_norm:
             scale, shift = torch.chunk(emb_out, 2, dim=1)
             h = self.out_layers[0](h, scale, shift)
-            for layer in self.out_layers[1:]:
-                h = layer(h)
+            layers = self.out_layers[1:]
         else:
-            h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
+            h = h + emb_out
+            layers = self.out_layers
+        for layer in layers[:-1]:
+            h = layer(h)
+        return _conv_plus(layers[-1], h, self.skip_connection(x))
 
 
 class AttentionBlock(nn.Module):
@@ -228,8 +239,7 @@ class AttentionBlock(nn.Module):
         qkv = self.qkv(self.norm(tokens))
         qkv = qkv.reshape(batch * self.num_heads, -1, length)
         h = self.attention(qkv).reshape(batch, -1, length)
-        h = self.proj_out(h)
-        return (tokens + h).reshape(batch, chans, *spatial)
+        return _conv_plus(self.proj_out, h, tokens).reshape(batch, chans, *spatial)
 
     @staticmethod
     def _tokens_last(x):

@@ -2,7 +2,7 @@
 The C++ extension's ops (csrc/) behind the seam: fake (meta) kernels for
 torch.compile (autograd is registered in C++, csrc/autograd.cpp), and the
 seam's callables
-for ``group_norm_silu``, ``group_norm_scale_shift_silu`` and ``dropout``.
+for ``group_norm_silu``, ``group_norm_scale_shift_silu``, ``bias_add`` and ``dropout``.
 
 The library itself is loaded lazily by :mod:`iddpm_fast._ext` the first time
 the seam asks whether the "cpp" kind is available.
@@ -43,6 +43,10 @@ def _fake_backward(grad_y, x, weight, bias, scale, shift, mean, rstd, num_groups
     return torch.empty_like(x), dw, db, ds, dsh
 
 
+def _fake_bias_add(x, bias, residual=None):
+    return torch.empty_like(x)
+
+
 def _fake_dropout_forward(x, p, scale, generator=None):
     return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
 
@@ -59,6 +63,7 @@ def register_python_parts():
     # Their autograd is registered in C++ (csrc/autograd.cpp).
     torch.library.register_fake("iddpm_fast::gn_silu_forward")(_fake_forward)
     torch.library.register_fake("iddpm_fast::gn_silu_backward")(_fake_backward)
+    torch.library.register_fake("iddpm_fast::bias_add")(_fake_bias_add)
     torch.library.register_fake("iddpm_fast::dropout_forward")(_fake_dropout_forward)
     torch.library.register_fake("iddpm_fast::dropout_backward")(_fake_dropout_backward)
     _registered = True
@@ -84,6 +89,12 @@ def group_norm_scale_shift_silu(x, weight, bias, scale, shift, num_groups, eps=1
     return torch.ops.iddpm_fast.gn_silu_forward(
         _dense_copy(x), weight, bias, scale.reshape(n, c), shift.reshape(n, c), num_groups, eps
     )[0]
+
+
+def bias_add(x, bias, residual=None):
+    if residual is not None and residual.dtype != x.dtype:  # type promotion, as residual + y does
+        return residual + torch.ops.iddpm_fast.bias_add(_dense_copy(x), bias, None)
+    return torch.ops.iddpm_fast.bias_add(_dense_copy(x), bias, residual)
 
 
 @functools.lru_cache(maxsize=256)
@@ -163,4 +174,5 @@ def available(device):
 
 register("group_norm_silu", "cpp", group_norm_silu, available)
 register("group_norm_scale_shift_silu", "cpp", group_norm_scale_shift_silu, available)
+register("bias_add", "cpp", bias_add, available)
 register("dropout", "cpp", dropout, dropout_available)
