@@ -118,3 +118,60 @@ def test_copy_bandwidth(benchmark, device_timer, provider):
     benchmark(step)
     device_timer(benchmark, lambda: dst.copy_(src))
     assert torch.equal(dst, src)
+
+
+# The attention blocks' plain GroupNorm (no SiLU) at their resolutions: the
+# original's GroupNorm32 (float32 round trip, "reference"), F.group_norm
+# ("eager"), torch.compile of the reference, and the fused op without SiLU.
+ATTENTION_SHAPES = [(256, 256, 16, 16), (256, 256, 8, 8)] if torch.cuda.is_available() else [(16, 128, 16, 16)]
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+@pytest.mark.parametrize("fmt", ["fp32", "bf16_channels_last"])
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_group_norm(benchmark, compiled, device_timer, provider, shape, fmt, mode):
+    device = _device()
+    dtype, memory_format = FORMATS[fmt]
+    if provider == "fused":
+        if ops.resolve_name("group_norm", device) != "cpp":
+            pytest.skip(f"the C++ extension does not run on {device.type} here: {_ext.load()}")
+        fn = _cpp.group_norm
+    elif provider == "eager":
+        fn = lambda x, w, b, groups: F.group_norm(x, groups, w.to(x.dtype), b.to(x.dtype))  # noqa: E731
+    elif provider == "torch_compile":
+        fn = compiled(ref.group_norm)
+    else:
+        fn = ref.group_norm
+    g = torch.Generator().manual_seed(0)
+    x = (-2.3 + 0.5 * torch.randn(shape, generator=g)).to(device, dtype).contiguous(memory_format=memory_format)
+    w = torch.randn(shape[1], generator=g).to(device)
+    b = torch.randn(shape[1], generator=g).to(device)
+    dy = torch.randn(shape, generator=g).to(device, dtype).contiguous(memory_format=memory_format)
+    backward = mode != "forward"
+    for t in (x, w, b):
+        t.requires_grad_(backward)
+
+    def run():
+        if backward:
+            y = fn(x, w, b, 32)
+            return y, torch.autograd.grad(y, (x, w, b), dy)
+        with torch.no_grad():
+            return fn(x, w, b, 32), None
+
+    def step():
+        out = run()
+        _sync(device)
+        return out
+
+    step()  # warm-up (compilation, extension load)
+    benchmark.group = f"group_norm {mode} {fmt}"
+    size = x.numel() * x.element_size()
+    benchmark.extra_info["min_bytes"] = size * (5 if backward else 2)
+    y, _grads = benchmark(step)
+    device_timer(benchmark, run)
+    want = ref.group_norm(x.detach().float(), w.detach(), b.detach(), 32)
+    tol = 1e-4 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(y.detach().float(), want, rtol=tol, atol=tol)
+    if memory_format == torch.channels_last and provider == "fused":
+        assert y.is_contiguous(memory_format=torch.channels_last)

@@ -35,18 +35,20 @@ class GnSiluFunction : public torch::autograd::Function<GnSiluFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
                                const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scale,
-                               const c10::optional<at::Tensor>& shift, int64_t num_groups, double eps,
+                               const c10::optional<at::Tensor>& shift, int64_t num_groups, double eps, bool silu,
                                Stats* stats) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("iddpm_fast::gn_silu_forward", "")
                          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                              const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-                             const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, int64_t, double)>();
+                             const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, int64_t, double,
+                             bool)>();
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, mean, rstd] = op.call(x, weight, bias, scale, shift, num_groups, eps);
+    auto [y, mean, rstd] = op.call(x, weight, bias, scale, shift, num_groups, eps, silu);
     ctx->save_for_backward({x, or_undefined(weight), or_undefined(bias), or_undefined(scale), or_undefined(shift),
                             mean, rstd});
     ctx->saved_data["num_groups"] = num_groups;
+    ctx->saved_data["silu"] = silu;
     ctx->set_materialize_grads(false);
     *stats = {mean, rstd};
     return {y};
@@ -58,9 +60,10 @@ class GnSiluFunction : public torch::autograd::Function<GnSiluFunction> {
                          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
                              const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                              const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-                             const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, int64_t)>();
+                             const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, int64_t,
+                             bool)>();
     const auto saved = ctx->get_saved_variables();
-    variable_list out(8);
+    variable_list out(9);
     if (!grads[0].defined()) {
       return out;  // y unused: no gradient for anything
     }
@@ -70,7 +73,8 @@ class GnSiluFunction : public torch::autograd::Function<GnSiluFunction> {
     at::AutoGradMode no_double_backward(false);
     auto [dx, dw, db, dsc, dsh] =
         op.call(grads[0], saved[0], as_optional(saved[1]), as_optional(saved[2]), as_optional(saved[3]),
-                as_optional(saved[4]), saved[5], saved[6], ctx->saved_data["num_groups"].toInt());
+                as_optional(saved[4]), saved[5], saved[6], ctx->saved_data["num_groups"].toInt(),
+                ctx->saved_data["silu"].toBool());
     // needs_input_grad counts the inputs that are tensors: an absent
     // optional one has no entry.
     size_t edge = 0;
@@ -88,9 +92,9 @@ class GnSiluFunction : public torch::autograd::Function<GnSiluFunction> {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_autograd(
     const at::Tensor& x, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift, int64_t num_groups,
-    double eps) {
+    double eps, bool silu) {
   Stats stats;
-  auto out = GnSiluFunction::apply(x, weight, bias, scale, shift, num_groups, eps, &stats);
+  auto out = GnSiluFunction::apply(x, weight, bias, scale, shift, num_groups, eps, silu, &stats);
   return {out[0], stats.first, stats.second};
 }
 

@@ -12,6 +12,7 @@ namespace iddpm_fast {
 struct GnShape {
   int64_t N, C, G, D, L;
   bool channels_last;  // memory [N, L, C] instead of [N, C, L]
+  bool silu = true;    // SiLU after the norm (false: plain GroupNorm, the attention's)
 };
 
 enum class ElementType { Float, Double, Half, BFloat16 };

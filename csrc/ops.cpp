@@ -13,15 +13,16 @@ TORCH_LIBRARY(iddpm_fast, m) {
   // scale, shift: [N, C] or None. Returns y (x's dtype and layout) and the
   // per-(sample, group) mean and 1/std in float32 (float64 for float64 x),
   // saved for the backward.
+  // silu=False leaves out the SiLU: a plain GroupNorm (the attention blocks').
   m.def(
       "gn_silu_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, "
-      "int num_groups, float eps) -> (Tensor y, Tensor mean, Tensor rstd)");
+      "int num_groups, float eps, bool silu=True) -> (Tensor y, Tensor mean, Tensor rstd)");
   // Gradients with respect to x, weight, bias, scale and shift. d weight and
   // d bias are [C] (weight's dtype, float32 when there is none); d scale and
   // d shift are [N, C] in scale's dtype, or empty [0] without scale/shift.
   m.def(
       "gn_silu_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, "
-      "Tensor? shift, Tensor mean, Tensor rstd, int num_groups) "
+      "Tensor? shift, Tensor mean, Tensor rstd, int num_groups, bool silu=True) "
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_scale, Tensor grad_shift)");
 
   // A convolution's bias added after it, the way PyTorch adds it after a

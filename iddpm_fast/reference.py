@@ -594,6 +594,18 @@ def prior_bpd(x_start, tables):
 # --------------------------------------------------------------------------
 
 
+def group_norm(x, weight, bias, num_groups, eps=1e-5):
+    """
+    GroupNorm(x) with float32 statistics (float64 for float64 x), as the
+    original's GroupNorm32 computes it (the attention blocks' norm).
+
+    :param x: [N x C x ...], C divisible by num_groups.
+    :param weight, bias: [C] affine parameters, or None.
+    :return: x's shape and dtype.
+    """
+    return F.group_norm(_up(x), num_groups, weight, bias, eps).to(x.dtype)
+
+
 def group_norm_silu(x, weight, bias, num_groups, eps=1e-5):
     """
     SiLU(GroupNorm(x)) with float32 statistics (float64 for float64 x), as

@@ -77,11 +77,17 @@ def _run(fn, x, w, b, sc, sh, gy, groups, param_dtype):
     return [y.detach()] + [gr.detach() for gr in grads]
 
 
+# scale_shift: True (GroupNorm-scale-shift-SiLU), False (GroupNorm-SiLU) or
+# None (plain GroupNorm, no SiLU: the attention blocks' norm).
 def _reference(scale_shift):
+    if scale_shift is None:
+        return ref.group_norm
     return ref.group_norm_scale_shift_silu if scale_shift else ref.group_norm_silu
 
 
 def _fused(scale_shift):
+    if scale_shift is None:
+        return _cpp.group_norm
     return _cpp.group_norm_scale_shift_silu if scale_shift else _cpp.group_norm_silu
 
 
@@ -92,7 +98,7 @@ def _max_err(a, b):
 @needs_ext
 @pytest.mark.parametrize("name", list(SHAPES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("scale_shift", [False, True], ids=["plain", "scale_shift"])
+@pytest.mark.parametrize("scale_shift", [False, True, None], ids=["plain", "scale_shift", "no_silu"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_forward_and_gradients_match_reference(name, dtype, scale_shift, layout, device):
@@ -118,7 +124,7 @@ def test_forward_and_gradients_match_reference(name, dtype, scale_shift, layout,
 
 
 @needs_ext
-@pytest.mark.parametrize("scale_shift", [False, True], ids=["plain", "scale_shift"])
+@pytest.mark.parametrize("scale_shift", [False, True, None], ids=["plain", "scale_shift", "no_silu"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape,groups", [((2, 4, 3, 2), 2), ((1, 6, 5), 3)], ids=["4-D", "1-D attention input"])
 @pytest.mark.parametrize("device", DEVICES)
@@ -177,7 +183,8 @@ def test_inputs_off_16_byte_alignment(dtype, layout, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", [(2, 64, 8, 8), (2, 320, 6, 6), (1, 8, 48, 48)], ids=["8x8", "wide", "48x48"])
-def test_cuda_vectorised_and_per_element_kernels_agree(shape, layout, dtype, monkeypatch):
+@pytest.mark.parametrize("silu", [True, False], ids=["silu", "no_silu"])
+def test_cuda_vectorised_and_per_element_kernels_agree(shape, layout, dtype, silu, monkeypatch):
     # IDDPM_FAST_GN_CUDA_VEC=0 forces the per-element kernels (read per call):
     # both kernel sets give the same forward and backward within rounding.
     x, w, b, sc, sh, gy = _inputs(shape, dtype, True, layout, device="cuda")
@@ -189,8 +196,8 @@ def test_cuda_vectorised_and_per_element_kernels_agree(shape, layout, dtype, mon
     results = {}
     for vec in ("1", "0"):
         monkeypatch.setenv("IDDPM_FAST_GN_CUDA_VEC", vec)
-        y, mean, rstd = fwd(x, w, b, sc, sh, groups, 1e-5)
-        results[vec] = (y, mean, rstd, *bwd(gy, x, w, b, sc, sh, mean, rstd, groups))
+        y, mean, rstd = fwd(x, w, b, sc, sh, groups, 1e-5, silu)
+        results[vec] = (y, mean, rstd, *bwd(gy, x, w, b, sc, sh, mean, rstd, groups, silu))
     names = ["y", "mean", "rstd", "dx", "dweight", "dbias", "dscale", "dshift"]
     for name, a, c in zip(names, results["1"], results["0"]):
         scale = max(c.abs().max().item(), 1.0)
@@ -228,20 +235,21 @@ def test_empty_batch():
 
 
 @needs_ext
-@pytest.mark.parametrize("scale_shift", [False, True], ids=["plain", "scale_shift"])
+@pytest.mark.parametrize("scale_shift", [False, True, None], ids=["plain", "scale_shift", "no_silu"])
 def test_opcheck(scale_shift):
     x, w, b, sc, sh, gy = _inputs((2, 8, 3, 3), torch.float32, scale_shift, "contiguous")
     params = [w.float(), b.float()] + ([sc.float(), sh.float()] if scale_shift else [None, None])
-    args = (x.requires_grad_(), *[p.requires_grad_() if p is not None else None for p in params], 4, 1e-5)
+    silu = scale_shift is not None
+    args = (x.requires_grad_(), *[p.requires_grad_() if p is not None else None for p in params], 4, 1e-5, silu)
     torch.library.opcheck(torch.ops.iddpm_fast.gn_silu_forward.default, args)
     plain = [a.detach() if torch.is_tensor(a) else a for a in args]
     _y, mean, rstd = torch.ops.iddpm_fast.gn_silu_forward(*plain)
-    bargs = (gy.float(), *plain[:5], mean, rstd, 4)
+    bargs = (gy.float(), *plain[:5], mean, rstd, 4, silu)
     torch.library.opcheck(torch.ops.iddpm_fast.gn_silu_backward.default, bargs)
 
 
 @needs_ext
-@pytest.mark.parametrize("scale_shift", [False, True], ids=["plain", "scale_shift"])
+@pytest.mark.parametrize("scale_shift", [False, True, None], ids=["plain", "scale_shift", "no_silu"])
 def test_torch_compile_fullgraph(scale_shift):
     x, w, b, sc, sh, gy = _inputs((2, 8, 5, 5), torch.float32, scale_shift, "channels_last")
     fn = _fused(scale_shift)

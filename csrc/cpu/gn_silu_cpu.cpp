@@ -53,9 +53,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_cpu(const at::Ten
                                                                     const c10::optional<at::Tensor>& bias,
                                                                     const c10::optional<at::Tensor>& scale,
                                                                     const c10::optional<at::Tensor>& shift,
-                                                                    int64_t num_groups, double eps) {
+                                                                    int64_t num_groups, double eps, bool silu) {
   const char* op = "iddpm_fast::gn_silu_forward";
   GnShape s = check_inputs(op, x_in, weight, bias, scale, shift, num_groups);
+  s.silu = silu;
   TORCH_CHECK(x_in.device().is_cpu(), message(op, " (CPU kernel): x must be on the CPU, got ", x_in.device()));
   at::Tensor x = dense(x_in);
   s.channels_last = stored_channels_last(x);
@@ -82,9 +83,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
     const at::Tensor& grad_y, const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scale,
     const c10::optional<at::Tensor>& shift, const at::Tensor& mean_in, const at::Tensor& rstd_in,
-    int64_t num_groups) {
+    int64_t num_groups, bool silu) {
   const char* op = "iddpm_fast::gn_silu_backward";
   GnShape s = check_inputs(op, x_in, weight, bias, scale, shift, num_groups);
+  s.silu = silu;
   TORCH_CHECK(x_in.device().is_cpu(), message(op, " (CPU kernel): x must be on the CPU, got ", x_in.device()));
   check_backward_inputs(op, grad_y, x_in, mean_in, rstd_in, s);
   at::Tensor x = dense(x_in);

@@ -3,6 +3,9 @@
 // instruction sets (at::vec::Vectorized<float> is 8 or 16 lanes wide); the
 // ops in gn_silu_cpu.cpp pick one at run time from what the CPU supports.
 //
+// Without SiLU (GnShape::silu false) the same kernels compute a plain
+// GroupNorm (the attention blocks' norm).
+//
 // Forward: per (sample, group) the statistics (contiguous layout: one pass
 // of sums shifted by the group's first value, stable for inputs far from
 // zero mean; channels-last: two passes, the mean, then the squared
@@ -194,10 +197,11 @@ void rows_moment(const T* x, int64_t m, int64_t C, const acc_t<T>* center, doubl
   }
 }
 
-// y = SiLU((x - m) * a + b) over n elements; m, a, b per element when
-// PerElem, else m[0], a[0], b[0] for all. Centering before scaling keeps the
-// error at ulp((x - mean) * rstd) even when |mean| * rstd is large.
-template <bool PerElem, typename T>
+// y = SiLU((x - m) * a + b) over n elements (without the SiLU unless Act);
+// m, a, b per element when PerElem, else m[0], a[0], b[0] for all. Centering
+// before scaling keeps the error at ulp((x - mean) * rstd) even when
+// |mean| * rstd is large.
+template <bool Act, bool PerElem, typename T>
 void forward_row(T* y, const T* x, int64_t n, const acc_t<T>* m, const acc_t<T>* a, const acc_t<T>* b) {
   using A = acc_t<T>;
   int64_t j = 0;
@@ -208,20 +212,20 @@ void forward_row(T* y, const T* x, int64_t n, const acc_t<T>* m, const acc_t<T>*
       Vec av = PerElem ? Vec::loadu(a + j) : a0;
       Vec bv = PerElem ? Vec::loadu(b + j) : b0;
       Vec z = at::vec::fmadd(vload(x + j) - mv, av, bv);
-      vstore(y + j, z * vsigmoid(z));
+      vstore(y + j, Act ? z * vsigmoid(z) : z);
     }
   }
   for (; j < n; ++j) {
     const int64_t i = PerElem ? j : 0;
     A z = (static_cast<A>(x[j]) - m[i]) * a[i] + b[i];
-    y[j] = static_cast<T>(z * sigmoid(z));
+    y[j] = static_cast<T>(Act ? z * sigmoid(z) : z);
   }
 }
 
-// dz = dy * SiLU'(z), z = (x - m) a + b with scalars m, a, b, into dz[0:n];
-// adds sum(dz * (x - m)) and sum(dz) into ds, db (float64, flushed every
-// kFlush elements).
-template <typename T>
+// dz = dy * SiLU'(z) (dz = dy unless Act), z = (x - m) a + b with scalars
+// m, a, b, into dz[0:n]; adds sum(dz * (x - m)) and sum(dz) into ds, db
+// (float64, flushed every kFlush elements).
+template <bool Act, typename T>
 void backward_row_scalar(acc_t<T>* dz, const T* dy, const T* x, int64_t n, acc_t<T> m, acc_t<T> a, acc_t<T> b,
                          double& ds, double& db) {
   using A = acc_t<T>;
@@ -234,9 +238,12 @@ void backward_row_scalar(acc_t<T>* dz, const T* dy, const T* x, int64_t n, acc_t
       Vec as(0.f), ab(0.f);
       for (; j + kV <= stop; j += kV) {
         Vec xc = vload(x + j) - mv;
-        Vec z = at::vec::fmadd(xc, av, bv);
-        Vec s = vsigmoid(z);
-        Vec d = vload(dy + j) * s * at::vec::fmadd(z, one - s, one);
+        Vec d = vload(dy + j);
+        if constexpr (Act) {
+          Vec z = at::vec::fmadd(xc, av, bv);
+          Vec s = vsigmoid(z);
+          d = d * s * at::vec::fmadd(z, one - s, one);
+        }
         d.store(dz + j);
         as = at::vec::fmadd(d, xc, as);
         ab = ab + d;
@@ -250,9 +257,12 @@ void backward_row_scalar(acc_t<T>* dz, const T* dy, const T* x, int64_t n, acc_t
     A ts = 0, tb = 0;
     for (; j < stop; ++j) {
       A xc = static_cast<A>(x[j]) - m;
-      A z = xc * a + b;
-      A s = sigmoid(z);
-      A d = static_cast<A>(dy[j]) * s * (A(1) + z * (A(1) - s));
+      A d = static_cast<A>(dy[j]);
+      if constexpr (Act) {
+        A z = xc * a + b;
+        A s = sigmoid(z);
+        d = d * s * (A(1) + z * (A(1) - s));
+      }
       dz[j] = d;
       ts += d * xc;
       tb += d;
@@ -264,7 +274,7 @@ void backward_row_scalar(acc_t<T>* dz, const T* dy, const T* x, int64_t n, acc_t
 
 // The same with m, a, b per channel along a channels-last row of C
 // channels; sums go into per-channel scratch arrays ss, sb.
-template <typename T>
+template <bool Act, typename T>
 void backward_row_channels(acc_t<T>* dz, const T* dy, const T* x, int64_t C, const acc_t<T>* m,
                            const acc_t<T>* a, const acc_t<T>* b, acc_t<T>* ss, acc_t<T>* sb) {
   using A = acc_t<T>;
@@ -273,9 +283,12 @@ void backward_row_channels(acc_t<T>* dz, const T* dy, const T* x, int64_t C, con
     const Vec one(1.f);
     for (; c + kV <= C; c += kV) {
       Vec xc = vload(x + c) - Vec::loadu(m + c);
-      Vec z = at::vec::fmadd(xc, Vec::loadu(a + c), Vec::loadu(b + c));
-      Vec s = vsigmoid(z);
-      Vec d = vload(dy + c) * s * at::vec::fmadd(z, one - s, one);
+      Vec d = vload(dy + c);
+      if constexpr (Act) {
+        Vec z = at::vec::fmadd(xc, Vec::loadu(a + c), Vec::loadu(b + c));
+        Vec s = vsigmoid(z);
+        d = d * s * at::vec::fmadd(z, one - s, one);
+      }
       d.store(dz + c);
       at::vec::fmadd(d, xc, Vec::loadu(ss + c)).store(ss + c);
       (Vec::loadu(sb + c) + d).store(sb + c);
@@ -283,9 +296,12 @@ void backward_row_channels(acc_t<T>* dz, const T* dy, const T* x, int64_t C, con
   }
   for (; c < C; ++c) {
     A xc = static_cast<A>(x[c]) - m[c];
-    A z = xc * a[c] + b[c];
-    A s = sigmoid(z);
-    A d = static_cast<A>(dy[c]) * s * (A(1) + z * (A(1) - s));
+    A d = static_cast<A>(dy[c]);
+    if constexpr (Act) {
+      A z = xc * a[c] + b[c];
+      A s = sigmoid(z);
+      d = d * s * (A(1) + z * (A(1) - s));
+    }
     dz[c] = d;
     ss[c] += d * xc;
     sb[c] += d;
@@ -361,7 +377,11 @@ void forward_impl(const T* X, T* Y, acc_t<T>* MEAN, acc_t<T>* RSTD, const Params
           const int64_t c = g * D + d;
           A a, b;
           P.fold(n, c, rstd, a, b);
-          forward_row<false>(Y + (n * C + c) * L, X + (n * C + c) * L, L, &m, &a, &b);
+          if (s.silu) {
+            forward_row<true, false>(Y + (n * C + c) * L, X + (n * C + c) * L, L, &m, &a, &b);
+          } else {
+            forward_row<false, false>(Y + (n * C + c) * L, X + (n * C + c) * L, L, &m, &a, &b);
+          }
         }
       }
     });
@@ -391,7 +411,11 @@ void forward_impl(const T* X, T* Y, acc_t<T>* MEAN, acc_t<T>* RSTD, const Params
         center[c] = MEAN[n * G + c / D];
       }
       for (int64_t l = 0; l < L; ++l) {
-        forward_row<true>(Y + (n * L + l) * C, xn + l * C, C, center.data(), a.data(), b.data());
+        if (s.silu) {
+          forward_row<true, true>(Y + (n * L + l) * C, xn + l * C, C, center.data(), a.data(), b.data());
+        } else {
+          forward_row<false, true>(Y + (n * L + l) * C, xn + l * C, C, center.data(), a.data(), b.data());
+        }
       }
     }
   });
@@ -431,7 +455,8 @@ void backward_impl(const T* DY, const T* X, T* DX, const acc_t<T>* MEAN, const a
           A a, b;
           P.fold(n, c, rstd, a, b);
           double ds = 0, db = 0;
-          backward_row_scalar(dz.data() + d * L, DY + (n * C + c) * L, X + (n * C + c) * L, L, mean, a, b, ds, db);
+          auto* row = s.silu ? &backward_row_scalar<true, T> : &backward_row_scalar<false, T>;
+          row(dz.data() + d * L, DY + (n * C + c) * L, X + (n * C + c) * L, L, mean, a, b, ds, db);
           DS[n * C + c] = ds;
           DB[n * C + c] = db;
         }
@@ -462,8 +487,8 @@ void backward_impl(const T* DY, const T* X, T* DX, const acc_t<T>* MEAN, const a
         std::fill(ss.begin(), ss.end(), A(0));
         std::fill(sb.begin(), sb.end(), A(0));
         for (int64_t l = start; l < stop; ++l) {
-          backward_row_channels(dz.data() + l * C, dyn + l * C, xn + l * C, C, m.data(), a.data(), b.data(),
-                                ss.data(), sb.data());
+          auto* row = s.silu ? &backward_row_channels<true, T> : &backward_row_channels<false, T>;
+          row(dz.data() + l * C, dyn + l * C, xn + l * C, C, m.data(), a.data(), b.data(), ss.data(), sb.data());
         }
         for (int64_t c = 0; c < C; ++c) {
           DS[n * C + c] += ss[c];

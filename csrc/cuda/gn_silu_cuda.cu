@@ -24,7 +24,8 @@
 //    [N, L, C] on a grid (N, ceil(C/32), S) of 32 channels x 8 positions.
 //
 // All math in float32 (float64 for float64 inputs); x/y in any of
-// fp32/fp64/fp16/bf16.
+// fp32/fp64/fp16/bf16. With silu false (GnShape::silu) the kernels leave out
+// the SiLU and its derivative: a plain GroupNorm, the attention blocks' norm.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -106,6 +107,17 @@ __device__ __forceinline__ A silu_grad(A dy, A z) {
   return dy * s * (A(1) + z * (A(1) - s));
 }
 
+// The activation after the norm and its gradient: SiLU when act, else the
+// identity (plain GroupNorm, the attention blocks').
+template <typename A>
+__device__ __forceinline__ A activate(A z, bool act) {
+  return act ? z * sigmoid_(z) : z;
+}
+template <typename A>
+__device__ __forceinline__ A activate_grad(A dy, A z, bool act) {
+  return act ? silu_grad(dy, z) : dy;
+}
+
 // Tree reduction of one value per thread over a 1-D block of kRowThreads
 // threads; every thread gets the total.
 template <typename V>
@@ -166,14 +178,14 @@ __global__ void stats_partial_tiles(const T* __restrict__ x, int64_t L, int64_t 
 template <typename T, typename A>
 __global__ void grad_partial_rows(const T* __restrict__ dy, const T* __restrict__ x, const A* __restrict__ mean,
                                   const A* __restrict__ a, const A* __restrict__ b, int64_t L, int64_t D, int64_t S,
-                                  int64_t slice, GradSums<A>* __restrict__ out) {
+                                  int64_t slice, GradSums<A>* __restrict__ out, bool act) {
   const int64_t nc = blockIdx.x, s = blockIdx.y;
   const int64_t l0 = s * slice, l1 = lmin(L, l0 + slice);
   const A m = mean[nc / D], an = a[nc], bn = b[nc];  // nc / D = n * G + c / D
   GradSums<A> g{A(0), A(0)};
   for (int64_t l = l0 + threadIdx.x; l < l1; l += blockDim.x) {
     const A xc = static_cast<A>(x[nc * L + l]) - m;
-    const A d = silu_grad(static_cast<A>(dy[nc * L + l]), xc * an + bn);
+    const A d = activate_grad(static_cast<A>(dy[nc * L + l]), xc * an + bn, act);
     g.ds += d * xc;
     g.db += d;
   }
@@ -185,7 +197,7 @@ __global__ void grad_partial_rows(const T* __restrict__ dy, const T* __restrict_
 template <typename T, typename A>
 __global__ void grad_partial_tiles(const T* __restrict__ dy, const T* __restrict__ x, const A* __restrict__ mean,
                                    const A* __restrict__ a, const A* __restrict__ b, int64_t L, int64_t C, int64_t D,
-                                   int64_t S, int64_t slice, GradSums<A>* __restrict__ out) {
+                                   int64_t S, int64_t slice, GradSums<A>* __restrict__ out, bool act) {
   const int64_t n = blockIdx.x, c = blockIdx.y * kTileC + threadIdx.x, s = blockIdx.z;
   const int64_t l0 = s * slice, l1 = lmin(L, l0 + slice);
   GradSums<A> g{A(0), A(0)};
@@ -194,7 +206,7 @@ __global__ void grad_partial_tiles(const T* __restrict__ dy, const T* __restrict
     for (int64_t l = l0 + threadIdx.y; l < l1; l += kTileL) {
       const int64_t i = (n * L + l) * C + c;
       const A xc = static_cast<A>(x[i]) - m;
-      const A d = silu_grad(static_cast<A>(dy[i]), xc * an + bn);
+      const A d = activate_grad(static_cast<A>(dy[i]), xc * an + bn, act);
       g.ds += d * xc;
       g.db += d;
     }
@@ -310,12 +322,12 @@ __global__ void grad_params(const double* __restrict__ ds, const double* __restr
 template <typename T, typename A, bool ChannelsLast>
 __global__ void apply_forward(const T* __restrict__ x, T* __restrict__ y, const A* __restrict__ mean,
                               const A* __restrict__ a, const A* __restrict__ b, int64_t numel, int64_t C, int64_t D,
-                              int64_t L) {
+                              int64_t L, bool act) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < numel;
        i += int64_t(blockDim.x) * gridDim.x) {
     const int64_t nc = ChannelsLast ? (i / (L * C)) * C + i % C : i / L;
     const A z = (static_cast<A>(x[i]) - mean[nc / D]) * a[nc] + b[nc];
-    y[i] = static_cast<T>(z * sigmoid_(z));
+    y[i] = static_cast<T>(activate(z, act));
   }
 }
 
@@ -323,14 +335,14 @@ template <typename T, typename A, bool ChannelsLast>
 __global__ void apply_backward(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
                                const A* __restrict__ mean, const A* __restrict__ a, const A* __restrict__ b,
                                const A* __restrict__ c2, const A* __restrict__ c3, int64_t numel, int64_t C,
-                               int64_t D, int64_t L) {
+                               int64_t D, int64_t L, bool act) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < numel;
        i += int64_t(blockDim.x) * gridDim.x) {
     const int64_t n = i / (L * C);
     const int64_t c = ChannelsLast ? i % C : (i / L) % C;
     const int64_t nc = n * C + c, ng = n * (C / D) + c / D;
     const A xc = static_cast<A>(x[i]) - mean[ng];
-    const A d = silu_grad(static_cast<A>(dy[i]), xc * a[nc] + b[nc]);
+    const A d = activate_grad(static_cast<A>(dy[i]), xc * a[nc] + b[nc], act);
     dx[i] = static_cast<T>(a[nc] * d + c2[ng] * xc + c3[ng]);
   }
 }
@@ -389,11 +401,11 @@ __device__ __forceinline__ void merge_vector(Welford<A>& w, const Vec<T, V>& xv)
 // Adds one vector of a row's dz * (x - mean) and dz to g (m, a, b of the row).
 template <typename T, typename A, int V>
 __device__ __forceinline__ void accumulate_vector(GradSums<A>& g, const Vec<T, V>& xv, const Vec<T, V>& gv, A mn,
-                                                  A an, A bn) {
+                                                  A an, A bn, bool act) {
 #pragma unroll
   for (int v = 0; v < V; ++v) {
     const A xc = static_cast<A>(xv.v[v]) - mn;
-    const A d = silu_grad(static_cast<A>(gv.v[v]), xc * an + bn);
+    const A d = activate_grad(static_cast<A>(gv.v[v]), xc * an + bn, act);
     g.ds += d * xc;
     g.db += d;
   }
@@ -474,14 +486,14 @@ __global__ void stats_partial_rows_warp(const T* __restrict__ x, int64_t rows, i
 template <typename T, typename A, int V>
 __global__ void grad_partial_rows_warp(const T* __restrict__ dy, const T* __restrict__ x, const A* __restrict__ m,
                                        const A* __restrict__ a, const A* __restrict__ b, int64_t rows, int64_t L,
-                                       GradSums<A>* __restrict__ out) {
+                                       GradSums<A>* __restrict__ out, bool act) {
   const int64_t nc = int64_t(blockIdx.x) * kWarpRows + threadIdx.y;
   if (nc >= rows) return;
   const A mn = m[nc], an = a[nc], bn = b[nc];
   GradSums<A> g{A(0), A(0)};
   for (int64_t l = int64_t(threadIdx.x) * V; l < L; l += 32 * V) {
     accumulate_vector(g, *reinterpret_cast<const Vec<T, V>*>(x + nc * L + l),
-                      *reinterpret_cast<const Vec<T, V>*>(dy + nc * L + l), mn, an, bn);
+                      *reinterpret_cast<const Vec<T, V>*>(dy + nc * L + l), mn, an, bn, act);
   }
   g = warp_allreduce(g);
   if (threadIdx.x == 0) out[nc] = g;
@@ -547,14 +559,14 @@ __global__ void stats_partial_cl_vec(const T* __restrict__ x, int64_t L, int64_t
 template <typename T, typename A, int V>
 __global__ void grad_partial_rows_vec(const T* __restrict__ dy, const T* __restrict__ x, const A* __restrict__ m,
                                       const A* __restrict__ a, const A* __restrict__ b, int64_t L, int64_t S,
-                                      int64_t slice, GradSums<A>* __restrict__ out) {
+                                      int64_t slice, GradSums<A>* __restrict__ out, bool act) {
   const int64_t nc = blockIdx.x, s = blockIdx.y;
   const int64_t l0 = s * slice, l1 = lmin(L, l0 + slice);
   const A mn = m[nc], an = a[nc], bn = b[nc];
   GradSums<A> g{A(0), A(0)};
   for (int64_t l = l0 + int64_t(threadIdx.x) * V; l < l1; l += int64_t(blockDim.x) * V) {
     accumulate_vector(g, *reinterpret_cast<const Vec<T, V>*>(x + nc * L + l),
-                      *reinterpret_cast<const Vec<T, V>*>(dy + nc * L + l), mn, an, bn);
+                      *reinterpret_cast<const Vec<T, V>*>(dy + nc * L + l), mn, an, bn, act);
   }
   const GradSums<A> total = reduce_rows(g);
   if (threadIdx.x == 0) out[nc * S + s] = total;
@@ -564,7 +576,7 @@ __global__ void grad_partial_rows_vec(const T* __restrict__ dy, const T* __restr
 template <typename T, typename A, int V>
 __global__ void __launch_bounds__(kRowThreads, 2) grad_partial_cl_vec(const T* __restrict__ dy, const T* __restrict__ x, const A* __restrict__ m,
                                     const A* __restrict__ a, const A* __restrict__ b, int64_t L, int64_t C, int64_t S,
-                                    int64_t slice, GradSums<A>* __restrict__ out) {
+                                    int64_t slice, GradSums<A>* __restrict__ out, bool act) {
   __shared__ GradSums<A> shared[kRowThreads * V];
   const int TX = blockDim.x, TY = blockDim.y, tx = threadIdx.x, ty = threadIdx.y;
   const int64_t n = blockIdx.x, cv = int64_t(blockIdx.y) * TX + tx, s = blockIdx.z;
@@ -596,7 +608,7 @@ __global__ void __launch_bounds__(kRowThreads, 2) grad_partial_cl_vec(const T* _
 #pragma unroll
           for (int v = 0; v < V; ++v) {
             const A xc = static_cast<A>(xv[u].v[v]) - mv[v];
-            const A d = silu_grad(static_cast<A>(gv[u].v[v]), xc * av[v] + bv[v]);
+            const A d = activate_grad(static_cast<A>(gv[u].v[v]), xc * av[v] + bv[v], act);
             ds[v] += d * xc;
             db[v] += d;
           }
@@ -753,7 +765,7 @@ __global__ void grad_params_blocks(const double* __restrict__ ds, const double* 
 template <typename T, typename A, int V, bool ChannelsLast>
 __global__ void apply_forward_vec(const T* __restrict__ x, T* __restrict__ y, const A* __restrict__ m,
                                   const A* __restrict__ a, const A* __restrict__ b, uint32_t nvec,
-                                  IntDivider<uint32_t> div_c, IntDivider<uint32_t> div_l, uint32_t C) {
+                                  IntDivider<uint32_t> div_c, IntDivider<uint32_t> div_l, uint32_t C, bool act) {
   for (uint32_t j = blockIdx.x * blockDim.x + threadIdx.x; j < nvec; j += blockDim.x * gridDim.x) {
     const uint32_t i = j * V;
     const Vec<T, V> xv = *reinterpret_cast<const Vec<T, V>*>(x + i);
@@ -764,7 +776,7 @@ __global__ void apply_forward_vec(const T* __restrict__ x, T* __restrict__ y, co
 #pragma unroll
       for (int v = 0; v < V; ++v) {
         const A z = (static_cast<A>(xv.v[v]) - m[nc0 + v]) * a[nc0 + v] + b[nc0 + v];
-        yv.v[v] = static_cast<T>(z * sigmoid_(z));
+        yv.v[v] = static_cast<T>(activate(z, act));
       }
     } else {
       const uint32_t nc = div_c.div(i);
@@ -772,7 +784,7 @@ __global__ void apply_forward_vec(const T* __restrict__ x, T* __restrict__ y, co
 #pragma unroll
       for (int v = 0; v < V; ++v) {
         const A z = (static_cast<A>(xv.v[v]) - mn) * an + bn;
-        yv.v[v] = static_cast<T>(z * sigmoid_(z));
+        yv.v[v] = static_cast<T>(activate(z, act));
       }
     }
     *reinterpret_cast<Vec<T, V>*>(y + i) = yv;
@@ -784,7 +796,7 @@ template <typename T, typename A, int V, bool ChannelsLast>
 __global__ void apply_backward_vec(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
                                    const A* __restrict__ m, const A* __restrict__ a, const A* __restrict__ b,
                                    const A* __restrict__ c2, const A* __restrict__ c3, uint32_t nvec,
-                                   IntDivider<uint32_t> div_c, IntDivider<uint32_t> div_l, uint32_t C) {
+                                   IntDivider<uint32_t> div_c, IntDivider<uint32_t> div_l, uint32_t C, bool act) {
   for (uint32_t j = blockIdx.x * blockDim.x + threadIdx.x; j < nvec; j += blockDim.x * gridDim.x) {
     const uint32_t i = j * V;
     const Vec<T, V> xv = *reinterpret_cast<const Vec<T, V>*>(x + i);
@@ -797,7 +809,7 @@ __global__ void apply_backward_vec(const T* __restrict__ dy, const T* __restrict
       for (int v = 0; v < V; ++v) {
         const uint32_t nc = nc0 + v;
         const A xc = static_cast<A>(xv.v[v]) - m[nc];
-        const A d = silu_grad(static_cast<A>(gv.v[v]), xc * a[nc] + b[nc]);
+        const A d = activate_grad(static_cast<A>(gv.v[v]), xc * a[nc] + b[nc], act);
         out.v[v] = static_cast<T>(a[nc] * d + c2[nc] * xc + c3[nc]);
       }
     } else {
@@ -806,7 +818,7 @@ __global__ void apply_backward_vec(const T* __restrict__ dy, const T* __restrict
 #pragma unroll
       for (int v = 0; v < V; ++v) {
         const A xc = static_cast<A>(xv.v[v]) - mn;
-        const A d = silu_grad(static_cast<A>(gv.v[v]), xc * an + bn);
+        const A d = activate_grad(static_cast<A>(gv.v[v]), xc * an + bn, act);
         out.v[v] = static_cast<T>(an * d + k2 * xc + k3);
       }
     }
@@ -952,9 +964,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_cuda(const at::Te
                                                                      const c10::optional<at::Tensor>& bias,
                                                                      const c10::optional<at::Tensor>& scale,
                                                                      const c10::optional<at::Tensor>& shift,
-                                                                     int64_t num_groups, double eps) {
+                                                                     int64_t num_groups, double eps, bool silu) {
   const char* op = "iddpm_fast::gn_silu_forward";
   GnShape s = check_inputs(op, x_in, weight, bias, scale, shift, num_groups);
+  s.silu = silu;
   TORCH_CHECK(x_in.is_cuda(), message(op, " (CUDA kernel): x must be on a CUDA device, got ", x_in.device()));
   c10::cuda::CUDAGuard guard(x_in.device());
   at::Tensor x = dense(x_in);
@@ -1005,11 +1018,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_cuda(const at::Te
       if (s.channels_last) {
         apply_forward_vec<scalar_t, A, V, true><<<elementwise_blocks(nvec), 256, 0, stream>>>(
             x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), pm, pa, pb, nvec, div_c, div_l,
-            static_cast<uint32_t>(s.C));
+            static_cast<uint32_t>(s.C), s.silu);
       } else {
         apply_forward_vec<scalar_t, A, V, false><<<elementwise_blocks(nvec), 256, 0, stream>>>(
             x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), pm, pa, pb, nvec, div_c, div_l,
-            static_cast<uint32_t>(s.C));
+            static_cast<uint32_t>(s.C), s.silu);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
@@ -1038,10 +1051,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_cuda(const at::Te
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (s.channels_last) {
       apply_forward<scalar_t, A, true><<<elementwise_blocks(numel), 256, 0, stream>>>(
-          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), mean.data_ptr<A>(), pa, pb, numel, s.C, s.D, s.L);
+          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), mean.data_ptr<A>(), pa, pb, numel, s.C, s.D, s.L, s.silu);
     } else {
       apply_forward<scalar_t, A, false><<<elementwise_blocks(numel), 256, 0, stream>>>(
-          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), mean.data_ptr<A>(), pa, pb, numel, s.C, s.D, s.L);
+          x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), mean.data_ptr<A>(), pa, pb, numel, s.C, s.D, s.L, s.silu);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -1052,9 +1065,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
     const at::Tensor& grad_y, const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scale,
     const c10::optional<at::Tensor>& shift, const at::Tensor& mean_in, const at::Tensor& rstd_in,
-    int64_t num_groups) {
+    int64_t num_groups, bool silu) {
   const char* op = "iddpm_fast::gn_silu_backward";
   GnShape s = check_inputs(op, x_in, weight, bias, scale, shift, num_groups);
+  s.silu = silu;
   TORCH_CHECK(x_in.is_cuda(), message(op, " (CUDA kernel): x must be on a CUDA device, got ", x_in.device()));
   check_backward_inputs(op, grad_y, x_in, mean_in, rstd_in, s);
   c10::cuda::CUDAGuard guard(x_in.device());
@@ -1101,15 +1115,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
         switch (plan.kind) {
           case VecPartials::ChannelsLast:
             grad_partial_cl_vec<scalar_t, A, V><<<plan.grid, plan.block, 0, stream>>>(pdy, px, pm, pa, pb, s.L, s.C,
-                                                                                       S, plan.slice, pg);
+                                                                                       S, plan.slice, pg, s.silu);
             break;
           case VecPartials::WarpRows:
             grad_partial_rows_warp<scalar_t, A, V><<<plan.grid, plan.block, 0, stream>>>(pdy, px, pm, pa, pb,
-                                                                                          s.N * s.C, s.L, pg);
+                                                                                          s.N * s.C, s.L, pg, s.silu);
             break;
           case VecPartials::Rows:
             grad_partial_rows_vec<scalar_t, A, V><<<plan.grid, plan.block, 0, stream>>>(pdy, px, pm, pa, pb, s.L, S,
-                                                                                         plan.slice, pg);
+                                                                                         plan.slice, pg, s.silu);
             break;
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1130,11 +1144,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
         if (s.channels_last) {
           apply_backward_vec<scalar_t, A, V, true><<<elementwise_blocks(nvec), 256, 0, stream>>>(
               dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), pm, pa, pb, c2, c3, nvec,
-              div_c, div_l, static_cast<uint32_t>(s.C));
+              div_c, div_l, static_cast<uint32_t>(s.C), s.silu);
         } else {
           apply_backward_vec<scalar_t, A, V, false><<<elementwise_blocks(nvec), 256, 0, stream>>>(
               dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), pm, pa, pb, c2, c3, nvec,
-              div_c, div_l, static_cast<uint32_t>(s.C));
+              div_c, div_l, static_cast<uint32_t>(s.C), s.silu);
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         return;
@@ -1154,11 +1168,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
       if (s.channels_last) {
         dim3 grid(s.N, (s.C + kTileC - 1) / kTileC, S), block(kTileC, kTileL);
         grad_partial_tiles<scalar_t, A><<<grid, block, 0, stream>>>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                                                                    pm, pa, pb, s.L, s.C, s.D, S, slice, pg);
+                                                                    pm, pa, pb, s.L, s.C, s.D, S, slice, pg, s.silu);
       } else {
         dim3 grid(s.N * s.C, S);
         grad_partial_rows<scalar_t, A><<<grid, kRowThreads, 0, stream>>>(
-            dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), pm, pa, pb, s.L, s.D, S, slice, pg);
+            dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), pm, pa, pb, s.L, s.D, S, slice, pg, s.silu);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       at::Tensor sums = at::empty({2, s.N, s.C}, dbl);
@@ -1181,11 +1195,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
       if (s.channels_last) {
         apply_backward<scalar_t, A, true><<<elementwise_blocks(numel), 256, 0, stream>>>(
             dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), pm, pa, pb, c2, c3, numel, s.C,
-            s.D, s.L);
+            s.D, s.L, s.silu);
       } else {
         apply_backward<scalar_t, A, false><<<elementwise_blocks(numel), 256, 0, stream>>>(
             dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), pm, pa, pb, c2, c3, numel, s.C,
-            s.D, s.L);
+            s.D, s.L, s.silu);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -46,7 +46,7 @@ _DIFFUSION_OPS = (
     "vb_terms_bpd",
     "training_loss",
 )
-_NORM_OPS = ("group_norm_silu", "group_norm_scale_shift_silu")
+_NORM_OPS = ("group_norm", "group_norm_silu", "group_norm_scale_shift_silu")
 _MODEL_OPS = _NORM_OPS + ("bias_add", "dropout")
 
 for _name in _DIFFUSION_OPS:
@@ -229,8 +229,9 @@ def _cuda_wants_stock():
     """
     Whether group_norm_silu on CUDA runs stock F.group_norm + F.silu instead
     of the fused op: only when ``IDDPM_FAST_CUDA_GN=stock`` (an A/B switch,
-    used by bench/profile_gpu.py). ``auto`` (the default) and ``fused`` run
-    the fused op, which measured faster than the stock kernels at every UNet
+    used by bench/profile_gpu.py; it also sends the attention blocks' plain
+    group_norm to the reference's F.group_norm). ``auto`` (the default) and
+    ``fused`` run the fused op, which measured faster than the stock kernels at every UNet
     shape, dtype and layout on an H200 once its kernels were vectorised:
     forward + backward 2.5-4.2x in channels-last and 2.0-3.7x in NCHW (CUDA
     events), a bf16 channels-last training step 10% faster
@@ -247,6 +248,15 @@ def _stock_group_norm_silu(x, weight, bias, num_groups, eps):
     """The reference's math for float32 x in two stock kernels (F.silu's
     x / (1 + e^-x) may differ from x * sigmoid(x) in the last bit)."""
     return F.silu(F.group_norm(x, num_groups, weight, bias, eps))
+
+
+def group_norm(x, weight, bias, num_groups, eps=1e-5):
+    """GroupNorm(x) in float32, x's dtype out; see :func:`iddpm_fast.reference.group_norm`."""
+    _check_norm(x, weight, bias, num_groups)
+    fn = resolve("group_norm", x.device)
+    if fn is _cpp.group_norm and x.device.type == "cuda" and requested_backend() == "auto" and _cuda_wants_stock():
+        return ref.group_norm(x, weight, bias, num_groups, eps)
+    return fn(x, weight, bias, num_groups, eps)
 
 
 def group_norm_silu(x, weight, bias, num_groups, eps=1e-5):

@@ -2,7 +2,7 @@
 The C++ extension's ops (csrc/) behind the seam: fake (meta) kernels for
 torch.compile (autograd is registered in C++, csrc/autograd.cpp), and the
 seam's callables
-for ``group_norm_silu``, ``group_norm_scale_shift_silu``, ``bias_add`` and ``dropout``.
+for ``group_norm``, ``group_norm_silu``, ``group_norm_scale_shift_silu``, ``bias_add`` and ``dropout``.
 
 The library itself is loaded lazily by :mod:`iddpm_fast._ext` the first time
 the seam asks whether the "cpp" kind is available.
@@ -24,13 +24,13 @@ def _stat_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _fake_forward(x, weight, bias, scale, shift, num_groups, eps):
+def _fake_forward(x, weight, bias, scale, shift, num_groups, eps, silu=True):
     n = x.shape[0]
     st = _stat_dtype(x)
     return torch.empty_like(x), x.new_empty((n, num_groups), dtype=st), x.new_empty((n, num_groups), dtype=st)
 
 
-def _fake_backward(grad_y, x, weight, bias, scale, shift, mean, rstd, num_groups):
+def _fake_backward(grad_y, x, weight, bias, scale, shift, mean, rstd, num_groups, silu=True):
     c = x.shape[1]
     dw = x.new_empty((c,), dtype=weight.dtype if weight is not None else torch.float32)
     db = x.new_empty((c,), dtype=bias.dtype if bias is not None else torch.float32)
@@ -78,6 +78,10 @@ def _dense_copy(x):
     """x, or a contiguous copy when it is neither contiguous nor channels-last
     (the C++ op takes those two layouts)."""
     return x if _dense(x) or x.dim() < 3 else x.contiguous()
+
+
+def group_norm(x, weight, bias, num_groups, eps=1e-5):
+    return torch.ops.iddpm_fast.gn_silu_forward(_dense_copy(x), weight, bias, None, None, num_groups, eps, False)[0]
 
 
 def group_norm_silu(x, weight, bias, num_groups, eps=1e-5):
@@ -172,6 +176,7 @@ def available(device):
     return None
 
 
+register("group_norm", "cpp", group_norm, available)
 register("group_norm_silu", "cpp", group_norm_silu, available)
 register("group_norm_scale_shift_silu", "cpp", group_norm_scale_shift_silu, available)
 register("bias_add", "cpp", bias_add, available)
