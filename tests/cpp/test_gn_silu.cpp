@@ -1,7 +1,7 @@
 // C++ test of the fused GroupNorm-SiLU ops through the dispatcher (run by
 // ctest; see CMakeLists.txt): forward and backward against ATen's
 // group_norm + silu with autograd in float64, both memory layouts, with and
-// without scale/shift. Exits non-zero on the first mismatch.
+// without scale/shift, with and without the SiLU. Exits non-zero on the first mismatch.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/torch.h>
 
@@ -13,10 +13,12 @@ namespace {
 using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const c10::optional<at::Tensor>&,
                                                                const c10::optional<at::Tensor>&,
                                                                const c10::optional<at::Tensor>&,
-                                                               const c10::optional<at::Tensor>&, int64_t, double);
+                                                               const c10::optional<at::Tensor>&, int64_t, double,
+                                                               bool);
 using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, int64_t);
+    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, int64_t,
+    bool);
 
 int failures = 0;
 
@@ -28,7 +30,7 @@ void expect_close(const std::string& what, const at::Tensor& got, const at::Tens
   if (!ok) ++failures;
 }
 
-void check(const std::vector<int64_t>& shape, int64_t groups, bool channels_last, bool scale_shift) {
+void check(const std::vector<int64_t>& shape, int64_t groups, bool channels_last, bool scale_shift, bool silu) {
   auto forward = c10::Dispatcher::singleton()
                      .findSchemaOrThrow("iddpm_fast::gn_silu_forward", "")
                      .typed<Forward>();
@@ -52,7 +54,7 @@ void check(const std::vector<int64_t>& shape, int64_t groups, bool channels_last
     for (size_t d = 2; d < shape.size(); ++d) bshape.push_back(1);
     h = h * (1 + sc.view(bshape)) + sh.view(bshape);
   }
-  auto yr = at::silu(h);
+  auto yr = silu ? at::silu(h) : h;
   auto gx = torch::autograd::grad({yr}, {xr}, {dy})[0];
 
   auto xf = x.to(at::kFloat);
@@ -61,12 +63,13 @@ void check(const std::vector<int64_t>& shape, int64_t groups, bool channels_last
     scf = sc.to(at::kFloat);
     shf = sh.to(at::kFloat);
   }
-  auto [y, mean, rstd] = forward.call(xf, w.to(at::kFloat), b.to(at::kFloat), scf, shf, groups, 1e-5);
-  auto grads = backward.call(dy.to(at::kFloat), xf, w.to(at::kFloat), b.to(at::kFloat), scf, shf, mean, rstd, groups);
+  auto [y, mean, rstd] = forward.call(xf, w.to(at::kFloat), b.to(at::kFloat), scf, shf, groups, 1e-5, silu);
+  auto grads =
+      backward.call(dy.to(at::kFloat), xf, w.to(at::kFloat), b.to(at::kFloat), scf, shf, mean, rstd, groups, silu);
   std::string name = "shape [";
   for (auto s : shape) name += std::to_string(s) + ",";
   name += "] G=" + std::to_string(groups) + (channels_last ? " channels-last" : "") +
-          (scale_shift ? " scale-shift" : "");
+          (scale_shift ? " scale-shift" : "") + (silu ? "" : " no SiLU");
   expect_close(name + " y", y, yr.detach(), 1e-5);
   expect_close(name + " dx", std::get<0>(grads), gx, 1e-4);
   if (channels_last && !y.is_contiguous() && !y.movedim(1, -1).is_contiguous()) {
@@ -80,9 +83,11 @@ void check(const std::vector<int64_t>& shape, int64_t groups, bool channels_last
 int main() {
   for (bool cl : {false, true}) {
     for (bool ss : {false, true}) {
-      check({2, 64, 7, 9}, 32, cl, ss);
-      check({1, 8, 3, 3}, 8, cl, ss);
-      check({3, 96, 10}, 32, cl, ss);
+      for (bool silu : {true, false}) {
+        check({2, 64, 7, 9}, 32, cl, ss, silu);
+        check({1, 8, 3, 3}, 8, cl, ss, silu);
+        check({3, 96, 10}, 32, cl, ss, silu);
+      }
     }
   }
   std::printf("%s\n", failures ? "FAILED" : "all passed");
