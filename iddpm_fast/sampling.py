@@ -18,7 +18,7 @@ import re
 import numpy as np
 import torch
 
-from . import cuda_graphs, dist_util, fp16_util, logger
+from . import cpu_memory, cuda_graphs, dist_util, fp16_util, logger
 from .image_utils import save_grid, to_uint8
 from .script_util import channels_last_option, create_model_and_diffusion, model_and_diffusion_defaults
 
@@ -111,6 +111,8 @@ def _setup(cfg):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist_util.setup_dist()
     device = torch.device(cfg["device"]) if cfg.get("device") else dist_util.dev()
+    if device.type == "cpu":
+        cpu_memory.retain_freed_memory()
     if cfg.get("out_dir"):
         logger.configure(dir=cfg["out_dir"], format_strs=["stdout", "log"] if dist_util.get_rank() == 0 else [])
     elif logger.get_dir() is None:

@@ -55,7 +55,7 @@ import torch as th
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import dist_util, logger
+from . import cpu_memory, dist_util, logger
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
 
@@ -167,6 +167,8 @@ class TrainLoop:
         self.world_size = dist_util.get_world_size()
         self.global_batch = self.batch_size * self.world_size
         self.device = next(model.parameters()).device
+        if self.device.type == "cpu":
+            cpu_memory.retain_freed_memory()  # no page faults re-zeroing last step's activations
         self.sync_cuda = th.cuda.is_available()
         self._nonfinite_run = 0
         self._last_saved_step = None

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from . import dist_util, logger
+from . import cpu_memory, dist_util, logger
 from .image_utils import save_grid
 from .resample import create_named_schedule_sampler
 from .script_util import (
@@ -245,6 +245,8 @@ def train(**config):
         dist_util.setup_dist()
     rank = dist_util.get_rank()
     device = torch.device(cfg["device"]) if cfg["device"] else dist_util.dev()
+    if device.type == "cpu":
+        cpu_memory.retain_freed_memory()
     # The folder the logger will write to (as logger.configure picks it), known before it opens its
     # files: a resumed run's logs continue from its checkpoint's step.
     log_dir = cfg["out_dir"] or os.getenv("OPENAI_LOGDIR") or ""
