@@ -99,8 +99,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_autograd(
 }
 
 // y = (x + bias) + residual: d x = d residual = d y, d bias = d y summed over
-// every dim but the channels, in the wider of the two dtypes (at::sum
-// accumulates a bf16/fp16 sum in float32), returned in bias's dtype. The backward is made of differentiable ATen ops, so
+// every dim but the channels in x's dtype (at::sum accumulates bf16/fp16 in
+// float32 and rounds once), then cast to bias's dtype: what autograd computes
+// for stock autocast's x + bias.to(x.dtype). The backward is made of differentiable ATen ops, so
 // double backward works.
 class BiasAddFunction : public torch::autograd::Function<BiasAddFunction> {
  public:
@@ -128,8 +129,7 @@ class BiasAddFunction : public torch::autograd::Function<BiasAddFunction> {
       for (int64_t d = 0; d < g.dim(); ++d) {
         if (d != 1) dims.push_back(d);
       }
-      const auto bias_dtype = ctx->saved_data["bias_dtype"].toScalarType();
-      out[1] = at::sum(g, dims, false, at::promoteTypes(g.scalar_type(), bias_dtype)).to(bias_dtype);
+      out[1] = at::sum(g, dims).to(ctx->saved_data["bias_dtype"].toScalarType());
     }
     if (ctx->saved_data["has_residual"].toBool()) {
       out[2] = g;

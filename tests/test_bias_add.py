@@ -75,9 +75,9 @@ def test_forward_equals_reference_bit_for_bit_and_gradients(name, dtype, layout,
     want = torch.autograd.grad(ref.bias_add(*leaves), leaves, gy)
     for g_got, g_want in zip(got, want):
         assert g_got.dtype == g_want.dtype
-        # d bias sums in float32 here and in x's dtype in autocast's stock path.
+        # d bias: the same sum in x's dtype as the reference's broadcast backward (reduction order aside).
         eps = torch.finfo(dtype).eps
-        torch.testing.assert_close(g_got, g_want, rtol=4 * eps, atol=4 * eps * shape[0] * x[0, 0].numel())
+        torch.testing.assert_close(g_got, g_want, rtol=2 * eps, atol=2 * eps)
 
 
 @needs_ext
@@ -149,6 +149,11 @@ def test_opcheck():
     op = torch.ops.iddpm_fast.bias_add.default
     torch.library.opcheck(op, (x.requires_grad_(), b.float().requires_grad_(), r.requires_grad_()))
     torch.library.opcheck(op, (x.detach(), b.float(), None))
+    # Neither contiguous nor channels-last (a transposed 2-D input, a strided
+    # view): the op computes on a contiguous copy, and its fake says so.
+    torch.library.opcheck(op, (torch.randn(6, 4).t(), torch.ones(6), None))
+    xs = torch.randn(2, 3, 4, 10)[..., ::2]
+    torch.library.opcheck(op, (xs, torch.ones(3), torch.randn(2, 3, 4, 5)))
 
 
 @needs_ext
@@ -240,8 +245,8 @@ def test_unet_with_fused_convolution_biases(use_scale_shift_norm, layout, device
         results[policy] = [out.detach()] + [p.grad.clone() for p in model.parameters()]
     convs = sum(isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)) for m in model.modules())
     # Channels-last images attend on the tokens-last route (linear layers, no
-    # Conv1d calls); the NCHW route runs the attention's two 1x1 convs.
-    attention_convs = 2 * 4 if layout == "channels_last" and device == "cpu" else 0  # 4 attention blocks
+    # Conv1d calls) on CPUs and CUDA; the NCHW route runs the attention's two 1x1 convs.
+    attention_convs = 2 * 4 if layout == "channels_last" else 0  # 4 attention blocks
     assert len(calls) == convs - attention_convs
     from iddpm_fast.unet import AttentionBlock, ResBlock
 

@@ -246,6 +246,9 @@ def test_opcheck(scale_shift):
     _y, mean, rstd = torch.ops.iddpm_fast.gn_silu_forward(*plain)
     bargs = (gy.float(), *plain[:5], mean, rstd, 4, silu)
     torch.library.opcheck(torch.ops.iddpm_fast.gn_silu_backward.default, bargs)
+    # Neither contiguous nor channels-last: computed on a contiguous copy, as the fake kernel says.
+    strided = torch.randn(2, 8, 3, 6)[..., ::2]
+    torch.library.opcheck(torch.ops.iddpm_fast.gn_silu_forward.default, (strided, *plain[1:5], 4, 1e-5, silu))
 
 
 @needs_ext

@@ -24,10 +24,16 @@ def _stat_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _like_dense(x):
+    """An empty tensor laid out as the C++ ops lay out their outputs: x's
+    layout when it is contiguous or channels-last, else contiguous."""
+    return torch.empty_like(x) if _dense(x) else torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 def _fake_forward(x, weight, bias, scale, shift, num_groups, eps, silu=True):
     n = x.shape[0]
     st = _stat_dtype(x)
-    return torch.empty_like(x), x.new_empty((n, num_groups), dtype=st), x.new_empty((n, num_groups), dtype=st)
+    return _like_dense(x), x.new_empty((n, num_groups), dtype=st), x.new_empty((n, num_groups), dtype=st)
 
 
 def _fake_backward(grad_y, x, weight, bias, scale, shift, mean, rstd, num_groups, silu=True):
@@ -40,11 +46,11 @@ def _fake_backward(grad_y, x, weight, bias, scale, shift, mean, rstd, num_groups
         )
     else:
         ds, dsh = x.new_empty((0,)), x.new_empty((0,))
-    return torch.empty_like(x), dw, db, ds, dsh
+    return _like_dense(x), dw, db, ds, dsh
 
 
 def _fake_bias_add(x, bias, residual=None):
-    return torch.empty_like(x)
+    return _like_dense(x)
 
 
 def _fake_dropout_forward(x, p, scale, generator=None):
@@ -76,8 +82,9 @@ def _dense(x):
 
 def _dense_copy(x):
     """x, or a contiguous copy when it is neither contiguous nor channels-last
-    (the C++ op takes those two layouts)."""
-    return x if _dense(x) or x.dim() < 3 else x.contiguous()
+    (the C++ ops take those two layouts; copying here, not in C++, keeps the
+    fake kernels' output strides those of the real ones)."""
+    return x if _dense(x) else x.contiguous()
 
 
 def group_norm(x, weight, bias, num_groups, eps=1e-5):
