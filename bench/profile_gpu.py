@@ -275,15 +275,18 @@ def ab_sample(args):
 def _ab_train_case(amp, channels_last):
     step = _train_step(amp, channels_last)
     for rnd in range(2):
-        for policy in ("stock", "fused"):
-            os.environ["IDDPM_FAST_CUDA_GN"] = policy
-            print(f"  {'bf16 CL' if amp else 'fp32 NCHW'} round {rnd} GN {policy}: {_time(step, 5):.2f} ms/step")
+        for gn, bias in (("stock", "fused"), ("fused", "fused"), ("fused", "stock")):
+            os.environ["IDDPM_FAST_CUDA_GN"], os.environ["IDDPM_FAST_CONV_BIAS"] = gn, bias
+            print(f"  {'bf16 CL' if amp else 'fp32 NCHW'} round {rnd} GN {gn}, conv bias {bias}: "
+                  f"{_time(step, 5):.2f} ms/step")
     os.environ.pop("IDDPM_FAST_CUDA_GN")
+    os.environ.pop("IDDPM_FAST_CONV_BIAS")
 
 
 def ab_train(args):
     """Training step (c128, batch 128) with the CUDA GroupNorm-SiLU policy
-    forced to stock kernels and to the fused op, bf16 channels-last and fp32."""
+    forced to stock kernels and to the fused op, and the convolution biases
+    added by stock cuDNN or by bias_add, bf16 channels-last and fp32."""
     print("\n==== training step A/B, c128 batch 128")
     _ab_train_case(True, True)
     _ab_train_case(False, False)
