@@ -254,7 +254,8 @@ def ab_sample(args):
         for rnd in range(2):
             for policy in ("fused", "stock"):
                 os.environ["IDDPM_FAST_CONV_BIAS"] = policy
-                print(f"  eager round {rnd} conv bias {policy}: {_time(diffusion.p_sample, 10, model, x, t):.3f} ms/step")
+                ms = _time(diffusion.p_sample, 10, model, x, t)
+                print(f"  eager round {rnd} conv bias {policy}: {ms:.3f} ms/step")
         os.environ.pop("IDDPM_FAST_CONV_BIAS")
         _profile(diffusion.p_sample, 3, 16, "sampling step, eager, fused conv biases", model, x, t)
     bf16_model = fp16_util.cast_autocast_weights(copy.deepcopy(model), torch.bfloat16)

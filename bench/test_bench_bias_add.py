@@ -79,7 +79,8 @@ def test_bias_add(benchmark, compiled, device_timer, provider, shape, fmt, mode)
         device_timer(benchmark, run)
     want = ref.bias_add(x, bias, residual)
     if provider == "torch_compile":  # inductor may round the two adds once: an ulp of y apart
-        torch.testing.assert_close(y, want, rtol=2 * torch.finfo(dtype).eps, atol=0.1 if dtype == torch.bfloat16 else 1e-5)
+        atol = 0.1 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(y, want, rtol=2 * torch.finfo(dtype).eps, atol=atol)
     else:
         assert torch.equal(y, want)
     if memory_format == torch.channels_last:

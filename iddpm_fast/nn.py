@@ -16,7 +16,6 @@ from . import ops
 from .reference import mean_flat  # noqa: F401  (public here, as in the original)
 
 
-
 class _BiasAddConv:
     """A convolution whose bias may be added by the fused ``ops.bias_add``
     (where :func:`iddpm_fast.ops.fuse_conv_bias` says so: on CUDA), which
