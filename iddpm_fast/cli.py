@@ -17,39 +17,20 @@ Commands:
 """
 
 import argparse
-import ctypes
-import ctypes.util
 import os
 import sys
 
 from .script_util import str2bool
 
-# glibc mallopt parameters.
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-
-
 def tune_malloc():
-    """
-    Keep glibc from returning large freed buffers to the OS after every step
-    only to fault them back in on the next (measured on a 2-core CPU: a
-    64-channel batch-64 training step went from ~5 s to ~3.5 s). Only the CLI
-    calls this; importing the library changes no process-wide setting.
-    Disable with IDDPM_FAST_MALLOC_TUNING=0 or --malloc_tuning false.
+    """glibc keeps freed memory (see :mod:`iddpm_fast.cpu_memory`; kept
+    under this name for callers of the earlier CLI-only version).
 
     :return: True when the settings were applied.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-        for threshold in (2**30, 2**28, 2**25):  # glibc caps this; take the largest accepted
-            if libc.mallopt(_M_MMAP_THRESHOLD, threshold):
-                return bool(ok)
-    except (OSError, AttributeError):
-        return False
-    return False
+    from .cpu_memory import retain_freed_memory
+
+    return retain_freed_memory()
 
 
 def _add_config_flags(parser, defaults):
@@ -237,6 +218,8 @@ def main(argv=None):
     malloc = args.pop("malloc_tuning", os.environ.get("IDDPM_FAST_MALLOC_TUNING", "1") != "0")
     if malloc:
         tune_malloc()
+    else:  # also for the train()/sample()/nll() this process runs next
+        os.environ["IDDPM_FAST_MALLOC_TUNING"] = "0"
     return run(args)
 
 

@@ -12,7 +12,8 @@ glibc's mmap and trim thresholds (``mallopt``), so blocks up to 32 MiB come
 from the heap and the heap is not trimmed below 1 GiB of free space. The
 process's peak memory is unchanged; it just keeps what it has used.
 
-train(), sample(), nll(), the command line and TrainLoop call it. It is a
+train(), sample(), nll(), the command line (``--malloc_tuning false`` turns
+it off for the whole process) and TrainLoop call it. It is a
 no-op off Linux/glibc (or under another malloc, e.g. jemalloc preloaded), and
 ``IDDPM_FAST_MALLOC_TUNING=0`` turns it off.
 """

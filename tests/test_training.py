@@ -280,10 +280,14 @@ def test_resume_from_a_missing_checkpoint_is_an_error(tmp_path):
         _loop(tmp_path, model, diffusion, resume_checkpoint=str(tmp_path / "model000123.pt"))
 
 
-def test_malloc_tuning_is_cli_only():
-    import importlib
-
-    importlib.reload(iddpm_fast)  # importing must not call it: nothing to observe but no crash
+def test_malloc_tuning_flag_turns_it_off_for_the_whole_process(monkeypatch):
+    """--malloc_tuning false also keeps train()/sample()/nll(), which the
+    command runs next, from tuning (they read IDDPM_FAST_MALLOC_TUNING)."""
+    monkeypatch.setenv("IDDPM_FAST_MALLOC_TUNING", "1")  # restored after the test
+    seen = {}
+    monkeypatch.setattr(cli, "_info", lambda args: seen.setdefault("env", os.environ["IDDPM_FAST_MALLOC_TUNING"]))
+    cli.main(["--malloc_tuning", "false", "info"])
+    assert seen["env"] == "0"
     assert cli.tune_malloc() in (True, False)
 
 
