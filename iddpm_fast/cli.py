@@ -22,6 +22,7 @@ import sys
 
 from .script_util import str2bool
 
+
 def tune_malloc():
     """glibc keeps freed memory (see :mod:`iddpm_fast.cpu_memory`; kept
     under this name for callers of the earlier CLI-only version).
