@@ -49,33 +49,32 @@ def _shapes():
     return GPU_SHAPES if torch.cuda.is_available() else CPU_SHAPES
 
 
-@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
-@pytest.mark.parametrize("fmt", list(FORMATS))
-@pytest.mark.parametrize("shape", _shapes(), ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_group_norm_silu(benchmark, compiled, device_timer, provider, shape, fmt, mode):
+def _provider(op, provider, eager, compiled):
+    """The callable (x, w, b, groups) of `provider` for `op` ("group_norm_silu" or "group_norm")."""
+    if provider == "fused":
+        if ops.resolve_name(op, _device()) != "cpp":
+            pytest.skip(f"the C++ extension does not run on {_device().type} here: {_ext.load()}")
+        return getattr(_cpp, op)
+    if provider == "eager":
+        return eager
+    if provider == "torch_compile":
+        return compiled(getattr(ref, op))
+    return getattr(ref, op)
+
+
+def _bench_norm(benchmark, device_timer, op, fn, shape, fmt, mode, provider):
+    """Times fn (forward, or forward + d x, d weight, d bias) and checks its
+    output against the reference `op` in float32."""
     device = _device()
     dtype, memory_format = FORMATS[fmt]
-    if provider == "fused":
-        if ops.resolve_name("group_norm_silu", device) != "cpp":
-            pytest.skip(f"the C++ extension does not run on {device.type} here: {_ext.load()}")
-        fn = _cpp.group_norm_silu
-    elif provider == "eager":
-        fn = _eager
-    elif provider == "torch_compile":
-        fn = compiled(ref.group_norm_silu)
-    else:
-        fn = ref.group_norm_silu
     g = torch.Generator().manual_seed(0)
     x = (-2.3 + 0.5 * torch.randn(shape, generator=g)).to(device, dtype).contiguous(memory_format=memory_format)
     w = torch.randn(shape[1], generator=g).to(device)
     b = torch.randn(shape[1], generator=g).to(device)
     dy = torch.randn(shape, generator=g).to(device, dtype).contiguous(memory_format=memory_format)
     backward = mode != "forward"
-    if backward:
-        x.requires_grad_(True)
-        w.requires_grad_(True)
-        b.requires_grad_(True)
+    for t in (x, w, b):
+        t.requires_grad_(backward)
 
     def run():
         if backward:
@@ -85,21 +84,30 @@ def test_group_norm_silu(benchmark, compiled, device_timer, provider, shape, fmt
             return fn(x, w, b, 32), None
 
     def step():
-        y, grads = run()
+        out = run()
         _sync(device)
-        return y, grads
+        return out
 
     step()  # warm-up (compilation, extension load)
-    benchmark.group = f"group_norm_silu {mode} {fmt}"
+    benchmark.group = f"{op} {mode} {fmt}"
     size = x.numel() * x.element_size()
     benchmark.extra_info["min_bytes"] = size * (5 if backward else 2)
     y, _grads = benchmark(step)
     device_timer(benchmark, run)
-    want = ref.group_norm_silu(x.detach().float(), w.detach(), b.detach(), 32)
+    want = getattr(ref, op)(x.detach().float(), w.detach(), b.detach(), 32)
     tol = 1e-4 if dtype == torch.float32 else 0.05
     torch.testing.assert_close(y.detach().float(), want, rtol=tol, atol=tol)
     if memory_format == torch.channels_last and provider == "fused":
         assert y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("shape", _shapes(), ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_group_norm_silu(benchmark, compiled, device_timer, provider, shape, fmt, mode):
+    fn = _provider("group_norm_silu", provider, _eager, compiled)
+    _bench_norm(benchmark, device_timer, "group_norm_silu", fn, shape, fmt, mode, provider)
 
 
 @pytest.mark.parametrize("provider", ["reference"])
@@ -131,47 +139,8 @@ ATTENTION_SHAPES = [(256, 256, 16, 16), (256, 256, 8, 8)] if torch.cuda.is_avail
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_group_norm(benchmark, compiled, device_timer, provider, shape, fmt, mode):
-    device = _device()
-    dtype, memory_format = FORMATS[fmt]
-    if provider == "fused":
-        if ops.resolve_name("group_norm", device) != "cpp":
-            pytest.skip(f"the C++ extension does not run on {device.type} here: {_ext.load()}")
-        fn = _cpp.group_norm
-    elif provider == "eager":
-        fn = lambda x, w, b, groups: F.group_norm(x, groups, w.to(x.dtype), b.to(x.dtype))  # noqa: E731
-    elif provider == "torch_compile":
-        fn = compiled(ref.group_norm)
-    else:
-        fn = ref.group_norm
-    g = torch.Generator().manual_seed(0)
-    x = (-2.3 + 0.5 * torch.randn(shape, generator=g)).to(device, dtype).contiguous(memory_format=memory_format)
-    w = torch.randn(shape[1], generator=g).to(device)
-    b = torch.randn(shape[1], generator=g).to(device)
-    dy = torch.randn(shape, generator=g).to(device, dtype).contiguous(memory_format=memory_format)
-    backward = mode != "forward"
-    for t in (x, w, b):
-        t.requires_grad_(backward)
+    def eager(x, w, b, groups):
+        return F.group_norm(x, groups, w.to(x.dtype), b.to(x.dtype))
 
-    def run():
-        if backward:
-            y = fn(x, w, b, 32)
-            return y, torch.autograd.grad(y, (x, w, b), dy)
-        with torch.no_grad():
-            return fn(x, w, b, 32), None
-
-    def step():
-        out = run()
-        _sync(device)
-        return out
-
-    step()  # warm-up (compilation, extension load)
-    benchmark.group = f"group_norm {mode} {fmt}"
-    size = x.numel() * x.element_size()
-    benchmark.extra_info["min_bytes"] = size * (5 if backward else 2)
-    y, _grads = benchmark(step)
-    device_timer(benchmark, run)
-    want = ref.group_norm(x.detach().float(), w.detach(), b.detach(), 32)
-    tol = 1e-4 if dtype == torch.float32 else 0.05
-    torch.testing.assert_close(y.detach().float(), want, rtol=tol, atol=tol)
-    if memory_format == torch.channels_last and provider == "fused":
-        assert y.is_contiguous(memory_format=torch.channels_last)
+    fn = _provider("group_norm", provider, eager, compiled)
+    _bench_norm(benchmark, device_timer, "group_norm", fn, shape, fmt, mode, provider)
