@@ -28,10 +28,10 @@ class _BiasAddConv:
         ``residual + conv(x)``.
     """
 
-    def forward(self, x, residual=None):
-        if self.bias is not None and ops.fuse_conv_bias(x):
-            return ops.bias_add(self._conv_forward(x, self.weight, None), self.bias, residual)
-        y = super().forward(x)
+    def forward(self, input, residual=None):  # noqa: A002  (nn.ConvNd's own name for it: conv(input=x) works)
+        if self.bias is not None and ops.fuse_conv_bias(input):
+            return ops.bias_add(self._conv_forward(input, self.weight, None), self.bias, residual)
+        y = super().forward(input)
         return y if residual is None else residual + y
 
 

@@ -291,5 +291,6 @@ def test_conv_modules_keep_the_stock_interface():
         assert torch.equal(conv(x), stock(x))
         r = torch.randn((2, 6) + (5,) * dims)
         assert torch.equal(conv(x, residual=r), r + stock(x))
+        assert torch.equal(conv(input=x), stock(input=x))  # nn.ConvNd's argument name
     nobias = conv_nd(2, 4, 6, 1, bias=False)
     assert torch.equal(nobias(torch.ones(1, 4, 2, 2)), F.conv2d(torch.ones(1, 4, 2, 2), nobias.weight))
