@@ -28,7 +28,7 @@ class _BiasAddConv:
         ``residual + conv(x)``.
     """
 
-    def forward(self, input, residual=None):  # noqa: A002  (nn.ConvNd's own name for it: conv(input=x) works)
+    def forward(self, input, residual=None):  # nn.ConvNd's own argument name: conv(input=x) works
         if self.bias is not None and ops.fuse_conv_bias(input):
             return ops.bias_add(self._conv_forward(input, self.weight, None), self.bias, residual)
         y = super().forward(input)
