@@ -254,7 +254,7 @@ void forward_row(T* y, const T* x, int64_t n, const acc_t<T>* m, const acc_t<T>*
 // m, a, b, into dz[0:n]; adds sum(dz * (x - m)) and sum(dz) into ds, db
 // (float64, flushed every kFlush elements).
 template <bool Act, typename T>
-void backward_row_scalar(acc_t<T>* dz, const T* dy, const T* x, int64_t n, acc_t<T> m, acc_t<T> a, acc_t<T> b,
+inline __attribute__((always_inline)) void backward_row_scalar(acc_t<T>* dz, const T* dy, const T* x, int64_t n, acc_t<T> m, acc_t<T> a, acc_t<T> b,
                          double& ds, double& db) {
   using A = acc_t<T>;
   for (int64_t start = 0; start < n; start += kFlush) {
@@ -483,8 +483,13 @@ void backward_impl(const T* DY, const T* X, T* DX, const acc_t<T>* MEAN, const a
           A a, b;
           P.fold(n, c, rstd, a, b);
           double ds = 0, db = 0;
-          auto* row = s.silu ? &backward_row_scalar<true, T> : &backward_row_scalar<false, T>;
-          row(dz.data() + d * L, DY + (n * C + c) * L, X + (n * C + c) * L, L, mean, a, b, ds, db);
+          if (s.silu) {
+            backward_row_scalar<true>(dz.data() + d * L, DY + (n * C + c) * L, X + (n * C + c) * L, L, mean, a, b,
+                                      ds, db);
+          } else {
+            backward_row_scalar<false>(dz.data() + d * L, DY + (n * C + c) * L, X + (n * C + c) * L, L, mean, a, b,
+                                       ds, db);
+          }
           DS[n * C + c] = ds;
           DB[n * C + c] = db;
         }
