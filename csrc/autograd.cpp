@@ -101,8 +101,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_autograd(
 // y = (x + bias) + residual: d x = d residual = d y, d bias = d y summed over
 // every dim but the channels in x's dtype (at::sum accumulates bf16/fp16 in
 // float32 and rounds once), then cast to bias's dtype: what autograd computes
-// for stock autocast's x + bias.to(x.dtype). The backward is made of differentiable ATen ops, so
-// double backward works.
+// for stock autocast's x + bias.to(x.dtype). The backward is made of
+// differentiable ATen ops, so double backward works.
 class BiasAddFunction : public torch::autograd::Function<BiasAddFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& bias,
