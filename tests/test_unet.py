@@ -671,3 +671,22 @@ def test_half_precision_attention_upcasts_on_cpu_only_for_training():
     for out in (infer, train):
         assert out.dtype == torch.bfloat16
         assert (out.double() - want).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "cl"])
+def test_whole_model_under_torch_compile_fullgraph(memory_format):
+    """torch.compile(model, fullgraph=True) traces every seam op of the UNet
+    (fused GroupNorms, convolution biases, attention) without a graph
+    break, with the eager model's output and gradients."""
+    model = _small_model(3, use_scale_shift_norm=True).to(memory_format=memory_format)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4)).contiguous(memory_format=memory_format)
+    t = torch.tensor([0, 5])
+    params = list(model.parameters())
+    eager = model(x, t)
+    grads_eager = torch.autograd.grad(eager.square().mean(), params)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x, t)
+    grads = torch.autograd.grad(out.square().mean(), params)
+    torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads, grads_eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
