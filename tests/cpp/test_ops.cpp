@@ -1,7 +1,8 @@
-// C++ test of the fused GroupNorm-SiLU ops through the dispatcher (run by
+// C++ test of the extension's ops through the dispatcher (run by
 // ctest; see CMakeLists.txt): forward and backward against ATen's
 // group_norm + silu with autograd in float64, both memory layouts, with and
-// without scale/shift, with and without the SiLU. Exits non-zero on the first mismatch.
+// without scale/shift, with and without the SiLU; and bias_add with its
+// gradients. Exits non-zero on the first mismatch.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/torch.h>
 
@@ -78,9 +79,35 @@ void check(const std::vector<int64_t>& shape, int64_t groups, bool channels_last
   }
 }
 
+// bias_add through the dispatcher (CPU kernel and the C++ autograd): the
+// values of residual + (x + bias), and the gradients d x = d residual = dy,
+// d bias = dy summed over every dim but the channels.
+void check_bias_add(bool channels_last) {
+  using BiasAdd = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&);
+  auto op = c10::Dispatcher::singleton().findSchemaOrThrow("iddpm_fast::bias_add", "").typed<BiasAdd>();
+  torch::manual_seed(1);
+  auto opts = torch::TensorOptions().dtype(torch::kDouble);
+  auto x = torch::randn({2, 6, 5, 7}, opts), r = torch::randn({2, 6, 5, 7}, opts), b = torch::randn({6}, opts);
+  if (channels_last) {
+    x = x.contiguous(at::MemoryFormat::ChannelsLast);
+    r = r.contiguous(at::MemoryFormat::ChannelsLast);
+  }
+  auto dy = torch::randn({2, 6, 5, 7}, opts);
+  auto xg = x.clone().requires_grad_(true), rg = r.clone().requires_grad_(true), bg = b.clone().requires_grad_(true);
+  auto y = op.call(xg, bg, rg);
+  const std::string name = std::string("bias_add") + (channels_last ? " channels-last" : "");
+  expect_close(name + " y", y.detach(), r + (x + b.view({1, 6, 1, 1})), 1e-12);
+  auto grads = torch::autograd::grad({y}, {xg, bg, rg}, {dy});
+  expect_close(name + " dx", grads[0], dy, 1e-12);
+  expect_close(name + " dbias", grads[1], dy.sum({0, 2, 3}), 1e-12);
+  expect_close(name + " dresidual", grads[2], dy, 1e-12);
+}
+
 }  // namespace
 
 int main() {
+  check_bias_add(false);
+  check_bias_add(true);
   for (bool cl : {false, true}) {
     for (bool ss : {false, true}) {
       for (bool silu : {true, false}) {
