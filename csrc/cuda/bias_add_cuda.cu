@@ -25,23 +25,19 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 
 #include "../bias_add.h"
+#include "vec_util.h"
 
 namespace iddpm_fast {
 namespace {
 
 using at::cuda::detail::IntDivider;
+using cuda_vec::aligned16;
+using cuda_vec::Vec;
 
 constexpr int kThreads = 256;
-
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Vec {
-  T v[V];
-};
 
 // (x + b) rounded to T, then + r rounded to T: two PyTorch adds, in one.
 template <typename T>
@@ -93,16 +89,6 @@ __global__ void bias_add_any(const T* __restrict__ x, const T* __restrict__ bias
   }
 }
 
-bool aligned16(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
-}
-
-// IDDPM_FAST_BIAS_ADD_CUDA_VEC=0 forces the per-element kernel (A/B runs, tests).
-bool vec_allowed() {
-  const char* v = std::getenv("IDDPM_FAST_BIAS_ADD_CUDA_VEC");
-  return v == nullptr || std::strcmp(v, "0") != 0;
-}
-
 at::Tensor bias_add_cuda(const at::Tensor& x_in, const at::Tensor& bias_in,
                          const c10::optional<at::Tensor>& residual) {
   const char* op = "iddpm_fast::bias_add";
@@ -126,14 +112,15 @@ at::Tensor bias_add_cuda(const at::Tensor& x_in, const at::Tensor& bias_in,
   const bool channels_last = stored_channels_last(x);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "iddpm_fast_bias_add", [&] {
-    constexpr int V = static_cast<int>(16 / sizeof(scalar_t));
+    constexpr int V = cuda_vec::vec_width<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* bp = bias.const_data_ptr<scalar_t>();
     const scalar_t* rp = r.defined() ? r.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     const bool fits = numel <= std::numeric_limits<int32_t>::max() && (channels_last ? C % V == 0 : L % V == 0);
     const bool aligned = aligned16(xp) && aligned16(yp) && (rp == nullptr || aligned16(rp));
-    if (fits && aligned && vec_allowed()) {
+    // IDDPM_FAST_BIAS_ADD_CUDA_VEC=0 forces the per-element kernel (A/B runs, tests).
+    if (fits && aligned && !cuda_vec::switched_off("IDDPM_FAST_BIAS_ADD_CUDA_VEC")) {
       const uint32_t nvec = static_cast<uint32_t>(numel / V);
       const unsigned blocks = static_cast<unsigned>((nvec + kThreads - 1) / kThreads);
       if (channels_last) {

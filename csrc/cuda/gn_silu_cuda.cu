@@ -36,10 +36,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <limits>
 
 #include "../gn_silu.h"
+#include "vec_util.h"
 
 namespace iddpm_fast {
 namespace {
@@ -359,16 +359,8 @@ __global__ void apply_backward(const T* __restrict__ dy, const T* __restrict__ x
 // formula, one reciprocal per chunk) instead of dividing per element.
 
 using at::cuda::detail::IntDivider;
-
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Vec {
-  T v[V];
-};
-
-template <typename T>
-constexpr int vec_width() {
-  return static_cast<int>(16 / sizeof(T));
-}
+using cuda_vec::Vec;
+using cuda_vec::vec_width;
 
 constexpr int kUnroll = 4;  // channels-last: positions each thread loads per iteration
 
@@ -861,20 +853,15 @@ const A* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<A>() : nullptr;
 }
 
-inline bool aligned16(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
-}
-
 // Whether the vectorised kernels apply (see their section): x and the
 // other element tensors given, V elements per 16-byte load.
 // IDDPM_FAST_GN_CUDA_VEC=0 turns the vectorised kernels off (read per call,
 // so that one process can time both; a switch for diagnosis, not tuning).
 inline bool use_vec(const GnShape& s, int64_t numel, int V, std::initializer_list<const void*> ptrs) {
-  const char* off = std::getenv("IDDPM_FAST_GN_CUDA_VEC");
-  if (off != nullptr && off[0] == '0' && off[1] == '\0') return false;
+  if (cuda_vec::switched_off("IDDPM_FAST_GN_CUDA_VEC")) return false;
   if (numel >= (int64_t(1) << 31) || (s.channels_last ? s.C % V : s.L % V) != 0) return false;
   for (const void* p : ptrs) {
-    if (!aligned16(p)) return false;
+    if (!cuda_vec::aligned16(p)) return false;
   }
   return true;
 }
