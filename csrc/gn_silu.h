@@ -80,13 +80,26 @@ inline void check_param(const char* op, const char* name, const c10::optional<at
   TORCH_CHECK(p->sizes() == shape, message(op, ": ", name, " must have shape ", shape, ", got ", p->sizes()));
 }
 
-inline GnShape check_inputs(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
-                            const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scale,
-                            const c10::optional<at::Tensor>& shift, int64_t num_groups) {
+// x is [N, C, ...] in one of the four float dtypes the kernels take.
+inline void check_x(const char* op, const at::Tensor& x) {
   TORCH_CHECK(x.dim() >= 2, message(op, ": x must be [N, C, ...], got shape ", x.sizes()));
   auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, message(op,
               ": x must be float32, float64, float16 or bfloat16, got ", dt));
+}
+
+// t (grad_y, a residual) has x's shape, device and dtype.
+inline void check_like_x(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.sizes() == x.sizes(), message(op, ": ", name, " has shape ", t.sizes(), " but x has ", x.sizes()));
+  TORCH_CHECK(t.device() == x.device() && t.scalar_type() == x.scalar_type(), message(op, ": ", name,
+              " must match x's device and dtype (", x.device(), ", ", x.scalar_type(), "), got ", t.device(), ", ",
+              t.scalar_type()));
+}
+
+inline GnShape check_inputs(const char* op, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                            const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scale,
+                            const c10::optional<at::Tensor>& shift, int64_t num_groups) {
+  check_x(op, x);
   GnShape s;
   s.N = x.size(0);
   s.C = x.size(1);
@@ -126,10 +139,7 @@ inline void check_stats(const char* op, const at::Tensor& mean, const at::Tensor
 // The backward's own inputs: grad_y like x, and the saved statistics.
 inline void check_backward_inputs(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
                                   const at::Tensor& mean, const at::Tensor& rstd, const GnShape& s) {
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), message(op, ": grad_y has shape ", grad_y.sizes(), " but x has ", x.sizes()));
-  TORCH_CHECK(grad_y.device() == x.device() && grad_y.scalar_type() == x.scalar_type(), message(op,
-              ": grad_y must match x's device and dtype (", x.device(), ", ", x.scalar_type(), "), got ",
-              grad_y.device(), ", ", grad_y.scalar_type()));
+  check_like_x(op, "grad_y", grad_y, x);
   check_stats(op, mean, rstd, x, s);
 }
 
