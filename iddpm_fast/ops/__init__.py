@@ -250,23 +250,26 @@ def _stock_group_norm_silu(x, weight, bias, num_groups, eps):
     return F.silu(F.group_norm(x, num_groups, weight, bias, eps))
 
 
+def _norm_impl(name, x, stock):
+    """The implementation of norm op `name` for x: the resolved one, or
+    `stock` where that is the C++ op on CUDA and IDDPM_FAST_CUDA_GN=stock asks
+    for the stock kernels instead."""
+    fn = resolve(name, x.device)
+    if fn is getattr(_cpp, name) and x.device.type == "cuda" and requested_backend() == "auto" and _cuda_wants_stock():
+        return stock
+    return fn
+
+
 def group_norm(x, weight, bias, num_groups, eps=1e-5):
     """GroupNorm(x) in float32, x's dtype out; see :func:`iddpm_fast.reference.group_norm`."""
     _check_norm(x, weight, bias, num_groups)
-    fn = resolve("group_norm", x.device)
-    if fn is _cpp.group_norm and x.device.type == "cuda" and requested_backend() == "auto" and _cuda_wants_stock():
-        return ref.group_norm(x, weight, bias, num_groups, eps)
-    return fn(x, weight, bias, num_groups, eps)
+    return _norm_impl("group_norm", x, ref.group_norm)(x, weight, bias, num_groups, eps)
 
 
 def group_norm_silu(x, weight, bias, num_groups, eps=1e-5):
     """SiLU(GroupNorm(x)); see :func:`iddpm_fast.reference.group_norm_silu`."""
     _check_norm(x, weight, bias, num_groups)
-    fn = resolve("group_norm_silu", x.device)
-    if (fn is _cpp.group_norm_silu and x.device.type == "cuda" and requested_backend() == "auto"
-            and _cuda_wants_stock()):
-        return _stock_group_norm_silu(x, weight, bias, num_groups, eps)
-    return fn(x, weight, bias, num_groups, eps)
+    return _norm_impl("group_norm_silu", x, _stock_group_norm_silu)(x, weight, bias, num_groups, eps)
 
 
 def group_norm_scale_shift_silu(x, weight, bias, scale, shift, num_groups, eps=1e-5):
@@ -288,10 +291,7 @@ def bias_add(x, bias, residual=None):
     if bias.device != x.device:
         raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
     if residual is not None:
-        _checks.check_float("residual", residual, min_dim=2)
-        if residual.shape != x.shape or residual.device != x.device:
-            raise ValueError(f"residual ({tuple(residual.shape)} on {residual.device}) must have x's shape "
-                             f"and device ({tuple(x.shape)} on {x.device})")
+        _checks.check_like("residual", residual, "x", x)
     return resolve("bias_add", x.device)(x, bias, residual)
 
 
