@@ -10,6 +10,7 @@ convolutions. The CUDA kernels run where a GPU and a CUDA build exist.
 import pytest
 import torch
 import torch.nn.functional as F
+from _tensors import offset_copy
 
 from iddpm_fast import _ext, ops
 from iddpm_fast import reference as ref
@@ -99,17 +100,7 @@ def test_inputs_off_16_byte_alignment(dtype, layout, device):
     """A view one element into its storage (x, residual and bias) takes the
     CUDA per-element kernel; same numbers as aligned copies."""
     x, b, r, _ = _inputs((2, 16, 4, 4), dtype, layout, device)
-
-    def shifted(t):
-        storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
-        if t.dim() == 4 and layout == "channels_last":
-            n, c, h, w = t.shape
-            view = storage[1:].view(n, h, w, c).permute(0, 3, 1, 2)
-        else:
-            view = storage[1:].view(t.shape)
-        return view.copy_(t)
-
-    xo, ro, bo = shifted(x), shifted(r), shifted(b.to(dtype))
+    xo, ro, bo = offset_copy(x), offset_copy(r), offset_copy(b.to(dtype))
     assert xo.data_ptr() % 16 and ro.data_ptr() % 16 and bo.data_ptr() % 16
     assert torch.equal(ops.bias_add(xo, bo, ro), ref.bias_add(x, b.to(dtype), r))
 
@@ -243,16 +234,17 @@ def test_unet_with_fused_convolution_biases(use_scale_shift_norm, layout, device
         out = model(x, t)
         out.square().mean().backward()
         results[policy] = [out.detach()] + [p.grad.clone() for p in model.parameters()]
-    convs = sum(isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)) for m in model.modules())
-    # Channels-last images attend on the tokens-last route (linear layers, no
-    # Conv1d calls) on CPUs and CUDA; the NCHW route runs the attention's two 1x1 convs.
-    attention_convs = 2 * 4 if layout == "channels_last" else 0  # 4 attention blocks
-    assert len(calls) == convs - attention_convs
     from iddpm_fast.unet import AttentionBlock, ResBlock
 
-    blocks = sum(isinstance(m, ResBlock) for m in model.modules())
-    attention = sum(isinstance(m, AttentionBlock) for m in model.modules()) if attention_convs == 0 else 0
-    assert sum(calls) == blocks + attention  # with a residual: ResBlocks' last convs (+ attention proj_out)
+    def count(kinds):
+        return sum(isinstance(m, kinds) for m in model.modules())
+
+    # Channels-last images attend on the tokens-last route (linear layers, no
+    # Conv1d calls) on CPUs and CUDA; the NCHW route runs the attention's two 1x1 convs.
+    attention = 0 if layout == "channels_last" else count(AttentionBlock)
+    skipped = 2 * count(AttentionBlock) - 2 * attention
+    assert len(calls) == count((torch.nn.Conv1d, torch.nn.Conv2d)) - skipped
+    assert sum(calls) == count(ResBlock) + attention  # with a residual: ResBlocks' last convs (+ attention proj_out)
     assert device != "cuda" or torch.equal(results["fused"][0], results["stock"][0])
     # Weight gradients: cuDNN may pick nondeterministic algorithms.
     for a, e in zip(results["fused"], results["stock"]):

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from _tensors import offset_copy
 
 from iddpm_fast import _ext, ops
 from iddpm_fast import reference as ref
@@ -137,18 +138,6 @@ def test_gradcheck_float64(scale_shift, layout, shape, groups, device):
     assert torch.autograd.gradcheck(lambda *a: fn(*a, groups), args, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-def _offset_copy(t):
-    """t's values and layout in a tensor that starts one element into its
-    storage: 4 or 2 bytes past a 16-byte boundary."""
-    storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
-    if t.dim() == 4 and not t.is_contiguous():  # channels-last
-        n, c, h, w = t.shape
-        view = storage[1:].view(n, h, w, c).permute(0, 3, 1, 2)
-    else:
-        view = storage[1:].view(t.shape)
-    return view.copy_(t)
-
-
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -161,7 +150,7 @@ def test_inputs_off_16_byte_alignment(dtype, layout, device):
     w, b, sc, sh, gy = w.float(), b.float(), sc.float(), sh.float(), gy.to(dtype)
     if layout == "channels_last":
         gy = gy.contiguous(memory_format=torch.channels_last)
-    xo, gyo = _offset_copy(x), _offset_copy(gy)
+    xo, gyo = offset_copy(x), offset_copy(gy)
     assert xo.data_ptr() % 16 and gyo.data_ptr() % 16 and torch.equal(xo, x)
     fwd, bwd = torch.ops.iddpm_fast.gn_silu_forward, torch.ops.iddpm_fast.gn_silu_backward
     y, mean, rstd = fwd(x, w, b, sc, sh, 4, 1e-5)
