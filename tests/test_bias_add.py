@@ -106,6 +106,27 @@ def test_inputs_off_16_byte_alignment(dtype, layout, device):
 
 
 @needs_ext
+@pytest.mark.parametrize("bias_kind", ["float32 4 bytes past 32", "float32 16 bytes past 32", "float16", "float64"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_bias_in_its_own_dtype_and_alignment(bias_kind, layout, device):
+    """A bf16 x with a bias of another dtype. The CUDA kernels read a
+    float32 bias as it is (a channels-last vector of 8 float32 values needs
+    32-byte alignment, else the per-element kernel) and cast any other dtype
+    first; each gives the reference's bias.to(x.dtype) rounding."""
+    x, b, r, _ = _inputs((2, 16, 4, 4), torch.bfloat16, layout, device)
+    if bias_kind.startswith("float32"):
+        skip = 1 if bias_kind.startswith("float32 4") else 4
+        storage = torch.empty(16 + 8, dtype=torch.float32, device=device)
+        bias = storage[skip:skip + 16].copy_(b)
+        assert bias.data_ptr() % 32 == 4 * skip
+    else:
+        bias = b.to(getattr(torch, bias_kind))
+    assert torch.equal(ops.bias_add(x, bias, r), ref.bias_add(x, bias, r))
+    assert torch.equal(ops.bias_add(x, bias), ref.bias_add(x, bias))
+
+
+@needs_ext
 @pytest.mark.skipif("cuda" not in DEVICES, reason="the CUDA kernels need a GPU and a CUDA build")
 @pytest.mark.parametrize("shape", [(2, 64, 8, 8), (2, 320, 6, 6), (2, 24, 16)], ids=["8x8", "wide", "1-D"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -183,8 +204,8 @@ def test_clear_errors():
 
 
 def test_policy(monkeypatch):
-    """auto: CUDA only; fused: wherever the C++ op runs; stock: never;
-    never with the reference backend asked for."""
+    """auto: only while capturing a CUDA graph (not on CPUs); fused: wherever
+    the C++ op runs; stock: never; never with the reference backend asked for."""
     cpu = torch.zeros(1, 2, 3, 3)
     monkeypatch.delenv("IDDPM_FAST_CONV_BIAS", raising=False)
     assert not ops.fuse_conv_bias(cpu)
@@ -197,6 +218,27 @@ def test_policy(monkeypatch):
     monkeypatch.setenv("IDDPM_FAST_CONV_BIAS", "always")
     with pytest.raises(ValueError, match="auto, fused or stock"):
         ops.fuse_conv_bias(cpu)
+
+
+@needs_ext
+@pytest.mark.skipif("cuda" not in DEVICES, reason="the CUDA kernels need a GPU and a CUDA build")
+def test_auto_policy_fuses_on_cuda_only_while_capturing_a_graph(monkeypatch):
+    monkeypatch.delenv("IDDPM_FAST_CONV_BIAS", raising=False)
+    x = torch.zeros(1, 2, 3, 3, device="cuda")
+    assert not ops.fuse_conv_bias(x)  # eager: launch-bound, stock
+    seen = []
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        seen.append(ops.fuse_conv_bias(x))
+        x.add_(1)
+    assert seen == [True]
+    monkeypatch.setenv("IDDPM_FAST_CONV_BIAS", "fused")
+    assert ops.fuse_conv_bias(x)
+    monkeypatch.setenv("IDDPM_FAST_CONV_BIAS", "stock")
+    with torch.cuda.graph(torch.cuda.CUDAGraph()):
+        seen.append(ops.fuse_conv_bias(x))
+        x.add_(1)
+    assert seen == [True, False]
 
 
 def _unet(use_scale_shift_norm):
@@ -225,8 +267,10 @@ def test_unet_with_fused_convolution_biases(use_scale_shift_norm, layout, device
     x = torch.randn(2, 3, 8, 8, device=device).contiguous(memory_format=fmt)
     t = torch.tensor([0, 3], device=device)
     calls = []
-    real = ops.bias_add
-    monkeypatch.setattr(ops, "bias_add", lambda *a: calls.append(a[2] is not None) or real(*a))
+    from iddpm_fast.ops import _cpp as cpp_ops  # the convolutions call the C++ op's wrapper directly
+
+    real = cpp_ops.bias_add
+    monkeypatch.setattr(cpp_ops, "bias_add", lambda *a: calls.append(a[2] is not None) or real(*a))
     results = {}
     for policy in ("stock", "fused"):
         monkeypatch.setenv("IDDPM_FAST_CONV_BIAS", policy)

@@ -40,6 +40,7 @@ using cuda_vec::Vec;
 constexpr int kThreads = 256;
 
 // (x + b) rounded to T, then + r rounded to T: two PyTorch adds, in one.
+// (b is the bias already rounded to T.)
 template <typename T>
 __device__ __forceinline__ T add_rounded(T x, T b, const T* r) {
   using A = at::opmath_type<T>;
@@ -50,11 +51,21 @@ __device__ __forceinline__ T add_rounded(T x, T b, const T* r) {
   return static_cast<T>(t);
 }
 
-// One 16-byte vector per thread. Channels-last: vector i holds channels
+// The bias is read in its own dtype B (T, or float32 for a bf16/fp16 x under
+// autocast, whose parameters stay float32) and rounded to T here, which is
+// what bias.to(T) computes; reading it as given spares a cast kernel and an
+// allocation per convolution, which in a launch-bound eager sampling step
+// cost more than the fused add saved.
+template <typename T, typename B>
+__device__ __forceinline__ T bias_as(B b) {
+  return static_cast<T>(b);
+}
+
+// One 16-byte vector of x per thread. Channels-last: vector i holds channels
 // (i mod C/V) * V ... + V-1 of one position; contiguous: vector i holds V
 // positions of channel (i V / L) mod C.
-template <typename T, int V, bool kChannelsLast>
-__global__ void bias_add_vec(const T* __restrict__ x, const T* __restrict__ bias, const T* __restrict__ res,
+template <typename T, typename B, int V, bool kChannelsLast>
+__global__ void bias_add_vec(const T* __restrict__ x, const B* __restrict__ bias, const T* __restrict__ res,
                              T* __restrict__ y, uint32_t nvec, IntDivider<uint32_t> div_a,
                              IntDivider<uint32_t> div_c) {
   const uint32_t i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -66,12 +77,15 @@ __global__ void bias_add_vec(const T* __restrict__ x, const T* __restrict__ bias
   VT yv;
   if (kChannelsLast) {
     // div_a divides by C / V: the remainder is this vector's index in its row.
-    const VT bv = reinterpret_cast<const VT*>(bias)[div_a.divmod(i).mod];
+    // (V values of B: one 16-byte load for B == T, two for float32 bias.)
+    const Vec<B, V> bv = reinterpret_cast<const Vec<B, V>*>(bias)[div_a.divmod(i).mod];
 #pragma unroll
-    for (int v = 0; v < V; ++v) yv.v[v] = add_rounded(xv.v[v], bv.v[v], res != nullptr ? &rv.v[v] : nullptr);
+    for (int v = 0; v < V; ++v) {
+      yv.v[v] = add_rounded(xv.v[v], bias_as<T>(bv.v[v]), res != nullptr ? &rv.v[v] : nullptr);
+    }
   } else {
     // div_a divides by L / V (vectors per row), div_c by C.
-    const T b = bias[div_c.divmod(div_a.div(i)).mod];
+    const T b = bias_as<T>(bias[div_c.divmod(div_a.div(i)).mod]);
 #pragma unroll
     for (int v = 0; v < V; ++v) yv.v[v] = add_rounded(xv.v[v], b, res != nullptr ? &rv.v[v] : nullptr);
   }
@@ -80,13 +94,47 @@ __global__ void bias_add_vec(const T* __restrict__ x, const T* __restrict__ bias
 
 // Every other case: element e of channel (e / inner) mod C, where inner is 1
 // (channels-last) or L (contiguous).
-template <typename T>
-__global__ void bias_add_any(const T* __restrict__ x, const T* __restrict__ bias, const T* __restrict__ res,
+template <typename T, typename B>
+__global__ void bias_add_any(const T* __restrict__ x, const B* __restrict__ bias, const T* __restrict__ res,
                              T* __restrict__ y, int64_t numel, int64_t inner, int64_t C) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < numel; e += stride) {
-    y[e] = add_rounded(x[e], bias[(e / inner) % C], res != nullptr ? res + e : nullptr);
+    y[e] = add_rounded(x[e], bias_as<T>(bias[(e / inner) % C]), res != nullptr ? res + e : nullptr);
   }
+}
+
+// Launches the vectorised kernel when the shape and the pointers allow it
+// (a channels-last vector of bias values must be aligned to its own size),
+// else the per-element one.
+template <typename T, typename B>
+void launch_bias_add(const at::Tensor& x, const B* bp, const at::Tensor& r, at::Tensor& y, int64_t C, int64_t L,
+                     bool channels_last, cudaStream_t stream) {
+  constexpr int V = cuda_vec::vec_width<T>();
+  const int64_t numel = x.numel();
+  const T* xp = x.const_data_ptr<T>();
+  const T* rp = r.defined() ? r.const_data_ptr<T>() : nullptr;
+  T* yp = y.mutable_data_ptr<T>();
+  const bool fits = numel <= std::numeric_limits<int32_t>::max() && (channels_last ? C % V == 0 : L % V == 0);
+  const bool aligned = aligned16(xp) && aligned16(yp) && (rp == nullptr || aligned16(rp)) &&
+                       (!channels_last || reinterpret_cast<uintptr_t>(bp) % sizeof(Vec<B, V>) == 0);
+  // IDDPM_FAST_BIAS_ADD_CUDA_VEC=0 forces the per-element kernel (A/B runs, tests).
+  if (fits && aligned && !cuda_vec::switched_off("IDDPM_FAST_BIAS_ADD_CUDA_VEC")) {
+    const uint32_t nvec = static_cast<uint32_t>(numel / V);
+    const unsigned blocks = static_cast<unsigned>((nvec + kThreads - 1) / kThreads);
+    if (channels_last) {
+      bias_add_vec<T, B, V, true><<<blocks, kThreads, 0, stream>>>(
+          xp, bp, rp, yp, nvec, IntDivider<uint32_t>(static_cast<uint32_t>(C / V)), IntDivider<uint32_t>(1));
+    } else {
+      bias_add_vec<T, B, V, false><<<blocks, kThreads, 0, stream>>>(
+          xp, bp, rp, yp, nvec, IntDivider<uint32_t>(static_cast<uint32_t>(L / V)),
+          IntDivider<uint32_t>(static_cast<uint32_t>(C)));
+    }
+  } else {
+    const int64_t want = (numel + kThreads - 1) / kThreads;
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(want, 65535LL * 32));
+    bias_add_any<T, B><<<blocks, kThreads, 0, stream>>>(xp, bp, rp, yp, numel, channels_last ? 1 : L, C);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor bias_add_cuda(const at::Tensor& x_in, const at::Tensor& bias_in,
@@ -101,42 +149,24 @@ at::Tensor bias_add_cuda(const at::Tensor& x_in, const at::Tensor& bias_in,
   if (numel == 0) {
     return y;
   }
-  // In x's dtype, as autocast would have cast it for the convolution; a
-  // fresh copy when the given one is not 16-byte aligned.
-  at::Tensor bias = bias_in.to(x.scalar_type()).contiguous();
-  if (!aligned16(bias.const_data_ptr())) {
-    bias = bias.clone();
+  // The bias is read as it is when it has x's dtype or float32 (see
+  // bias_as); any other dtype is cast to x's first, as the CPU kernel does.
+  at::Tensor bias = bias_in.contiguous();
+  const bool float_bias = bias.scalar_type() == at::kFloat && x.scalar_type() != at::kFloat &&
+                          x.scalar_type() != at::kDouble;
+  if (bias.scalar_type() != x.scalar_type() && !float_bias) {
+    bias = bias.to(x.scalar_type());
   }
   const int64_t C = x.size(1);
   const int64_t L = numel / (x.size(0) * C);
   const bool channels_last = stored_channels_last(x);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "iddpm_fast_bias_add", [&] {
-    constexpr int V = cuda_vec::vec_width<scalar_t>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* bp = bias.const_data_ptr<scalar_t>();
-    const scalar_t* rp = r.defined() ? r.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    const bool fits = numel <= std::numeric_limits<int32_t>::max() && (channels_last ? C % V == 0 : L % V == 0);
-    const bool aligned = aligned16(xp) && aligned16(yp) && (rp == nullptr || aligned16(rp));
-    // IDDPM_FAST_BIAS_ADD_CUDA_VEC=0 forces the per-element kernel (A/B runs, tests).
-    if (fits && aligned && !cuda_vec::switched_off("IDDPM_FAST_BIAS_ADD_CUDA_VEC")) {
-      const uint32_t nvec = static_cast<uint32_t>(numel / V);
-      const unsigned blocks = static_cast<unsigned>((nvec + kThreads - 1) / kThreads);
-      if (channels_last) {
-        bias_add_vec<scalar_t, V, true><<<blocks, kThreads, 0, stream>>>(
-            xp, bp, rp, yp, nvec, IntDivider<uint32_t>(static_cast<uint32_t>(C / V)), IntDivider<uint32_t>(1));
-      } else {
-        bias_add_vec<scalar_t, V, false><<<blocks, kThreads, 0, stream>>>(
-            xp, bp, rp, yp, nvec, IntDivider<uint32_t>(static_cast<uint32_t>(L / V)),
-            IntDivider<uint32_t>(static_cast<uint32_t>(C)));
-      }
+    if (float_bias) {
+      launch_bias_add<scalar_t>(x, bias.const_data_ptr<float>(), r, y, C, L, channels_last, stream);
     } else {
-      const int64_t want = (numel + kThreads - 1) / kThreads;
-      const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(want, 65535LL * 32));
-      bias_add_any<scalar_t><<<blocks, kThreads, 0, stream>>>(xp, bp, rp, yp, numel, channels_last ? 1 : L, C);
+      launch_bias_add<scalar_t>(x, bias.const_data_ptr<scalar_t>(), r, y, C, L, channels_last, stream);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;
 }

@@ -374,17 +374,25 @@ __device__ __forceinline__ void merge_chunk(Welford<A>& w, A cmean, A cm2, A k, 
   w.n += k;
 }
 
-// Merges the V values of one vector (a chunk) into w.
+// Merges the V values of one vector (a chunk), less the shift k, into w.
+//
+// The vectorised statistics kernels accumulate x - k, k being one value of
+// the row or channel (the first of the slice), and add k back once to the
+// merged total. Far from zero mean (|mean| / std ~ 1e4) every merge of
+// states whose mean is near |mean| rounds it to float32's spacing there,
+// a sizeable fraction of std, and a chunk's sum of raw values loses digits
+// the same way; about k the values are small and the merges exact enough.
+// k is a sample of the data, so the shift costs nothing in the usual case.
 template <typename T, typename A, int V>
-__device__ __forceinline__ void merge_vector(Welford<A>& w, const Vec<T, V>& xv) {
+__device__ __forceinline__ void merge_vector(Welford<A>& w, const Vec<T, V>& xv, A k) {
   A sum = A(0);
 #pragma unroll
-  for (int v = 0; v < V; ++v) sum += static_cast<A>(xv.v[v]);
+  for (int v = 0; v < V; ++v) sum += static_cast<A>(xv.v[v]) - k;
   const A cmean = sum * (A(1) / A(V));
   A cm2 = A(0);
 #pragma unroll
   for (int v = 0; v < V; ++v) {
-    const A d = static_cast<A>(xv.v[v]) - cmean;
+    const A d = (static_cast<A>(xv.v[v]) - k) - cmean;
     cm2 += d * d;
   }
   merge_chunk(w, cmean, cm2, A(V), A(V) / (w.n + A(V)));
@@ -406,10 +414,25 @@ __device__ __forceinline__ void accumulate_vector(GradSums<A>& g, const Vec<T, V
 // The channels-last kernels' last step: each thread (tx, ty) of the (TX, TY)
 // block has stored its V channels' results at shared[(ty * TX + tx) * V + v];
 // thread t < TX * V merges the TY lanes of output (channel vector t % TX,
-// element t / TX) and writes it to out[(n * C + c) * S + s].
-template <int V, typename R>
+// element t / TX) and writes finish(total, c) to out[(n * C + c) * S + s].
+template <typename R>
+struct Unchanged {
+  __device__ R operator()(const R& r, int64_t) const { return r; }
+};
+
+// Adds back the shift of the channels-last statistics (see merge_vector):
+// channel c's value in row; an empty slice (n == 0) has none and reads none.
+template <typename T, typename A>
+struct AddShift {
+  const T* row;
+  __device__ Welford<A> operator()(const Welford<A>& w, int64_t c) const {
+    return w.n > A(0) ? Welford<A>{w.mean + static_cast<A>(row[c]), w.m2, w.n} : w;
+  }
+};
+
+template <int V, typename R, typename Finish = Unchanged<R>>
 __device__ __forceinline__ void write_lane_totals(const R* shared, int64_t n, int64_t C, int64_t S, int64_t s,
-                                                  R* __restrict__ out) {
+                                                  R* __restrict__ out, Finish finish = Finish()) {
   const int TX = blockDim.x, TY = blockDim.y;
   const int t = threadIdx.y * TX + threadIdx.x;
   if (t >= TX * V) return;
@@ -418,7 +441,7 @@ __device__ __forceinline__ void write_lane_totals(const R* shared, int64_t n, in
   if (c >= C) return;
   R total = shared[ox * V + ov];
   for (int y = 1; y < TY; ++y) total = merge(total, shared[(y * TX + ox) * V + ov]);
-  out[(n * C + c) * S + s] = total;
+  out[(n * C + c) * S + s] = finish(total, c);
 }
 
 // Welford statistics of (n, c, slice), contiguous x, V positions per load;
@@ -429,12 +452,13 @@ __global__ void stats_partial_rows_vec(const T* __restrict__ x, int64_t L, int64
   const int64_t nc = blockIdx.x, s = blockIdx.y;
   const int64_t l0 = s * slice, l1 = lmin(L, l0 + slice);
   const T* row = x + nc * L;
+  const A k = l0 < l1 ? static_cast<A>(row[l0]) : A(0);  // the shift (see merge_vector)
   Welford<A> w{A(0), A(0), A(0)};
   for (int64_t l = l0 + int64_t(threadIdx.x) * V; l < l1; l += int64_t(blockDim.x) * V) {
-    merge_vector(w, *reinterpret_cast<const Vec<T, V>*>(row + l));
+    merge_vector(w, *reinterpret_cast<const Vec<T, V>*>(row + l), k);
   }
   const Welford<A> total = reduce_rows(w);
-  if (threadIdx.x == 0) out[nc * S + s] = total;
+  if (threadIdx.x == 0) out[nc * S + s] = Welford<A>{total.mean + k, total.m2, total.n};
 }
 
 // Short contiguous rows (the 8x8 and 16x16 stages of a UNet in NCHW): one
@@ -467,12 +491,13 @@ __global__ void stats_partial_rows_warp(const T* __restrict__ x, int64_t rows, i
   const int64_t nc = int64_t(blockIdx.x) * kWarpRows + threadIdx.y;
   if (nc >= rows) return;  // the whole warp leaves together
   const T* row = x + nc * L;
+  const A k = L > 0 ? static_cast<A>(row[0]) : A(0);  // the shift (see merge_vector)
   Welford<A> w{A(0), A(0), A(0)};
   for (int64_t l = int64_t(threadIdx.x) * V; l < L; l += 32 * V) {
-    merge_vector(w, *reinterpret_cast<const Vec<T, V>*>(row + l));
+    merge_vector(w, *reinterpret_cast<const Vec<T, V>*>(row + l), k);
   }
   w = warp_allreduce(w);
-  if (threadIdx.x == 0) out[nc] = w;
+  if (threadIdx.x == 0) out[nc] = Welford<A>{w.mean + k, w.m2, w.n};
 }
 
 template <typename T, typename A, int V>
@@ -503,34 +528,38 @@ __global__ void stats_partial_cl_vec(const T* __restrict__ x, int64_t L, int64_t
   const int64_t n = blockIdx.x, cv = int64_t(blockIdx.y) * TX + tx, s = blockIdx.z;
   const int64_t l0 = s * slice, l1 = lmin(L, l0 + slice);
   const bool active = cv * V < C;
-  A mean[V], m2[V];
+  A mean[V], m2[V], k[V];  // k: each channel's shift, its value at l0 (see merge_vector)
 #pragma unroll
-  for (int v = 0; v < V; ++v) mean[v] = m2[v] = A(0);
+  for (int v = 0; v < V; ++v) mean[v] = m2[v] = k[v] = A(0);
   A count = A(0);
-  if (active) {
+  const T* shift_row = x + (n * L + l0) * C;  // read only when l0 < l1
+  if (active && l0 < l1) {
     const T* base = x + n * L * C + cv * V;
+    const Vec<T, V> kv = *reinterpret_cast<const Vec<T, V>*>(shift_row + cv * V);
+#pragma unroll
+    for (int v = 0; v < V; ++v) k[v] = static_cast<A>(kv.v[v]);
     for (int64_t l = l0 + ty; l < l1; l += int64_t(kUnroll) * TY) {
       Vec<T, V> xv[kUnroll];
-      int k = 0;
+      int nk = 0;
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int64_t lu = l + int64_t(u) * TY;
         if (lu < l1) {
           xv[u] = *reinterpret_cast<const Vec<T, V>*>(base + lu * C);
-          k = u + 1;
+          nk = u + 1;
         }
       }
-      const A kk = A(k), inv_k = A(1) / kk, r = kk / (count + kk);
+      const A kk = A(nk), inv_k = A(1) / kk, r = kk / (count + kk);
 #pragma unroll
       for (int v = 0; v < V; ++v) {
         A sum = A(0);
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) sum += u < k ? static_cast<A>(xv[u].v[v]) : A(0);
+        for (int u = 0; u < kUnroll; ++u) sum += u < nk ? static_cast<A>(xv[u].v[v]) - k[v] : A(0);
         const A cmean = sum * inv_k;
         A cm2 = A(0);
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
-          const A d = u < k ? static_cast<A>(xv[u].v[v]) - cmean : A(0);
+          const A d = u < nk ? (static_cast<A>(xv[u].v[v]) - k[v]) - cmean : A(0);
           cm2 += d * d;
         }
         const A delta = cmean - mean[v];
@@ -543,7 +572,8 @@ __global__ void stats_partial_cl_vec(const T* __restrict__ x, int64_t L, int64_t
 #pragma unroll
   for (int v = 0; v < V; ++v) shared[(ty * TX + tx) * V + v] = Welford<A>{mean[v], m2[v], count};
   __syncthreads();
-  write_lane_totals<V>(shared, n, C, S, s, out);
+  // Every lane of a channel used the same shift; it is added back once.
+  write_lane_totals<V>(shared, n, C, S, s, out, AddShift<T, A>{shift_row});
 }
 
 // sum(dz * (x - mean)), sum(dz) of (n, c, slice), contiguous, V positions per
