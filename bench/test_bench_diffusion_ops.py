@@ -1,10 +1,13 @@
 """
-The diffusion ops that get fused: the hybrid training loss (forward +
-backward) and q_sample, per provider, at the shapes of issue #3.
+The diffusion ops that get fused, per provider, at the shapes of issue #3:
+the hybrid training loss (forward, backward, both), q_sample, the sampling
+steps (ancestral and DDIM), the model's distribution (p_mean_variance) and
+the discretised Gaussian log-likelihood.
 
 Bytes a perfect fused kernel must move (for GB/s): the loss forward reads x0,
-noise and the model output (2C channels) and writes B floats; q_sample reads
-x0 and noise and writes x_t.
+noise and the model output (2C channels) and writes three [B] float32
+vectors; its backward reads the same and writes d(model output); q_sample
+reads x0 and noise and writes x_t; the others as each test says.
 """
 
 import pytest
@@ -139,3 +142,167 @@ def test_p_sample_step(benchmark, compiled, device_timer, provider, shape):
     device_timer(benchmark, run)
     want, _ = ref.p_sample_step(out, x0, t, noise, tables, **kinds)
     torch.testing.assert_close(sample, want, rtol=1e-4, atol=1e-5)
+
+
+def _loss_fn(provider, compiled, device):
+    if provider == "fused":
+        _fused_or_skip("training_loss", device)
+        return ops.training_loss
+    return compiled(ref.training_loss) if provider == "torch_compile" else ref.training_loss
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_training_loss_fwd(benchmark, compiled, device_timer, provider, shape):
+    device = _device()
+    tables, x0, noise, out, t = _inputs(shape, device)
+    fn = _loss_fn(provider, compiled, device)
+
+    def run():
+        with torch.no_grad():
+            return fn(out, x0, noise, t, tables, num_timesteps=4000, **KINDS)
+
+    def step():
+        y = run()
+        _sync(device)
+        return y
+
+    step()
+    benchmark.group = "training_loss fwd"
+    benchmark.extra_info["min_bytes"] = (x0.numel() * 2 + out.numel()) * 4 + 3 * shape[0] * 4
+    loss, mse, vb = benchmark(step)
+    device_timer(benchmark, run)
+    for got, want in zip((loss, mse, vb), ref.training_loss(out, x0, noise, t, tables, num_timesteps=4000, **KINDS)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_training_loss_bwd(benchmark, compiled, device_timer, request, provider, shape):
+    """The backward alone: d(weighted per-sample losses)/d(model output) from
+    a graph built once (retain_graph), with importance-sampling weights as
+    the upstream gradient, as TrainLoop passes them."""
+    device = _device()
+    tables, x0, noise, out, t = _inputs(shape, device)
+    # A compiled backward donates its buffers unless told not to, and may then run only once.
+    no_donation = torch._functorch.config.patch(donated_buffer=False)
+    no_donation.__enter__()
+    request.addfinalizer(lambda: no_donation.__exit__(None, None, None))
+    fn = _loss_fn(provider, compiled, device)
+    out.requires_grad_(True)
+    loss, _, _ = fn(out, x0, noise, t, tables, num_timesteps=4000, **KINDS)
+    weights = torch.rand(shape[0], generator=torch.Generator().manual_seed(1)).to(device) + 0.5
+
+    def run():
+        return torch.autograd.grad(loss, out, weights, retain_graph=True)[0]
+
+    def step():
+        g = run()
+        _sync(device)
+        return g
+
+    step()
+    benchmark.group = "training_loss bwd"
+    benchmark.extra_info["min_bytes"] = (x0.numel() * 2 + out.numel() * 2) * 4
+    grad = benchmark(step)
+    device_timer(benchmark, run)
+    want_loss, _, _ = ref.training_loss(out, x0, noise, t, tables, num_timesteps=4000, **KINDS)
+    want = torch.autograd.grad(want_loss, out, weights)[0]
+    # A guard that every provider computes the same function; precision is
+    # tests/test_triton_kernels.py's job (there the kernel's gradient is held to
+    # the float64 truth: the t = 0 decoder term's log(cdf+ - cdf-) cancels in float32).
+    torch.testing.assert_close(grad, want, rtol=1e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_ddim_step(benchmark, compiled, device_timer, provider, shape):
+    device = _device()
+    tables, x0, noise, out, t = _inputs(shape, device)
+    kinds = dict(eta=0.5, model_mean_type="epsilon", model_var_type="learned_range", clip_denoised=True)
+    if provider == "fused":
+        _fused_or_skip("ddim_step", device)
+        fn = ops.ddim_step
+    else:
+        fn = compiled(ref.ddim_step) if provider == "torch_compile" else ref.ddim_step
+
+    def run():
+        with torch.no_grad():
+            return fn(out, x0, t, noise, tables, **kinds)
+
+    def step():
+        y = run()
+        _sync(device)
+        return y
+
+    step()
+    benchmark.group = "ddim_step fwd"
+    # reads x_t, noise and the model's epsilon half (the variance half is not needed); writes sample, pred_xstart
+    benchmark.extra_info["min_bytes"] = x0.numel() * 5 * 4
+    sample, _ = benchmark(step)
+    device_timer(benchmark, run)
+    want, _ = ref.ddim_step(out, x0, t, noise, tables, **kinds)
+    torch.testing.assert_close(sample, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_p_mean_variance(benchmark, compiled, device_timer, provider, shape):
+    device = _device()
+    tables, x0, noise, out, t = _inputs(shape, device)
+    kinds = dict(model_mean_type="epsilon", model_var_type="learned_range", clip_denoised=True)
+    if provider == "fused":
+        _fused_or_skip("p_mean_variance", device)
+        fn = ops.p_mean_variance
+    else:
+        fn = compiled(ref.p_mean_variance) if provider == "torch_compile" else ref.p_mean_variance
+
+    def run():
+        with torch.no_grad():
+            return fn(out, x0, t, tables, **kinds)
+
+    def step():
+        y = run()
+        _sync(device)
+        return y
+
+    step()
+    benchmark.group = "p_mean_variance fwd"
+    # reads x_t and the model output (2C); writes mean, variance, log-variance and pred_xstart
+    benchmark.extra_info["min_bytes"] = (x0.numel() * 5 + out.numel()) * 4
+    got = benchmark(step)
+    device_timer(benchmark, run)
+    for a, e in zip(got, ref.p_mean_variance(out, x0, t, tables, **kinds)):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_discretized_gaussian_log_likelihood(benchmark, compiled, device_timer, provider, shape):
+    device = _device()
+    _, x0, _, out, _ = _inputs(shape, device)
+    C = shape[1]
+    x = torch.round((x0 + 1) * 127.5) / 127.5 - 1  # 8-bit data, as the decoder sees it
+    # The decoder at t = 0: means within a bin or two of the data, a few bins wide. (Many
+    # standard deviations out, cdf_plus - cdf_min cancels in the original's formula and
+    # any two float32 implementations of its tanh differ there by nats.)
+    means, log_scales = (x + 0.01 * out[:, :C]).contiguous(), (-3.5 + 0.25 * out[:, C:]).contiguous()
+    if provider == "fused":
+        _fused_or_skip("discretized_gaussian_log_likelihood", device)
+        fn = ops.discretized_gaussian_log_likelihood
+    else:
+        fn = ref.discretized_gaussian_log_likelihood
+        fn = compiled(fn) if provider == "torch_compile" else fn
+
+    def step():
+        y = fn(x, means, log_scales)
+        _sync(device)
+        return y
+
+    step()
+    benchmark.group = "discretized_gaussian_log_likelihood fwd"
+    benchmark.extra_info["min_bytes"] = x.numel() * 4 * 4  # reads x, means, log_scales; writes log p
+    y = benchmark(step)
+    device_timer(benchmark, lambda: fn(x, means, log_scales))
+    want = ref.discretized_gaussian_log_likelihood(x, means, log_scales)
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
