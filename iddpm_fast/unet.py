@@ -194,13 +194,16 @@ class ResBlock(TimestepBlock):
         emb_out = self.emb_layers(emb).type(h.dtype)
         # Broadcast [N, C] over the spatial dims of h.
         emb_out = emb_out.reshape(emb_out.shape + (1,) * (h.dim() - emb_out.dim()))
+        # The layers as a list: slicing an nn.Sequential builds a new Module
+        # (tens of microseconds, twice per block), which in a launch-bound
+        # eager GPU step is time the host does not spend launching kernels.
+        layers = list(self.out_layers)
         if self.use_scale_shift_norm:
             scale, shift = torch.chunk(emb_out, 2, dim=1)
-            h = self.out_layers[0](h, scale, shift)
-            layers = self.out_layers[1:]
+            h = layers[0](h, scale, shift)
+            layers = layers[1:]
         else:
             h = h + emb_out
-            layers = self.out_layers
         for layer in layers[:-1]:
             h = layer(h)
         return _conv_plus(layers[-1], h, self.skip_connection(x))
