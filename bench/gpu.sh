@@ -51,13 +51,16 @@ if [[ -n "${ORIGINAL:-}" ]]; then
     stage 120 "$log_bench" $py bench/compare_original.py --original "$ORIGINAL" --what sample \
         --json "$out/compare-original-sample-$stamp.json"
 fi
-bench 130 diffusion_ops
+bench 130 diffusion_ops -k "training_loss_fwd_bwd or q_sample or p_sample_step"
 bench 60 sample_step
 bench 80 train_step
 if [[ -n "${ORIGINAL:-}" ]]; then
     stage 90 "$log_bench" $py bench/compare_original.py --original "$ORIGINAL" --what train \
         --json "$out/compare-original-train-$stamp.json"
 fi
+# The other diffusion-op suites (loss forward and backward alone, DDIM, p_mean_variance,
+# likelihood): last, in their own session, so that a timeout here loses only their JSON.
+bench 150 diffusion_ops -k "not (training_loss_fwd_bwd or q_sample or p_sample_step)"
 new_json=$(find bench/results -maxdepth 1 -name '*.json' -newer "$log_build")
 [[ -n "$new_json" ]] && mv $new_json "$out"/
 if [[ -n "${OUT:-}" ]]; then
