@@ -54,18 +54,40 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _provider_fn(provider, op, compiled, device):
+    """What a provider times: the seam's `op` (fused; skipped where no kernel
+    of it runs), torch.compile of its reference twin, or the twin itself."""
+    if provider == "fused":
+        _fused_or_skip(op, device)
+        return getattr(ops, op)
+    twin = getattr(ref, op)
+    return compiled(twin) if provider == "torch_compile" else twin
+
+
+def _measure(benchmark, device_timer, device, run, group, **extra_info):
+    """One warm-up call of run() (compilation), then run() timed with a
+    synchronisation after each call, then its device time; run()'s last
+    result is returned for the correctness check."""
+
+    def step():
+        y = run()
+        _sync(device)
+        return y
+
+    step()
+    benchmark.group = group
+    benchmark.extra_info.update(extra_info)
+    result = benchmark(step)
+    device_timer(benchmark, run)
+    return result
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_training_loss_fwd_bwd(benchmark, compiled, device_timer, provider, shape):
     device = _device()
     tables, x0, noise, out, t = _inputs(shape, device)
-    if provider == "fused":
-        _fused_or_skip("training_loss", device)
-        fn = ops.training_loss
-    elif provider == "torch_compile":
-        fn = compiled(ref.training_loss)
-    else:
-        fn = ref.training_loss
+    fn = _provider_fn(provider, "training_loss", compiled, device)
     out.requires_grad_(True)
 
     def run():
@@ -73,15 +95,8 @@ def test_training_loss_fwd_bwd(benchmark, compiled, device_timer, provider, shap
         loss, _, _ = fn(out, x0, noise, t, tables, num_timesteps=4000, **KINDS)
         loss.sum().backward()
 
-    def step():
-        run()
-        _sync(device)
-
-    step()  # warm-up (compilation)
-    benchmark.group = "training_loss fwd+bwd"
-    benchmark.extra_info["min_bytes_fwd"] = (x0.numel() * 2 + out.numel()) * 4 + shape[0] * 4
-    benchmark(step)
-    device_timer(benchmark, run)
+    _measure(benchmark, device_timer, device, run, "training_loss fwd+bwd",
+             min_bytes_fwd=(x0.numel() * 2 + out.numel()) * 4 + shape[0] * 4)
     assert out.grad is not None and torch.isfinite(out.grad).all()
 
 
@@ -90,24 +105,9 @@ def test_training_loss_fwd_bwd(benchmark, compiled, device_timer, provider, shap
 def test_q_sample(benchmark, compiled, device_timer, provider, shape):
     device = _device()
     tables, x0, noise, _, t = _inputs(shape, device)
-    if provider == "fused":
-        _fused_or_skip("q_sample", device)
-        fn = ops.q_sample
-    elif provider == "torch_compile":
-        fn = compiled(ref.q_sample)
-    else:
-        fn = ref.q_sample
-
-    def step():
-        y = fn(x0, t, noise, tables)
-        _sync(device)
-        return y
-
-    step()
-    benchmark.group = "q_sample fwd"
-    benchmark.extra_info["min_bytes"] = x0.numel() * 3 * 4
-    y = benchmark(step)
-    device_timer(benchmark, lambda: fn(x0, t, noise, tables))
+    fn = _provider_fn(provider, "q_sample", compiled, device)
+    y = _measure(benchmark, device_timer, device, lambda: fn(x0, t, noise, tables), "q_sample fwd",
+                 min_bytes=x0.numel() * 3 * 4)
     torch.testing.assert_close(y, ref.q_sample(x0, t, noise, tables))
 
 
@@ -117,38 +117,17 @@ def test_p_sample_step(benchmark, compiled, device_timer, provider, shape):
     device = _device()
     tables, x0, noise, out, t = _inputs(shape, device)
     kinds = dict(model_mean_type="epsilon", model_var_type="learned_range", clip_denoised=True)
-    if provider == "fused":
-        _fused_or_skip("p_sample_step", device)
-        fn = ops.p_sample_step
-    elif provider == "torch_compile":
-        fn = compiled(ref.p_sample_step)
-    else:
-        fn = ref.p_sample_step
+    fn = _provider_fn(provider, "p_sample_step", compiled, device)
 
     def run():
         with torch.no_grad():
             return fn(out, x0, t, noise, tables, **kinds)
 
-    def step():
-        y = run()
-        _sync(device)
-        return y
-
-    step()
-    benchmark.group = "p_sample_step fwd"
     # reads x_t, noise and the model output (2C channels); writes the sample and pred_xstart
-    benchmark.extra_info["min_bytes"] = (x0.numel() * 4 + out.numel()) * 4
-    sample, _ = benchmark(step)
-    device_timer(benchmark, run)
+    sample, _ = _measure(benchmark, device_timer, device, run, "p_sample_step fwd",
+                         min_bytes=(x0.numel() * 4 + out.numel()) * 4)
     want, _ = ref.p_sample_step(out, x0, t, noise, tables, **kinds)
     torch.testing.assert_close(sample, want, rtol=1e-4, atol=1e-5)
-
-
-def _loss_fn(provider, compiled, device):
-    if provider == "fused":
-        _fused_or_skip("training_loss", device)
-        return ops.training_loss
-    return compiled(ref.training_loss) if provider == "torch_compile" else ref.training_loss
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -156,24 +135,16 @@ def _loss_fn(provider, compiled, device):
 def test_training_loss_fwd(benchmark, compiled, device_timer, provider, shape):
     device = _device()
     tables, x0, noise, out, t = _inputs(shape, device)
-    fn = _loss_fn(provider, compiled, device)
+    fn = _provider_fn(provider, "training_loss", compiled, device)
 
     def run():
         with torch.no_grad():
             return fn(out, x0, noise, t, tables, num_timesteps=4000, **KINDS)
 
-    def step():
-        y = run()
-        _sync(device)
-        return y
-
-    step()
-    benchmark.group = "training_loss fwd"
-    benchmark.extra_info["min_bytes"] = (x0.numel() * 2 + out.numel()) * 4 + 3 * shape[0] * 4
-    loss, mse, vb = benchmark(step)
-    device_timer(benchmark, run)
-    for got, want in zip((loss, mse, vb), ref.training_loss(out, x0, noise, t, tables, num_timesteps=4000, **KINDS)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    got = _measure(benchmark, device_timer, device, run, "training_loss fwd",
+                   min_bytes=(x0.numel() * 2 + out.numel()) * 4 + 3 * shape[0] * 4)
+    for g, want in zip(got, ref.training_loss(out, x0, noise, t, tables, num_timesteps=4000, **KINDS)):
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -188,7 +159,7 @@ def test_training_loss_bwd(benchmark, compiled, device_timer, request, provider,
     no_donation = torch._functorch.config.patch(donated_buffer=False)
     no_donation.__enter__()
     request.addfinalizer(lambda: no_donation.__exit__(None, None, None))
-    fn = _loss_fn(provider, compiled, device)
+    fn = _provider_fn(provider, "training_loss", compiled, device)
     out.requires_grad_(True)
     loss, _, _ = fn(out, x0, noise, t, tables, num_timesteps=4000, **KINDS)
     weights = torch.rand(shape[0], generator=torch.Generator().manual_seed(1)).to(device) + 0.5
@@ -196,16 +167,8 @@ def test_training_loss_bwd(benchmark, compiled, device_timer, request, provider,
     def run():
         return torch.autograd.grad(loss, out, weights, retain_graph=True)[0]
 
-    def step():
-        g = run()
-        _sync(device)
-        return g
-
-    step()
-    benchmark.group = "training_loss bwd"
-    benchmark.extra_info["min_bytes"] = (x0.numel() * 2 + out.numel() * 2) * 4
-    grad = benchmark(step)
-    device_timer(benchmark, run)
+    grad = _measure(benchmark, device_timer, device, run, "training_loss bwd",
+                    min_bytes=(x0.numel() * 2 + out.numel() * 2) * 4)
     want_loss, _, _ = ref.training_loss(out, x0, noise, t, tables, num_timesteps=4000, **KINDS)
     want = torch.autograd.grad(want_loss, out, weights)[0]
     # A guard that every provider computes the same function; precision is
@@ -220,27 +183,14 @@ def test_ddim_step(benchmark, compiled, device_timer, provider, shape):
     device = _device()
     tables, x0, noise, out, t = _inputs(shape, device)
     kinds = dict(eta=0.5, model_mean_type="epsilon", model_var_type="learned_range", clip_denoised=True)
-    if provider == "fused":
-        _fused_or_skip("ddim_step", device)
-        fn = ops.ddim_step
-    else:
-        fn = compiled(ref.ddim_step) if provider == "torch_compile" else ref.ddim_step
+    fn = _provider_fn(provider, "ddim_step", compiled, device)
 
     def run():
         with torch.no_grad():
             return fn(out, x0, t, noise, tables, **kinds)
 
-    def step():
-        y = run()
-        _sync(device)
-        return y
-
-    step()
-    benchmark.group = "ddim_step fwd"
     # reads x_t, noise and the model's epsilon half (the variance half is not needed); writes sample, pred_xstart
-    benchmark.extra_info["min_bytes"] = x0.numel() * 5 * 4
-    sample, _ = benchmark(step)
-    device_timer(benchmark, run)
+    sample, _ = _measure(benchmark, device_timer, device, run, "ddim_step fwd", min_bytes=x0.numel() * 5 * 4)
     want, _ = ref.ddim_step(out, x0, t, noise, tables, **kinds)
     torch.testing.assert_close(sample, want, rtol=1e-4, atol=1e-5)
 
@@ -251,27 +201,15 @@ def test_p_mean_variance(benchmark, compiled, device_timer, provider, shape):
     device = _device()
     tables, x0, noise, out, t = _inputs(shape, device)
     kinds = dict(model_mean_type="epsilon", model_var_type="learned_range", clip_denoised=True)
-    if provider == "fused":
-        _fused_or_skip("p_mean_variance", device)
-        fn = ops.p_mean_variance
-    else:
-        fn = compiled(ref.p_mean_variance) if provider == "torch_compile" else ref.p_mean_variance
+    fn = _provider_fn(provider, "p_mean_variance", compiled, device)
 
     def run():
         with torch.no_grad():
             return fn(out, x0, t, tables, **kinds)
 
-    def step():
-        y = run()
-        _sync(device)
-        return y
-
-    step()
-    benchmark.group = "p_mean_variance fwd"
     # reads x_t and the model output (2C); writes mean, variance, log-variance and pred_xstart
-    benchmark.extra_info["min_bytes"] = (x0.numel() * 5 + out.numel()) * 4
-    got = benchmark(step)
-    device_timer(benchmark, run)
+    got = _measure(benchmark, device_timer, device, run, "p_mean_variance fwd",
+                   min_bytes=(x0.numel() * 5 + out.numel()) * 4)
     for a, e in zip(got, ref.p_mean_variance(out, x0, t, tables, **kinds)):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
 
@@ -287,22 +225,9 @@ def test_discretized_gaussian_log_likelihood(benchmark, compiled, device_timer, 
     # standard deviations out, cdf_plus - cdf_min cancels in the original's formula and
     # any two float32 implementations of its tanh differ there by nats.)
     means, log_scales = (x + 0.01 * out[:, :C]).contiguous(), (-3.5 + 0.25 * out[:, C:]).contiguous()
-    if provider == "fused":
-        _fused_or_skip("discretized_gaussian_log_likelihood", device)
-        fn = ops.discretized_gaussian_log_likelihood
-    else:
-        fn = ref.discretized_gaussian_log_likelihood
-        fn = compiled(fn) if provider == "torch_compile" else fn
-
-    def step():
-        y = fn(x, means, log_scales)
-        _sync(device)
-        return y
-
-    step()
-    benchmark.group = "discretized_gaussian_log_likelihood fwd"
-    benchmark.extra_info["min_bytes"] = x.numel() * 4 * 4  # reads x, means, log_scales; writes log p
-    y = benchmark(step)
-    device_timer(benchmark, lambda: fn(x, means, log_scales))
+    fn = _provider_fn(provider, "discretized_gaussian_log_likelihood", compiled, device)
+    y = _measure(benchmark, device_timer, device, lambda: fn(x, means, log_scales),
+                 "discretized_gaussian_log_likelihood fwd",
+                 min_bytes=x.numel() * 4 * 4)  # reads x, means, log_scales; writes log p
     want = ref.discretized_gaussian_log_likelihood(x, means, log_scales)
     torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
