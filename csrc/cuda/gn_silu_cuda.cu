@@ -781,6 +781,19 @@ __global__ void grad_params_blocks(const double* __restrict__ ds, const double* 
   }
 }
 
+// The (n, c) index of the vector of V elements starting at element i, as
+// the apply kernels below lay them out: channels-last, its first channel's
+// (the V channels are nc .. nc + V - 1); contiguous, its row's.
+template <bool ChannelsLast>
+__device__ __forceinline__ uint32_t vec_nc(uint32_t i, IntDivider<uint32_t> div_c, IntDivider<uint32_t> div_l,
+                                           uint32_t C) {
+  if (ChannelsLast) {
+    const auto q = div_c.divmod(i);
+    return div_l.div(q.div) * C + q.mod;
+  }
+  return div_c.div(i);
+}
+
 // y = SiLU((x - m) a + b), V elements per thread. Channels-last: the V
 // elements are consecutive channels of one (n, l): div_c divides by C, div_l
 // by L. Contiguous: they lie in one row nc; div_c divides by L.
@@ -792,17 +805,15 @@ __global__ void apply_forward_vec(const T* __restrict__ x, T* __restrict__ y, co
     const uint32_t i = j * V;
     const Vec<T, V> xv = *reinterpret_cast<const Vec<T, V>*>(x + i);
     Vec<T, V> yv;
+    const uint32_t nc0 = vec_nc<ChannelsLast>(i, div_c, div_l, C);
     if (ChannelsLast) {
-      const auto q = div_c.divmod(i);
-      const uint32_t nc0 = div_l.div(q.div) * C + q.mod;
 #pragma unroll
       for (int v = 0; v < V; ++v) {
         const A z = (static_cast<A>(xv.v[v]) - m[nc0 + v]) * a[nc0 + v] + b[nc0 + v];
         yv.v[v] = static_cast<T>(activate(z, act));
       }
     } else {
-      const uint32_t nc = div_c.div(i);
-      const A mn = m[nc], an = a[nc], bn = b[nc];
+      const A mn = m[nc0], an = a[nc0], bn = b[nc0];
 #pragma unroll
       for (int v = 0; v < V; ++v) {
         const A z = (static_cast<A>(xv.v[v]) - mn) * an + bn;
@@ -824,9 +835,8 @@ __global__ void apply_backward_vec(const T* __restrict__ dy, const T* __restrict
     const Vec<T, V> xv = *reinterpret_cast<const Vec<T, V>*>(x + i);
     const Vec<T, V> gv = *reinterpret_cast<const Vec<T, V>*>(dy + i);
     Vec<T, V> out;
+    const uint32_t nc0 = vec_nc<ChannelsLast>(i, div_c, div_l, C);
     if (ChannelsLast) {
-      const auto q = div_c.divmod(i);
-      const uint32_t nc0 = div_l.div(q.div) * C + q.mod;
 #pragma unroll
       for (int v = 0; v < V; ++v) {
         const uint32_t nc = nc0 + v;
@@ -835,8 +845,7 @@ __global__ void apply_backward_vec(const T* __restrict__ dy, const T* __restrict
         out.v[v] = static_cast<T>(a[nc] * d + c2[nc] * xc + c3[nc]);
       }
     } else {
-      const uint32_t nc = div_c.div(i);
-      const A mn = m[nc], an = a[nc], bn = b[nc], k2 = c2[nc], k3 = c3[nc];
+      const A mn = m[nc0], an = a[nc0], bn = b[nc0], k2 = c2[nc0], k3 = c3[nc0];
 #pragma unroll
       for (int v = 0; v < V; ++v) {
         const A xc = static_cast<A>(xv.v[v]) - mn;
