@@ -117,8 +117,7 @@ def test_bias_in_its_own_dtype_and_alignment(bias_kind, layout, device):
     x, b, r, _ = _inputs((2, 16, 4, 4), torch.bfloat16, layout, device)
     if bias_kind.startswith("float32"):
         skip = 1 if bias_kind.startswith("float32 4") else 4
-        storage = torch.empty(16 + 8, dtype=torch.float32, device=device)
-        bias = storage[skip:skip + 16].copy_(b)
+        bias = offset_copy(b.float(), elements=skip)
         assert bias.data_ptr() % 32 == 4 * skip
     else:
         bias = b.to(getattr(torch, bias_kind))
