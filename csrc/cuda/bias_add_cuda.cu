@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "../bias_add.h"
 #include "vec_util.h"
@@ -162,11 +163,15 @@ at::Tensor bias_add_cuda(const at::Tensor& x_in, const at::Tensor& bias_in,
   const bool channels_last = stored_channels_last(x);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "iddpm_fast_bias_add", [&] {
-    if (float_bias) {
-      launch_bias_add<scalar_t>(x, bias.const_data_ptr<float>(), r, y, C, L, channels_last, stream);
-    } else {
-      launch_bias_add<scalar_t>(x, bias.const_data_ptr<scalar_t>(), r, y, C, L, channels_last, stream);
+    // Only half and bfloat16 x read a float32 bias as it is (float_bias is
+    // false for the others): no kernels are instantiated for float or double x.
+    if constexpr (!std::is_same_v<scalar_t, float> && !std::is_same_v<scalar_t, double>) {
+      if (float_bias) {
+        launch_bias_add<scalar_t>(x, bias.const_data_ptr<float>(), r, y, C, L, channels_last, stream);
+        return;
+      }
     }
+    launch_bias_add<scalar_t>(x, bias.const_data_ptr<scalar_t>(), r, y, C, L, channels_last, stream);
   });
   return y;
 }
