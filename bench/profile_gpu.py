@@ -185,8 +185,10 @@ def _vec(on):
 
 
 def ab_gn(args):
-    """Fused op forward / backward with the vectorised kernels on and off, and
-    stock F.group_norm + F.silu, at UNet shapes; GB/s against the minimal bytes."""
+    """Fused op forward / backward with the vectorised kernels on and off, the
+    one-pass forward (IDDPM_FAST_GN_CUDA_ONEPASS=1; the split kernels where it
+    does not apply), and stock F.group_norm + F.silu, at UNet shapes; GB/s
+    against the minimal bytes."""
     from iddpm_fast import _ext
 
     _ext.load()
@@ -220,6 +222,9 @@ def ab_gn(args):
                 row[f"fwd_vec{int(on)}"] = _time(fwd, 20, x, w, b, None, None, 32, 1e-5)
                 row[f"bwd_vec{int(on)}"] = _time(bwd, 20, gy, x, w, b, None, None, mean, rstd, 32)
             _vec(True)
+            os.environ["IDDPM_FAST_GN_CUDA_ONEPASS"] = "1"  # the one-pass forward where it applies
+            row["fwd_onepass"] = _time(fwd, 20, x, w, b, None, None, 32, 1e-5)
+            os.environ.pop("IDDPM_FAST_GN_CUDA_ONEPASS")
             xs = x.detach().requires_grad_(True)
             ws, bs = w.to(dtype).requires_grad_(True), b.to(dtype).requires_grad_(True)
             row["stock_fwd"] = _time(_stock_fwd, 20, x, ws.detach(), bs.detach())
@@ -227,7 +232,9 @@ def ab_gn(args):
             tag = f"{list(shape)} {str(dtype)[6:]} {'CL' if cl else 'NCHW'}"
             print(
                 f"{tag:34s} fwd new {row['fwd_vec1']:.4f} ({2 * nb / row['fwd_vec1'] / 1e6:.0f} GB/s) "
-                f"old {row['fwd_vec0']:.4f} | bwd new {row['bwd_vec1']:.4f} ({3 * nb / row['bwd_vec1'] / 1e6:.0f} GB/s)"
+                f"old {row['fwd_vec0']:.4f} one-pass {row['fwd_onepass']:.4f} "
+                f"({2 * nb / row['fwd_onepass'] / 1e6:.0f} GB/s) | bwd new {row['bwd_vec1']:.4f} "
+                f"({3 * nb / row['bwd_vec1'] / 1e6:.0f} GB/s)"
                 f" old {row['bwd_vec0']:.4f} | stock fwd {row['stock_fwd']:.4f} fwd+bwd {row['stock_fwdbwd']:.4f}"
                 f" | fused fwd+bwd/stock {row['stock_fwdbwd'] / (row['fwd_vec1'] + row['bwd_vec1']):.2f}x"
             )
@@ -298,18 +305,21 @@ def ab_sample(args):
 def _ab_train_case(amp, channels_last):
     step = _train_step(amp, channels_last)
     for rnd in range(2):
-        for gn, bias in (("stock", "fused"), ("fused", "fused"), ("fused", "stock")):
-            os.environ["IDDPM_FAST_CUDA_GN"], os.environ["IDDPM_FAST_CONV_BIAS"] = gn, bias
+        for gn, bias in (("stock", "fused"), ("fused", "fused"), ("fused", "stock"), ("one-pass", "fused")):
+            os.environ["IDDPM_FAST_CUDA_GN"] = "fused" if gn == "one-pass" else gn
+            os.environ["IDDPM_FAST_CONV_BIAS"] = bias
+            os.environ["IDDPM_FAST_GN_CUDA_ONEPASS"] = "1" if gn == "one-pass" else "0"
             print(f"  {'bf16 CL' if amp else 'fp32 NCHW'} round {rnd} GN {gn}, conv bias {bias}: "
                   f"{_time(step, 5):.2f} ms/step")
-    os.environ.pop("IDDPM_FAST_CUDA_GN")
-    os.environ.pop("IDDPM_FAST_CONV_BIAS")
+    for name in ("IDDPM_FAST_CUDA_GN", "IDDPM_FAST_CONV_BIAS", "IDDPM_FAST_GN_CUDA_ONEPASS"):
+        os.environ.pop(name)
 
 
 def ab_train(args):
     """Training step (c128, batch 128) with the CUDA GroupNorm-SiLU policy
-    forced to stock kernels and to the fused op, and the convolution biases
-    added by stock cuDNN or by bias_add, bf16 channels-last and fp32."""
+    forced to stock kernels, to the fused op, and to the fused op with its
+    one-pass forward; the convolution biases added by stock cuDNN or by
+    bias_add; bf16 channels-last and fp32."""
     print("\n==== training step A/B, c128 batch 128")
     _ab_train_case(True, True)
     _ab_train_case(False, False)

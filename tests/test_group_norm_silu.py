@@ -423,6 +423,42 @@ print("ok")
 
 
 @needs_ext
+@pytest.mark.skipif("cuda" not in DEVICES, reason="the CUDA kernels need a GPU and a CUDA build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+# 8 x 32 groups or more: at least one block per multiprocessor, as the one-pass kernel needs.
+@pytest.mark.parametrize(
+    "shape, groups",
+    [((8, 128, 32, 32), 32), ((8, 64, 16, 16), 32), ((16, 512, 8, 8), 32), ((12, 96, 6, 10), 32)],
+    ids=["32x32 4 channels per group", "16x16 2 per group", "8x8 16 per group", "6x10 3 per group"],
+)
+@pytest.mark.parametrize("variant", ["silu", "scale_shift", "no_silu"])
+def test_cuda_one_pass_forward_agrees_with_the_split_kernels(shape, groups, layout, dtype, variant, monkeypatch):
+    """IDDPM_FAST_GN_CUDA_ONEPASS=1 (read per call) turns on the one-pass
+    forward (csrc/cuda/gn_onepass.h) where it applies; the profiler shows
+    whether it ran, and its outputs equal the split kernels' within rounding."""
+    x, w, b, sc, sh, _ = _inputs(shape, dtype, variant == "scale_shift", layout, device="cuda")
+    w, b = w.float(), b.float()
+    sc, sh = (sc.float(), sh.float()) if sc is not None else (None, None)
+    fwd = torch.ops.iddpm_fast.gn_silu_forward
+    results = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("IDDPM_FAST_GN_CUDA_ONEPASS", flag)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            results[flag] = fwd(x, w, b, sc, sh, groups, 1e-5, variant != "no_silu")
+            torch.cuda.synchronize()
+        ran = any("gn_onepass" in e.name for e in prof.events())
+        # 3 channels per group make no pack of 2 in channels-last; rows of 60 make packs of 4 but not of 8.
+        applies = flag == "1" and not (layout == "channels_last" and shape[1] // groups == 3) and not (
+            layout == "contiguous" and dtype != torch.float32 and shape[2] * shape[3] % 8 != 0
+        )
+        assert ran == applies, (flag, ran)
+    for name, a, c in zip(["y", "mean", "rstd"], results["1"], results["0"]):
+        tol = max(16 * torch.finfo(a.dtype).eps, 1e-5)
+        torch.testing.assert_close(a, c, rtol=tol, atol=tol * max(c.abs().max().item(), 1.0), msg=name)
+
+
+@needs_ext
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 # CUDA: the per-element kernels; the vectorised ones (warp per row / channels-last);
 # long rows (block per row slice / channels-last in several slices).

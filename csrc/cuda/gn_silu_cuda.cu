@@ -39,6 +39,7 @@
 #include <limits>
 
 #include "../gn_silu.h"
+#include "gn_onepass.h"
 #include "vec_util.h"
 
 namespace iddpm_fast {
@@ -985,6 +986,56 @@ inline VecPlan plan_vec_partials(const GnShape& s, int V) {
   return p;
 }
 
+// The one-pass forward (gn_onepass.h) as a launch for gn_onepass::dispatch.
+template <typename T>
+struct OnePassForward {
+  const T* x;
+  T* y;
+  const float *w, *b, *sc, *sh;
+  int N, G, D, L;
+  float eps;
+  float *mean, *rstd;
+  bool act;
+  cudaStream_t stream;
+
+  template <int W, int K, bool CL>
+  void run() const {
+    gn_onepass::forward_kernel<T, float, W, K, CL><<<static_cast<unsigned>(N * G), gn_onepass::kThreads, 0, stream>>>(
+        x, y, w, b, sc, sh, G, D, L, eps, mean, rstd, act);
+  }
+};
+
+// Runs the one-pass forward and returns true where it applies: float32,
+// float16 or bfloat16 x; x and y 16-byte aligned; a group of at most 8
+// 16-byte packs per thread (gn_onepass::plan); and at least one block per
+// multiprocessor (with fewer groups the split kernels, which spread a group
+// over many blocks, use more of the GPU). Off unless
+// IDDPM_FAST_GN_CUDA_ONEPASS=1 (read per call): the kernel is tested on the
+// CPU through an emulation of its thread blocks but has not yet been timed
+// against the split kernels on a GPU.
+template <typename T>
+bool onepass_forward(const GnShape& s, const at::Tensor& x, const at::Tensor& y, const at::Tensor& w,
+                     const at::Tensor& b, const at::Tensor& sc, const at::Tensor& sh, double eps,
+                     const at::Tensor& mean, const at::Tensor& rstd, cudaStream_t stream) {
+  if constexpr (std::is_same<T, double>::value) {
+    return false;
+  } else {
+    if (!cuda_vec::switched_on("IDDPM_FAST_GN_CUDA_ONEPASS")) return false;
+    if (!cuda_vec::aligned16(x.data_ptr()) || !cuda_vec::aligned16(y.data_ptr())) return false;
+    if (s.N * s.G < sm_count()) return false;
+    const gn_onepass::Plan p = gn_onepass::plan(s.N, s.G, s.D, s.L, s.channels_last, vec_width<T>());
+    if (p.w == 0) return false;
+    const OnePassForward<T> launch{x.data_ptr<T>(), y.data_ptr<T>(), ptr_or_null<float>(w), ptr_or_null<float>(b),
+                                   ptr_or_null<float>(sc), ptr_or_null<float>(sh), static_cast<int>(s.N),
+                                   static_cast<int>(s.G), static_cast<int>(s.D), static_cast<int>(s.L),
+                                   static_cast<float>(eps), mean.data_ptr<float>(), rstd.data_ptr<float>(), s.silu,
+                                   stream};
+    gn_onepass::dispatch<vec_width<T>()>(p, s.channels_last, launch);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return true;
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_cuda(const at::Tensor& x_in,
                                                                      const c10::optional<at::Tensor>& weight,
                                                                      const c10::optional<at::Tensor>& bias,
@@ -1011,6 +1062,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_cuda(const at::Te
     using A = at::opmath_type<scalar_t>;
     constexpr int V = vec_width<scalar_t>();
     const int64_t numel = x.numel();
+    if (onepass_forward<scalar_t>(s, x, y, w, b, sc, sh, eps, mean, rstd, stream)) {
+      return;
+    }
     if (use_vec(s, numel, V, {x.data_ptr(), y.data_ptr()})) {
       const VecPlan plan = plan_vec_partials(s, V);
       const int64_t S = plan.S;

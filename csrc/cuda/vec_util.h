@@ -1,7 +1,7 @@
 // 16-byte vector access shared by the CUDA kernels (gn_silu_cuda.cu,
 // bias_add_cuda.cu): the vector type, its width per element type, the
-// alignment test their fast paths need, and the environment switch each fast
-// path has for A/B runs.
+// alignment test their fast paths need, and the environment switches the
+// fast paths have for A/B runs.
 #pragma once
 
 #include <cstdint>
@@ -31,6 +31,13 @@ inline bool aligned16(const void* p) {
 inline bool switched_off(const char* name) {
   const char* v = std::getenv(name);
   return v != nullptr && v[0] == '0' && v[1] == '\0';
+}
+
+// True when the environment variable `name` is "1": that path, off by
+// default, is on (read per call, as switched_off).
+inline bool switched_on(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && v[0] == '1' && v[1] == '\0';
 }
 
 }  // namespace cuda_vec

@@ -1,0 +1,136 @@
+// The one-pass CUDA GroupNorm-SiLU forward (csrc/cuda/gn_onepass.h) run on
+// the CPU: each block's kThreads threads are OS threads, __syncthreads is a
+// std::barrier, a warp shuffle an exchange through a buffer between two
+// barriers, shared memory a static. The kernel source is the CUDA build's,
+// unchanged; tests/test_group_norm_silu_onepass.py builds this file with
+// torch.utils.cpp_extension and holds the kernel to reference.py, so its
+// index arithmetic, reductions and coefficients are tested where no GPU is.
+// (What the emulation cannot show: speed, and faults a GPU would raise on a
+// misaligned access; the GPU test suite covers those on the device.)
+#include <torch/extension.h>
+
+#include <barrier>
+#include <cmath>
+#include <thread>
+#include <vector>
+
+namespace gn_emu {
+inline int block_id = 0;
+thread_local int thread_id = 0;
+inline std::barrier<>* block_barrier = nullptr;
+
+// __shfl_xor_sync for a whole block calling it together (the kernel's
+// reductions are called by every thread).
+template <typename V>
+V shfl_xor(V v, int mask) {
+  static V exchange[256];
+  exchange[thread_id] = v;
+  block_barrier->arrive_and_wait();
+  const V other = exchange[thread_id ^ mask];
+  block_barrier->arrive_and_wait();
+  return other;
+}
+}  // namespace gn_emu
+
+#define GN_ONEPASS_EMULATED
+#define GN1_DEVICE inline
+#define GN1_KERNEL inline
+#define GN1_SHARED static
+#define GN1_TID gn_emu::thread_id
+#define GN1_BID gn_emu::block_id
+#define GN1_SYNC() gn_emu::block_barrier->arrive_and_wait()
+#define GN1_SHFL_XOR(v, m) gn_emu::shfl_xor((v), (m))
+#define GN1_EXP(z) std::exp(z)
+#define GN1_SQRT(v) std::sqrt(v)
+#include "gn_onepass.h"
+
+namespace {
+
+using iddpm_fast::gn_onepass::kThreads;
+
+const float* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<float>() : nullptr;
+}
+
+at::Tensor as_float(const c10::optional<at::Tensor>& p) {
+  return p.has_value() && p->defined() ? p->to(at::kFloat).contiguous() : at::Tensor();
+}
+
+// Runs the kernel's N * G blocks one after another, kThreads threads each.
+template <typename T>
+struct EmulatedLaunch {
+  const T* x;
+  T* y;
+  const float *w, *b, *sc, *sh;
+  int N, G, D, L;
+  float eps;
+  float *mean, *rstd;
+  bool act;
+
+  template <int W, int K, bool CL>
+  void run() const {
+    for (int block = 0; block < N * G; ++block) {
+      gn_emu::block_id = block;
+      std::barrier<> barrier(kThreads);
+      gn_emu::block_barrier = &barrier;
+      std::vector<std::thread> threads;
+      threads.reserve(kThreads);
+      for (int t = 0; t < kThreads; ++t) {
+        threads.emplace_back([this, t] {
+          gn_emu::thread_id = t;
+          iddpm_fast::gn_onepass::forward_kernel<T, float, W, K, CL>(x, y, w, b, sc, sh, G, D, L, eps, mean, rstd,
+                                                                     act);
+        });
+      }
+      for (auto& t : threads) t.join();
+    }
+  }
+};
+
+// (pack width, packs per thread) of the plan for x's shape and layout;
+// (0, 0) where the one-pass kernel does not apply.
+std::vector<int64_t> plan(const at::Tensor& x, int64_t num_groups, bool channels_last) {
+  const int64_t N = x.size(0), C = x.size(1), L = x.numel() / std::max<int64_t>(N * C, 1);
+  const int vec = static_cast<int>(16 / x.element_size());
+  const auto p = iddpm_fast::gn_onepass::plan(N, num_groups, C / num_groups, L, channels_last, vec);
+  return {p.w, p.k};
+}
+
+// The CUDA op's forward (y, mean, rstd) through the emulated kernel; x
+// contiguous or channels-last (as `channels_last` says), on the CPU.
+std::vector<at::Tensor> forward(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scale,
+                                const c10::optional<at::Tensor>& shift, int64_t num_groups, double eps, bool act,
+                                bool channels_last) {
+  const int64_t N = x.size(0), C = x.size(1), L = x.numel() / (N * C);
+  const int vec = static_cast<int>(16 / x.element_size());
+  const auto p = iddpm_fast::gn_onepass::plan(N, num_groups, C / num_groups, L, channels_last, vec);
+  TORCH_CHECK(p.w != 0, "the one-pass kernel does not apply to this shape");
+  TORCH_CHECK(channels_last ? x.movedim(1, -1).is_contiguous() : x.is_contiguous(), "x is not in that layout");
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({N, num_groups}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({N, num_groups}, x.options().dtype(at::kFloat));
+  at::Tensor w = as_float(weight), b = as_float(bias), sc = as_float(scale), sh = as_float(shift);
+  auto launch = [&](auto* typed) {
+    using T = std::remove_pointer_t<decltype(typed)>;
+    const EmulatedLaunch<T> f{x.data_ptr<T>(), y.data_ptr<T>(), ptr_or_null(w), ptr_or_null(b), ptr_or_null(sc),
+                              ptr_or_null(sh), static_cast<int>(N), static_cast<int>(num_groups),
+                              static_cast<int>(C / num_groups), static_cast<int>(L), static_cast<float>(eps),
+                              mean.data_ptr<float>(), rstd.data_ptr<float>(), act};
+    iddpm_fast::gn_onepass::dispatch<16 / sizeof(T)>(p, channels_last, f);
+  };
+  switch (x.scalar_type()) {
+    case at::kFloat: launch(static_cast<float*>(nullptr)); break;
+    case at::kHalf: launch(static_cast<at::Half*>(nullptr)); break;
+    case at::kBFloat16: launch(static_cast<at::BFloat16*>(nullptr)); break;
+    default: TORCH_CHECK(false, "the one-pass kernel is built for float32, float16 and bfloat16 only");
+  }
+  return {y, mean, rstd};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("plan", &plan);
+  m.def("forward", &forward);
+}

@@ -1,0 +1,130 @@
+"""
+The one-pass CUDA GroupNorm-SiLU forward (csrc/cuda/gn_onepass.h: one block
+per (sample, group), the group held in registers) run on the CPU through an
+emulation of a CUDA thread block (tests/cpp/gn_onepass_emulation.cpp: the
+kernel's own source, threads as OS threads). Holds the kernel's indexing,
+reductions and folded coefficients to reference.py for every pack width and
+packs-per-thread it is built for, both layouts, fp32/bf16/fp16, with and
+without scale/shift and SiLU, on machines without a GPU. On a GPU the same
+kernel is tested through the op (tests/test_group_norm_silu.py).
+"""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from iddpm_fast import reference as ref
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler")
+    if shutil.which("ninja") is None:
+        pytest.skip("no ninja (torch.utils.cpp_extension builds with it)")
+    from torch.utils.cpp_extension import load
+
+    build = tmp_path_factory.mktemp("gn_onepass_emulation")
+    return load(
+        name="gn_onepass_emulation",
+        sources=[os.path.join(ROOT, "tests", "cpp", "gn_onepass_emulation.cpp")],
+        extra_include_paths=[os.path.join(ROOT, "csrc", "cuda")],
+        extra_cflags=["-O1", "-std=c++20"],
+        build_directory=str(build),
+        verbose=False,
+    )
+
+
+# name: (shape, groups, layout, dtype, expected (pack width, packs per thread))
+CASES = {
+    # contiguous: a pack is 16 bytes of one channel's row
+    "fp32 8x8, one pack per thread, threads idle": ((2, 64, 8, 8), 32, "contiguous", torch.float32, (4, 1)),
+    "fp32 24x24, 4 packs per thread, last partial": ((1, 8, 24, 24), 2, "contiguous", torch.float32, (4, 4)),
+    "fp32 32x32, 8 packs per thread, full": ((1, 8, 32, 32), 1, "contiguous", torch.float32, (4, 8)),
+    "fp32 HxW 3x4 (rows of 12)": ((2, 16, 3, 4), 4, "contiguous", torch.float32, (4, 1)),
+    "bf16 16x16, 2 packs per thread": ((2, 64, 16, 16), 4, "contiguous", torch.bfloat16, (8, 2)),
+    "fp16 1-D input, L = 40": ((3, 64, 40), 32, "contiguous", torch.float16, (8, 1)),
+    # channels-last: a pack is W consecutive channels of one position
+    "fp32 channels-last, 4 channels per group": ((2, 128, 8, 8), 32, "channels_last", torch.float32, (4, 1)),
+    "fp32 channels-last, 2 channels per group": ((2, 64, 16, 16), 32, "channels_last", torch.float32, (2, 1)),
+    "fp32 channels-last, 6 channels per group": ((1, 12, 16, 16), 2, "channels_last", torch.float32, (2, 4)),
+    "bf16 channels-last, 8 channels per group": ((2, 256, 8, 8), 32, "channels_last", torch.bfloat16, (8, 1)),
+    "bf16 channels-last, 16 channels per group (2 packs per position)": (
+        (2, 512, 4, 4), 32, "channels_last", torch.bfloat16, (8, 1)),
+    "bf16 channels-last, 4 channels per group, 32x32": ((1, 128, 32, 32), 32, "channels_last", torch.bfloat16, (4, 4)),
+    "fp16 channels-last, 2 channels per group, odd HxW": ((2, 8, 7, 9), 4, "channels_last", torch.float16, (2, 1)),
+    "fp32 channels-last, channel pairs, 2 positions": ((3, 4, 1, 2), 2, "channels_last", torch.float32, (2, 1)),
+}
+
+
+def _inputs(shape, dtype, layout, scale_shift, seed=0, offset=-2.3, spread=0.5):
+    g = torch.Generator().manual_seed(seed)
+    n, c = shape[:2]
+    x = (offset + spread * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    if layout == "channels_last":
+        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
+    w = 1 + 0.3 * torch.randn(c, generator=g, dtype=torch.float64)
+    b = 0.2 * torch.randn(c, generator=g, dtype=torch.float64)
+    sc = 0.5 * torch.randn(n, c, generator=g, dtype=torch.float64) if scale_shift else None
+    sh = 0.5 * torch.randn(n, c, generator=g, dtype=torch.float64) if scale_shift else None
+    return x, w, b, sc, sh
+
+
+def _reference(x, w, b, sc, sh, groups, act):
+    if sc is not None:
+        return ref.group_norm_scale_shift_silu(x, w, b, sc, sh, groups)
+    return (ref.group_norm_silu if act else ref.group_norm)(x, w, b, groups)
+
+
+def _group_stats(x, groups):
+    xg = x.double().reshape(x.shape[0], groups, -1)
+    return xg.mean(-1), (xg.var(-1, unbiased=False) + 1e-5).rsqrt()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("variant", ["silu", "scale_shift", "no_silu"])
+def test_emulated_one_pass_forward_matches_reference(emu, name, variant):
+    shape, groups, layout, dtype, want_plan = CASES[name]
+    # The case exercises the pack width and packs per thread its name says.
+    assert tuple(emu.plan(torch.empty(shape, dtype=dtype), groups, layout == "channels_last")) == want_plan
+    x, w, b, sc, sh = _inputs(shape, dtype, layout, variant == "scale_shift")
+    act = variant != "no_silu"
+    y, mean, rstd = emu.forward(x, w.float(), b.float(), sc, sh, groups, 1e-5, act, layout == "channels_last")
+    assert y.dtype == dtype and y.stride() == x.stride()
+    truth = _reference(x.double(), w, b, sc, sh, groups, act)
+    # PyTorch's own error in this dtype (the reference run in it), as the op's tests.
+    torch_err = (_reference(x, w.float(), b.float(), sc, sh, groups, act).double() - truth).abs().max().item()
+    err = (y.double() - truth).abs().max().item()
+    assert err <= 2 * torch_err + 1e-5, (err, torch_err)
+    true_mean, true_rstd = _group_stats(x, groups)
+    torch.testing.assert_close(mean.double(), true_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rstd.double(), true_rstd, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_emulated_statistics_far_from_zero_mean(emu, layout):
+    """|mean| / std = 3e4: the shifted sums keep the deviations' digits."""
+    x, w, b, _, _ = _inputs((2, 8, 16, 16), torch.float32, layout, False, seed=3, offset=300.0, spread=0.01)
+    y, mean, rstd = emu.forward(x, w.float(), b.float(), None, None, 4, 1e-5, True, layout == "channels_last")
+    truth = ref.group_norm_silu(x.double(), w, b, 4)
+    torch_err = (ref.group_norm_silu(x, w.float(), b.float(), 4).double() - truth).abs().max().item()
+    assert (y.double() - truth).abs().max().item() <= 2 * torch_err + 1e-5
+    torch.testing.assert_close(rstd.double(), _group_stats(x, 4)[1], rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize(
+    "shape, groups, layout, dtype",
+    [
+        ((1, 8, 64, 64), 1, "contiguous", torch.float32),  # 32768 elements: over 8 packs per thread
+        ((1, 514, 2, 2), 1, "contiguous", torch.float32),  # 514 channels per group: over the coefficient table
+        ((2, 96, 10), 32, "contiguous", torch.float32),  # rows of 10: not whole 16-byte packs
+        ((2, 96, 4, 4), 32, "channels_last", torch.float32),  # 3 channels per group: no pack of 2
+    ],
+    ids=["group too large", "too many channels per group", "rows not whole packs", "odd channels per group"],
+)
+def test_shapes_the_one_pass_kernel_leaves_to_the_split_kernels(emu, shape, groups, layout, dtype):
+    assert tuple(emu.plan(torch.empty(shape, dtype=dtype), groups, layout == "channels_last")) == (0, 0)
