@@ -186,8 +186,8 @@ def _vec(on):
 
 def ab_gn(args):
     """Fused op forward / backward with the vectorised kernels on and off, the
-    one-pass forward (IDDPM_FAST_GN_CUDA_ONEPASS=1; the split kernels where it
-    does not apply), and stock F.group_norm + F.silu, at UNet shapes; GB/s
+    one-pass kernels (IDDPM_FAST_GN_CUDA_ONEPASS=1; the split kernels where
+    they do not apply), and stock F.group_norm + F.silu, at UNet shapes; GB/s
     against the minimal bytes."""
     from iddpm_fast import _ext
 
@@ -222,8 +222,10 @@ def ab_gn(args):
                 row[f"fwd_vec{int(on)}"] = _time(fwd, 20, x, w, b, None, None, 32, 1e-5)
                 row[f"bwd_vec{int(on)}"] = _time(bwd, 20, gy, x, w, b, None, None, mean, rstd, 32)
             _vec(True)
-            os.environ["IDDPM_FAST_GN_CUDA_ONEPASS"] = "1"  # the one-pass forward where it applies
+            os.environ["IDDPM_FAST_GN_CUDA_ONEPASS"] = "1"  # the one-pass kernels where they apply
+            _y, mean, rstd = fwd(x, w, b, None, None, 32, 1e-5)
             row["fwd_onepass"] = _time(fwd, 20, x, w, b, None, None, 32, 1e-5)
+            row["bwd_onepass"] = _time(bwd, 20, gy, x, w, b, None, None, mean, rstd, 32)
             os.environ.pop("IDDPM_FAST_GN_CUDA_ONEPASS")
             xs = x.detach().requires_grad_(True)
             ws, bs = w.to(dtype).requires_grad_(True), b.to(dtype).requires_grad_(True)
@@ -235,8 +237,11 @@ def ab_gn(args):
                 f"old {row['fwd_vec0']:.4f} one-pass {row['fwd_onepass']:.4f} "
                 f"({2 * nb / row['fwd_onepass'] / 1e6:.0f} GB/s) | bwd new {row['bwd_vec1']:.4f} "
                 f"({3 * nb / row['bwd_vec1'] / 1e6:.0f} GB/s)"
-                f" old {row['bwd_vec0']:.4f} | stock fwd {row['stock_fwd']:.4f} fwd+bwd {row['stock_fwdbwd']:.4f}"
-                f" | fused fwd+bwd/stock {row['stock_fwdbwd'] / (row['fwd_vec1'] + row['bwd_vec1']):.2f}x"
+                f" old {row['bwd_vec0']:.4f} one-pass {row['bwd_onepass']:.4f} "
+                f"({3 * nb / row['bwd_onepass'] / 1e6:.0f} GB/s) | stock fwd {row['stock_fwd']:.4f} "
+                f"fwd+bwd {row['stock_fwdbwd']:.4f}"
+                f" | fused fwd+bwd/stock {row['stock_fwdbwd'] / (row['fwd_vec1'] + row['bwd_vec1']):.2f}x,"
+                f" one-pass {row['stock_fwdbwd'] / (row['fwd_onepass'] + row['bwd_onepass']):.2f}x"
             )
     x = torch.empty(64 << 18, device="cuda")
     y = torch.empty_like(x)

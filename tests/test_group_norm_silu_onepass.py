@@ -128,3 +128,79 @@ def test_emulated_statistics_far_from_zero_mean(emu, layout):
 )
 def test_shapes_the_one_pass_kernel_leaves_to_the_split_kernels(emu, shape, groups, layout, dtype):
     assert tuple(emu.plan(torch.empty(shape, dtype=dtype), groups, layout == "channels_last")) == (0, 0)
+
+
+# The backward needs, besides the forward's conditions: at most 4 packs per
+# thread; contiguous, a power of two or a multiple of 32 packs per channel;
+# channels-last, a power of two (at most 32) packs per position.
+BACKWARD_CASES = {
+    "fp32 8x8, 16 packs per channel (half-warp runs)": ((2, 64, 8, 8), 32, "contiguous", torch.float32, (4, 1)),
+    "fp32 2x2, one pack per channel": ((2, 64, 2, 2), 8, "contiguous", torch.float32, (4, 1)),
+    "bf16 16x16, 32 packs per channel, 2 per thread": ((2, 64, 16, 16), 4, "contiguous", torch.bfloat16, (8, 2)),
+    "fp32 16x24, 96 packs per channel": ((1, 8, 16, 24), 2, "contiguous", torch.float32, (4, 2)),
+    "fp32 32x32, 4 packs per thread": ((1, 32, 32, 32), 8, "contiguous", torch.float32, (4, 4)),
+    "fp16 1-D input, 8 packs per channel": ((2, 64, 64), 16, "contiguous", torch.float16, (8, 1)),
+    "fp32 channels-last, one pack per position": ((2, 128, 8, 8), 32, "channels_last", torch.float32, (4, 1)),
+    "bf16 channels-last, 2 packs per position": ((2, 512, 4, 4), 32, "channels_last", torch.bfloat16, (8, 1)),
+    "fp32 channels-last, 4 packs per position, 4 per thread": (
+        (1, 64, 16, 16), 4, "channels_last", torch.float32, (4, 4)),
+    "fp32 channels-last, 16 packs per position": ((1, 128, 4, 4), 2, "channels_last", torch.float32, (4, 1)),
+    "bf16 channels-last, 4 channels per group, 32x32": ((1, 128, 32, 32), 32, "channels_last", torch.bfloat16, (4, 4)),
+    "fp16 channels-last, 2 channels per group, odd HxW": ((2, 8, 7, 9), 4, "channels_last", torch.float16, (2, 1)),
+}
+
+
+def _autograd(x, w, b, sc, sh, gy, groups, act, param_dtype):
+    """y and the gradients (x, weight, bias[, scale, shift]) of the reference."""
+    leaves = [x.detach().clone().requires_grad_()]
+    leaves += [p.detach().to(param_dtype).clone().requires_grad_() for p in (w, b)]
+    if sc is not None:
+        leaves += [p.detach().to(x.dtype).clone().requires_grad_() for p in (sc, sh)]
+    y = _reference(*leaves[:3], *(leaves[3:] or [None, None]), groups, act)
+    return [y.detach()] + [g.detach() for g in torch.autograd.grad(y, leaves, gy.to(y.dtype))]
+
+
+@pytest.mark.parametrize("name", list(BACKWARD_CASES))
+@pytest.mark.parametrize("variant", ["silu", "scale_shift", "no_silu"])
+def test_emulated_one_pass_backward_matches_autograd(emu, name, variant):
+    shape, groups, layout, dtype, want_plan = BACKWARD_CASES[name]
+    cl = layout == "channels_last"
+    assert tuple(emu.backward_plan(torch.empty(shape, dtype=dtype), groups, cl)) == want_plan
+    x, w, b, sc, sh = _inputs(shape, dtype, layout, variant == "scale_shift")
+    gy = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    dy = gy.to(dtype)
+    if cl:
+        dy = dy.movedim(1, -1).contiguous().movedim(-1, 1)
+    act = variant != "no_silu"
+    _, mean, rstd = emu.forward(x, w.float(), b.float(), sc, sh, groups, 1e-5, act, cl)
+    dx, ds, db, dscale, dshift = emu.backward(dy, x, mean, rstd, w.float(), b.float(), sc, sh, groups, act, cl)
+    assert dx.dtype == dtype and dx.stride() == x.stride()
+    # d weight and d bias as grad_params_blocks (gn_silu_cuda.cu) sums them over the samples.
+    d = shape[1] // groups
+    k = 1 + sc.float().double() if sc is not None else torch.ones_like(ds)
+    r = rstd.double().repeat_interleave(d, dim=1)
+    ours = [dx, (k * r * ds).sum(0), (k * db).sum(0)] + ([dscale, dshift] if sc is not None else [])
+    truth = _autograd(x.double(), w, b, sc, sh, gy, groups, act, torch.float64)[1:]
+    torch_err = _autograd(x, w, b, sc, sh, gy, groups, act, torch.float32)[1:]
+    eps = torch.finfo(dtype).eps
+    for what, t, p, f in zip(["dx", "dweight", "dbias", "dscale", "dshift"], truth, torch_err, ours):
+        scale = max(t.abs().max().item(), 1.0)
+        err, allowed = (f.double() - t).abs().max().item(), 2 * (p.double() - t).abs().max().item() + 8 * eps * scale
+        assert err <= allowed, f"{what}: error {err:.3g} > allowed {allowed:.3g}"
+
+
+@pytest.mark.parametrize(
+    "shape, groups, layout, dtype",
+    [
+        ((1, 12, 16, 16), 2, "channels_last", torch.float32),  # 3 packs per position
+        ((2, 16, 3, 4), 4, "contiguous", torch.float32),  # 3 packs per channel
+        ((3, 64, 40), 32, "contiguous", torch.float16),  # 5 packs per channel
+        ((1, 8, 32, 32), 1, "contiguous", torch.float32),  # 8 packs per thread (x and dy: 16)
+    ],
+    ids=["3 packs per position", "3 packs per channel", "5 packs per channel", "8 packs per thread"],
+)
+def test_backward_leaves_irregular_or_large_groups_to_the_split_kernels(emu, shape, groups, layout, dtype):
+    x = torch.empty(shape, dtype=dtype)
+    cl = layout == "channels_last"
+    assert tuple(emu.plan(x, groups, cl))[0] != 0  # the forward applies
+    assert tuple(emu.backward_plan(x, groups, cl)) == (0, 0)

@@ -1010,9 +1010,10 @@ struct OnePassForward {
 // 16-byte packs per thread (gn_onepass::plan); and at least one block per
 // multiprocessor (with fewer groups the split kernels, which spread a group
 // over many blocks, use more of the GPU). Off unless
-// IDDPM_FAST_GN_CUDA_ONEPASS=1 (read per call): the kernel is tested on the
-// CPU through an emulation of its thread blocks but has not yet been timed
-// against the split kernels on a GPU.
+// IDDPM_FAST_GN_CUDA_ONEPASS=1 (read per call; it switches the one-pass
+// backward too): the kernels are tested on the CPU through an emulation of
+// their thread blocks but have not yet been timed against the split kernels
+// on a GPU.
 template <typename T>
 bool onepass_forward(const GnShape& s, const at::Tensor& x, const at::Tensor& y, const at::Tensor& w,
                      const at::Tensor& b, const at::Tensor& sc, const at::Tensor& sh, double eps,
@@ -1031,6 +1032,61 @@ bool onepass_forward(const GnShape& s, const at::Tensor& x, const at::Tensor& y,
                                    static_cast<float>(eps), mean.data_ptr<float>(), rstd.data_ptr<float>(), s.silu,
                                    stream};
     gn_onepass::dispatch<vec_width<T>()>(p, s.channels_last, launch);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return true;
+  }
+}
+
+template <typename T>
+struct OnePassBackward {
+  const T *dy, *x;
+  const float *mean, *rstd, *w, *b, *sc, *sh;
+  int N, G, D, L;
+  T* dx;
+  double *ds, *db, *dscale, *dshift;
+  bool act;
+  cudaStream_t stream;
+
+  template <int W, int K, bool CL>
+  void run() const {
+    gn_onepass::backward_kernel<T, float, W, K, CL><<<static_cast<unsigned>(N * G), gn_onepass::kThreads, 0, stream>>>(
+        dy, x, mean, rstd, w, b, sc, sh, G, D, L, dx, ds, db, dscale, dshift, act);
+  }
+};
+
+// The one-pass backward (gn_onepass.h) and the d weight / d bias kernel
+// after it, where they apply: the forward's conditions (onepass_forward)
+// with gn_onepass::backward_plan's, and dy, dx aligned too. Same switch.
+template <typename T>
+bool onepass_backward(const GnShape& s, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx,
+                      const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& w, const at::Tensor& b,
+                      const at::Tensor& sc, const at::Tensor& sh, const at::Tensor& gsc, const at::Tensor& gsh,
+                      const at::Tensor& gw, const at::Tensor& gb, cudaStream_t stream) {
+  if constexpr (std::is_same<T, double>::value) {
+    return false;
+  } else {
+    if (!cuda_vec::switched_on("IDDPM_FAST_GN_CUDA_ONEPASS")) return false;
+    for (const at::Tensor* t : {&dy, &x, &dx}) {
+      if (!cuda_vec::aligned16(t->data_ptr())) return false;
+    }
+    if (s.N * s.G < sm_count()) return false;
+    const gn_onepass::Plan p = gn_onepass::backward_plan(s.N, s.G, s.D, s.L, s.channels_last, vec_width<T>());
+    if (p.w == 0) return false;
+    at::Tensor sums = at::empty({2, s.N * s.C}, x.options().dtype(at::kDouble));
+    double* ds = sums[0].data_ptr<double>();
+    double* db = sums[1].data_ptr<double>();
+    const bool has_scale = sc.defined();
+    const OnePassBackward<T> launch{dy.data_ptr<T>(), x.data_ptr<T>(), mean.data_ptr<float>(),
+                                    rstd.data_ptr<float>(), ptr_or_null<float>(w), ptr_or_null<float>(b),
+                                    ptr_or_null<float>(sc), ptr_or_null<float>(sh), static_cast<int>(s.N),
+                                    static_cast<int>(s.G), static_cast<int>(s.D), static_cast<int>(s.L),
+                                    dx.data_ptr<T>(), ds, db, has_scale ? gsc.data_ptr<double>() : nullptr,
+                                    has_scale ? gsh.data_ptr<double>() : nullptr, s.silu, stream};
+    gn_onepass::dispatch<vec_width<T>(), gn_onepass::kMaxBackwardPacks>(p, s.channels_last, launch);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    grad_params_blocks<float><<<static_cast<unsigned>(s.C), kRowThreads, 0, stream>>>(
+        ds, db, rstd.data_ptr<float>(), ptr_or_null<float>(sc), s.N, s.C, s.D, gw.data_ptr<double>(),
+        gb.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return true;
   }
@@ -1175,6 +1231,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
       const int64_t numel = x.numel();
       const A* pmean = mean.data_ptr<A>();
       const A* prstd = rstd.data_ptr<A>();
+      if (onepass_backward<scalar_t>(s, dy, x, dx, mean, rstd, w, b, sc, sh, gsc, gsh, gw, gb, stream)) {
+        return;
+      }
       if (use_vec(s, numel, V, {x.data_ptr(), dy.data_ptr(), dx.data_ptr()})) {
         at::Tensor coef = at::empty({5, s.N * s.C}, x.options().dtype(st));
         A* pm = coef[0].data_ptr<A>();

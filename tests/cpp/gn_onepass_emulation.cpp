@@ -87,6 +87,35 @@ struct EmulatedLaunch {
   }
 };
 
+template <typename T>
+struct EmulatedBackward {
+  const T *dy, *x;
+  const float *mean, *rstd, *w, *b, *sc, *sh;
+  int N, G, D, L;
+  T* dx;
+  double *ds, *db, *dscale, *dshift;
+  bool act;
+
+  template <int W, int K, bool CL>
+  void run() const {
+    for (int block = 0; block < N * G; ++block) {
+      gn_emu::block_id = block;
+      std::barrier<> barrier(kThreads);
+      gn_emu::block_barrier = &barrier;
+      std::vector<std::thread> threads;
+      threads.reserve(kThreads);
+      for (int t = 0; t < kThreads; ++t) {
+        threads.emplace_back([this, t] {
+          gn_emu::thread_id = t;
+          iddpm_fast::gn_onepass::backward_kernel<T, float, W, K, CL>(dy, x, mean, rstd, w, b, sc, sh, G, D, L, dx,
+                                                                      ds, db, dscale, dshift, act);
+        });
+      }
+      for (auto& t : threads) t.join();
+    }
+  }
+};
+
 // (pack width, packs per thread) of the plan for x's shape and layout;
 // (0, 0) where the one-pass kernel does not apply.
 std::vector<int64_t> plan(const at::Tensor& x, int64_t num_groups, bool channels_last) {
@@ -94,6 +123,59 @@ std::vector<int64_t> plan(const at::Tensor& x, int64_t num_groups, bool channels
   const int vec = static_cast<int>(16 / x.element_size());
   const auto p = iddpm_fast::gn_onepass::plan(N, num_groups, C / num_groups, L, channels_last, vec);
   return {p.w, p.k};
+}
+
+// The same for the backward kernel.
+std::vector<int64_t> backward_plan(const at::Tensor& x, int64_t num_groups, bool channels_last) {
+  const int64_t N = x.size(0), C = x.size(1), L = x.numel() / std::max<int64_t>(N * C, 1);
+  const int vec = static_cast<int>(16 / x.element_size());
+  const auto p = iddpm_fast::gn_onepass::backward_plan(N, num_groups, C / num_groups, L, channels_last, vec);
+  return {p.w, p.k};
+}
+
+template <typename F>
+void for_type(at::ScalarType type, const F& f) {
+  switch (type) {
+    case at::kFloat: f(static_cast<float*>(nullptr)); break;
+    case at::kHalf: f(static_cast<at::Half*>(nullptr)); break;
+    case at::kBFloat16: f(static_cast<at::BFloat16*>(nullptr)); break;
+    default: TORCH_CHECK(false, "the one-pass kernels are built for float32, float16 and bfloat16 only");
+  }
+}
+
+// The backward kernel's outputs (dx, DS, DB per (n, c) in float64, d scale,
+// d shift) for x and dy in the same layout; mean, rstd from forward().
+std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+                                 const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
+                                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& scale,
+                                 const c10::optional<at::Tensor>& shift, int64_t num_groups, bool act,
+                                 bool channels_last) {
+  const int64_t N = x.size(0), C = x.size(1), L = x.numel() / (N * C);
+  const int vec = static_cast<int>(16 / x.element_size());
+  const auto p = iddpm_fast::gn_onepass::backward_plan(N, num_groups, C / num_groups, L, channels_last, vec);
+  TORCH_CHECK(p.w != 0, "the one-pass backward does not apply to this shape");
+  TORCH_CHECK(dy.strides() == x.strides() && dy.scalar_type() == x.scalar_type(), "dy must be laid out as x");
+  at::Tensor dx = at::empty_like(x);
+  const auto dbl = x.options().dtype(at::kDouble);
+  at::Tensor ds = at::empty({N, C}, dbl), db = at::empty({N, C}, dbl);
+  const bool has_scale = scale.has_value() && scale->defined();
+  at::Tensor dscale = has_scale ? at::empty({N, C}, dbl) : at::Tensor();
+  at::Tensor dshift = has_scale ? at::empty({N, C}, dbl) : at::Tensor();
+  at::Tensor w = as_float(weight), b = as_float(bias), sc = as_float(scale), sh = as_float(shift);
+  at::Tensor m = mean.to(at::kFloat).contiguous(), r = rstd.to(at::kFloat).contiguous();
+  for_type(x.scalar_type(), [&](auto* typed) {
+    using T = std::remove_pointer_t<decltype(typed)>;
+    const EmulatedBackward<T> f{dy.data_ptr<T>(), x.data_ptr<T>(), m.data_ptr<float>(), r.data_ptr<float>(),
+                                ptr_or_null(w), ptr_or_null(b), ptr_or_null(sc), ptr_or_null(sh),
+                                static_cast<int>(N), static_cast<int>(num_groups),
+                                static_cast<int>(C / num_groups), static_cast<int>(L), dx.data_ptr<T>(),
+                                ds.data_ptr<double>(), db.data_ptr<double>(),
+                                has_scale ? dscale.data_ptr<double>() : nullptr,
+                                has_scale ? dshift.data_ptr<double>() : nullptr, act};
+    iddpm_fast::gn_onepass::dispatch<16 / sizeof(T), iddpm_fast::gn_onepass::kMaxBackwardPacks>(p, channels_last,
+                                                                                                 f);
+  });
+  return {dx, ds, db, dscale, dshift};
 }
 
 // The CUDA op's forward (y, mean, rstd) through the emulated kernel; x
@@ -111,20 +193,14 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const c10::optional<at::Ten
   at::Tensor mean = at::empty({N, num_groups}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({N, num_groups}, x.options().dtype(at::kFloat));
   at::Tensor w = as_float(weight), b = as_float(bias), sc = as_float(scale), sh = as_float(shift);
-  auto launch = [&](auto* typed) {
+  for_type(x.scalar_type(), [&](auto* typed) {
     using T = std::remove_pointer_t<decltype(typed)>;
     const EmulatedLaunch<T> f{x.data_ptr<T>(), y.data_ptr<T>(), ptr_or_null(w), ptr_or_null(b), ptr_or_null(sc),
                               ptr_or_null(sh), static_cast<int>(N), static_cast<int>(num_groups),
                               static_cast<int>(C / num_groups), static_cast<int>(L), static_cast<float>(eps),
                               mean.data_ptr<float>(), rstd.data_ptr<float>(), act};
     iddpm_fast::gn_onepass::dispatch<16 / sizeof(T)>(p, channels_last, f);
-  };
-  switch (x.scalar_type()) {
-    case at::kFloat: launch(static_cast<float*>(nullptr)); break;
-    case at::kHalf: launch(static_cast<at::Half*>(nullptr)); break;
-    case at::kBFloat16: launch(static_cast<at::BFloat16*>(nullptr)); break;
-    default: TORCH_CHECK(false, "the one-pass kernel is built for float32, float16 and bfloat16 only");
-  }
+  });
   return {y, mean, rstd};
 }
 
@@ -133,4 +209,6 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const c10::optional<at::Ten
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("plan", &plan);
   m.def("forward", &forward);
+  m.def("backward_plan", &backward_plan);
+  m.def("backward", &backward);
 }
