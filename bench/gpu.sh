@@ -38,10 +38,11 @@ stage 60 "$log_build" $py -m iddpm_fast info
 stage 170 "$log_tests" $py -m pytest -q -p no:cacheprovider -n 4 --maxfail=40 -rfEs \
     tests/test_group_norm_silu.py tests/test_bias_add.py tests/test_unet.py tests/test_dropout.py tests/test_cuda_graphs.py \
     tests/test_ops_seam.py tests/test_triton_kernels.py
-# A/B timings in one process: the CUDA GroupNorm kernels (vectorised on/off, stock), the
-# sampling step (fused/stock convolution biases; CUDA graphs with bf16/autocast weights),
-# and the training step with the stock/fused GroupNorm policy.
-stage 120 "$log_bench" $py bench/profile_gpu.py --what ab_gn,ab_sample,ab_train
+# A/B timings in one process: the CUDA GroupNorm kernels (vectorised on/off, one-pass, stock),
+# the sampling step (fused/stock convolution biases; CUDA graphs with bf16/autocast weights),
+# the training step with the stock/fused/one-pass GroupNorm, q_sample's block size, and
+# where the fused training loss spends its host time.
+stage 120 "$log_bench" $py bench/profile_gpu.py --what ab_gn,ab_sample,ab_train,ab_qsample,host_loss
 
 bench() { stage "$1" "$log_bench" $py -m pytest -q -p no:cacheprovider "bench/test_bench_$2.py" --benchmark \
     --benchmark-max-time=0.5 "${@:3}"; }

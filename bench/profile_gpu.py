@@ -7,7 +7,8 @@ Where the GPU time goes: torch.profiler tables (self CUDA time per kernel) of
   3. one bf16 channels-last training step (c128, batch 128).
 
     python bench/profile_gpu.py [--what sample,gn,train] [--rows 25]
-    python bench/profile_gpu.py --what ab_gn,ab_sample,ab_train   # A/B timings only
+    python bench/profile_gpu.py --what ab_gn,ab_sample,ab_train,ab_qsample   # A/B timings only
+    python bench/profile_gpu.py --what host_loss   # host time of the fused training loss
 
 Needs CUDA. Prints tables; writes nothing.
 """
@@ -249,6 +250,69 @@ def ab_gn(args):
     print(f"copy 64 MiB: {ms:.4f} ms, {2 * x.numel() * 4 / ms / 1e6:.0f} GB/s")
 
 
+def ab_qsample(args):
+    """q_sample at 64x3x256x256 (the issue's bandwidth shape) with other
+    elements per program and warps, against the device-to-device copy: GB/s of
+    the minimal bytes (read x0 and noise, write x_t)."""
+    from iddpm_fast.kernels import q_sample as k
+    from iddpm_fast.script_util import create_gaussian_diffusion
+
+    diffusion = create_gaussian_diffusion(steps=4000, noise_schedule="cosine")
+    tables = diffusion.tables(torch.device("cuda"))
+    print("\n==== q_sample A/B, 64x3x256x256 (ms per call, CUDA events; GB/s of 3 tensors)")
+    for dtype in (torch.float32, torch.bfloat16):
+        x0 = torch.randn(64, 3, 256, 256, device="cuda").to(dtype)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 4000, (64,), device="cuda")
+        nb = 3 * x0.numel() * x0.element_size()
+        for block, warps in ((1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16)):
+            ms = _time(lambda: k.q_sample(x0, t, noise, tables, block=block, num_warps=warps), 50)
+            print(f"  {str(dtype)[6:]:8s} BLOCK {block:5d} warps {warps:2d}: {ms:.4f} ms, {nb / ms / 1e6:.0f} GB/s")
+    x = torch.empty(64 << 18, device="cuda")
+    y = torch.empty_like(x)
+    ms = _time(y.copy_, 50, x)
+    print(f"  copy 64 MiB: {ms:.4f} ms, {2 * x.numel() * 4 / ms / 1e6:.0f} GB/s")
+
+
+def host_loss(args):
+    """Where the host time of the fused training loss forward + backward goes
+    (128x3x64x64, hybrid loss, as bench/test_bench_diffusion_ops.py times it):
+    ms per call with and without a synchronisation after each, and the
+    cProfile functions with the most own time."""
+    import cProfile
+    import pstats
+
+    from iddpm_fast import ops
+    from iddpm_fast.script_util import create_gaussian_diffusion
+
+    diffusion = create_gaussian_diffusion(steps=4000, noise_schedule="cosine", learn_sigma=True)
+    tables = diffusion.tables(torch.device("cuda"))
+    x0 = torch.randn(128, 3, 64, 64, device="cuda")
+    noise = torch.randn_like(x0)
+    out = torch.randn(128, 6, 64, 64, device="cuda", requires_grad=True)
+    t = torch.randint(0, 4000, (128,), device="cuda")
+    kinds = dict(model_mean_type="epsilon", model_var_type="learned_range", loss_type="mse")
+
+    def run():
+        out.grad = None
+        loss, _, _ = ops.training_loss(out, x0, noise, t, tables, num_timesteps=4000, **kinds)
+        loss.sum().backward()
+
+    def run_sync():
+        run()
+        torch.cuda.synchronize()
+
+    print("\n==== fused training loss fwd+bwd, 128x3x64x64: host time")
+    print(f"  {_time(run, 50):.4f} ms per call back to back, {_time(run_sync, 50):.4f} ms with a sync after each")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200):
+        run()
+    torch.cuda.synchronize()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(args.rows)
+
+
 def ab_sample(args):
     """Sampling step (bf16 channels-last, c128, batch 256): eager in one
     autocast context as in p_sample_loop, convolution biases added by the
@@ -345,6 +409,8 @@ def main():
             "ab_gn": ab_gn,
             "ab_sample": ab_sample,
             "ab_train": ab_train,
+            "ab_qsample": ab_qsample,
+            "host_loss": host_loss,
         }[what](args)
 
 

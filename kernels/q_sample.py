@@ -38,16 +38,19 @@ def _q_sample_kernel(
     tl.store(out_ptr + base + offs, xt.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def q_sample(x_start, t, noise, tables):
-    """Launcher with reference.q_sample's signature."""
+def q_sample(x_start, t, noise, tables, *, block=None, num_warps=None):
+    """Launcher with reference.q_sample's signature. block (elements per
+    program, a power of two) and num_warps override the defaults, for A/B
+    timing (bench/profile_gpu.py ab_qsample)."""
     x0, eps = check_contiguous_like(x_start, noise)
     B = x0.shape[0]
     D = x0.numel() // max(B, 1)
     out = torch.empty_like(x0)
     if x0.numel() == 0:
         return out
-    block = block_size(D)
+    block = block or block_size(D)
     grid = (B, triton.cdiv(D, block))
+    launch = {} if num_warps is None else {"num_warps": num_warps}
     _q_sample_kernel[grid](
         x0,
         eps,
@@ -59,5 +62,6 @@ def q_sample(x_start, t, noise, tables):
         ROW_SQRT_AC=ROW["sqrt_alphas_cumprod"],
         ROW_SQRT_1M_AC=ROW["sqrt_one_minus_alphas_cumprod"],
         BLOCK=block,
+        **launch,
     )
     return out

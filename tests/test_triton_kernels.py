@@ -83,6 +83,18 @@ def test_q_sample_non_contiguous_and_backward():
     torch.testing.assert_close(gn, rn)
 
 
+def test_q_sample_block_override_for_ab_timing():
+    """The launcher's block / num_warps overrides (bench/profile_gpu.py
+    ab_qsample) give the same x_t: here a sample spans several programs,
+    the last one partial."""
+    from iddpm_fast.kernels import q_sample as k
+
+    x0, noise, _, t = _data((2, 3, 5, 7), False, torch.float32)  # 105 elements per sample
+    want = ref.q_sample(x0, t, noise, _tables())
+    for block in (16, 32, 128):
+        torch.testing.assert_close(k.q_sample(x0, t, noise, _tables(), block=block, num_warps=8), want)
+
+
 # ------------------------------------------------------------- training loss
 
 KINDS = [
