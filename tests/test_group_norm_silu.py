@@ -6,6 +6,7 @@ gradcheck, both memory layouts, strided input, opcheck, torch.compile, input
 errors, and the package's fallback when the extension cannot be built.
 """
 
+import math
 import os
 import shutil
 import subprocess
@@ -422,15 +423,45 @@ print("ok")
     _python_prints_ok(code, drop=("IDDPM_FAST_NO_EXT",), IDDPM_FAST_EXT_DIR=str(blocker / "sub"))
 
 
+def _one_pass_applies(shape, groups, layout, dtype, backward):
+    """Whether the one-pass CUDA kernels (csrc/cuda/gn_onepass.h: plan,
+    backward_plan) take this shape, the rules written out again; assumes
+    16-byte aligned tensors and N * groups >= the multiprocessors."""
+    d, length = shape[1] // groups, math.prod(shape[2:])
+    w = 16 // torch.empty((), dtype=dtype).element_size()
+    if layout == "channels_last":
+        while w > 2 and d % w:
+            w //= 2
+        if d % w:
+            return False
+    elif length % w:
+        return False
+    packs_per_thread = -(-d * length // w // 256)
+    if d > 256 or packs_per_thread > (4 if backward else 8):
+        return False
+    if not backward:
+        return True
+    per = d // w if layout == "channels_last" else length // w
+    pow2 = per & (per - 1) == 0
+    return pow2 and per <= 32 if layout == "channels_last" else pow2 or per % 32 == 0
+
+
 @needs_ext
 @pytest.mark.skipif("cuda" not in DEVICES, reason="the CUDA kernels need a GPU and a CUDA build")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-# 8 x 32 groups or more: at least one block per multiprocessor, as the one-pass kernel needs.
+# 8 x 32 groups or more: at least one block per multiprocessor, as the one-pass kernels need.
 @pytest.mark.parametrize(
     "shape, groups",
-    [((8, 128, 32, 32), 32), ((8, 64, 16, 16), 32), ((16, 512, 8, 8), 32), ((12, 96, 6, 10), 32)],
-    ids=["32x32 4 channels per group", "16x16 2 per group", "8x8 16 per group", "6x10 3 per group"],
+    [
+        ((8, 128, 32, 32), 32),
+        ((8, 64, 16, 16), 32),
+        ((16, 512, 8, 8), 32),
+        ((12, 96, 6, 10), 32),
+        ((136, 256, 4, 4), 1),
+    ],
+    ids=["32x32 4 channels per group", "16x16 2 per group", "8x8 16 per group", "6x10 3 per group",
+         "4x4 256 per group"],
 )
 @pytest.mark.parametrize("variant", ["silu", "scale_shift", "no_silu"])
 def test_cuda_one_pass_kernels_agree_with_the_split_kernels(shape, groups, layout, dtype, variant, monkeypatch):
@@ -457,13 +488,9 @@ def test_cuda_one_pass_kernels_agree_with_the_split_kernels(shape, groups, layou
             torch.cuda.synchronize()
         ran_bwd = any("gn_onepass" in e.name for e in prof.events())
         results[flag] = (y, mean, rstd, *grads)
-        # 3 channels per group make no pack of 2 in channels-last; rows of 60 make
-        # packs of 4 but not of 8, and 15 packs per channel (the backward needs a
-        # power of two or a multiple of 32).
-        odd = shape[1] // groups == 3
-        fwd_applies = flag == "1" and not (odd and (layout == "channels_last" or dtype != torch.float32))
-        assert ran_fwd == fwd_applies, (flag, ran_fwd)
-        assert ran_bwd == (fwd_applies and not odd), (flag, ran_bwd)
+        on = flag == "1"
+        assert ran_fwd == (on and _one_pass_applies(shape, groups, layout, dtype, False)), (flag, ran_fwd)
+        assert ran_bwd == (on and _one_pass_applies(shape, groups, layout, dtype, True)), (flag, ran_bwd)
     names = ["y", "mean", "rstd", "dx", "dweight", "dbias", "dscale", "dshift"]
     for name, a, c in zip(names, results["1"], results["0"]):
         eps = torch.finfo(a.dtype).eps

@@ -58,6 +58,8 @@ CASES = {
     "bf16 channels-last, 4 channels per group, 32x32": ((1, 128, 32, 32), 32, "channels_last", torch.bfloat16, (4, 4)),
     "fp16 channels-last, 2 channels per group, odd HxW": ((2, 8, 7, 9), 4, "channels_last", torch.float16, (2, 1)),
     "fp32 channels-last, channel pairs, 2 positions": ((3, 4, 1, 2), 2, "channels_last", torch.float32, (2, 1)),
+    "fp32 channels-last, 8 packs per thread": ((1, 16, 32, 32), 2, "channels_last", torch.float32, (4, 8)),
+    "bf16 channels-last, 256 channels per group": ((2, 256, 4, 4), 1, "channels_last", torch.bfloat16, (8, 2)),
 }
 
 
@@ -147,6 +149,9 @@ BACKWARD_CASES = {
     "fp32 channels-last, 16 packs per position": ((1, 128, 4, 4), 2, "channels_last", torch.float32, (4, 1)),
     "bf16 channels-last, 4 channels per group, 32x32": ((1, 128, 32, 32), 32, "channels_last", torch.bfloat16, (4, 4)),
     "fp16 channels-last, 2 channels per group, odd HxW": ((2, 8, 7, 9), 4, "channels_last", torch.float16, (2, 1)),
+    # 8 warps x 256 channels of partial sums: the largest channels-last slot table
+    "bf16 channels-last, 256 channels per group (32 packs per position)": (
+        (1, 512, 4, 8), 2, "channels_last", torch.bfloat16, (8, 4)),
 }
 
 

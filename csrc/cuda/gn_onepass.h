@@ -21,7 +21,7 @@
 
 #ifndef GN_ONEPASS_EMULATED
 #define GN1_DEVICE __device__ __forceinline__
-#define GN1_KERNEL __global__ __launch_bounds__(256)
+#define GN1_KERNEL __global__ __launch_bounds__(iddpm_fast::gn_onepass::kThreads)
 #define GN1_SHARED __shared__
 #define GN1_TID static_cast<int>(threadIdx.x)
 #define GN1_BID static_cast<int>(blockIdx.x)
@@ -36,6 +36,8 @@ namespace gn_onepass {
 
 constexpr int kThreads = 256;  // threads per block (GN1_KERNEL's launch bound)
 constexpr int kWarps = kThreads / 32;
+// block_sum's second butterfly reduces the kWarps warp totals within one warp.
+static_assert(kThreads % 32 == 0 && kWarps <= 32, "whole warps, at most 32 of them");
 constexpr int kMaxPacksPerThread = 8;  // registers: at most 8 packs of 16 bytes per thread
 
 // W elements of T moved as one access (W * sizeof(T) bytes: 16, or less
@@ -63,43 +65,93 @@ GN1_DEVICE A block_sum(A v, A* scratch) {
   return v;
 }
 
-// Block (n, g) of a grid of N * G blocks, kThreads threads each.
-// x, y: [N, C, L] contiguous (CL false) or [N, L, C] channels-last (CL true),
-//   fewer than 2^31 elements, W * sizeof(T)-byte aligned.
-// weight, bias: [C] or null; scale, shift: [N, C] or null (A = float).
-// mean_out, rstd_out: [N, G].
-// Group (n, g) holds channels g*D .. g*D + D - 1 (C = G * D), M = D * L
-// elements, M / W packs; thread t holds packs t, t + kThreads, ... (K at
-// most). Pack i starts at
-//   contiguous:    (n C + g D) L + i W (L % W == 0: a pack is one channel's);
-//   channels-last: (n L + i / (D/W)) C + g D + (i % (D/W)) W (D % W == 0).
+// The kernels' arguments (one struct, passed by value, so that a launcher
+// is one line whatever runs it). Shapes: x, y, dy, dx [N, C, L] contiguous or
+// [N, L, C] channels-last, fewer than 2^31 elements, 16-byte aligned;
+// weight, bias [C] or null; scale, shift [N, C] or null; mean, rstd [N, G]
+// (the forward writes them, the backward reads them); ds, db [N, C] and
+// dscale, dshift [N, C] or null (the backward's float64 outputs).
+template <typename T, typename A>
+struct Args {
+  const T* x;
+  T* y;         // forward output
+  const T* dy;  // backward input
+  T* dx;        // backward output
+  const A *weight, *bias, *scale, *shift;
+  A *mean, *rstd;
+  double *ds, *db, *dscale, *dshift;
+  int G, D, L;
+  A eps;
+  bool act;  // SiLU after the norm (false: plain GroupNorm)
+};
+
+// Where block ng's group lies: sample n, group g, C = G D channels, its
+// packs (D L / W), packs per position (channels-last) and first element
+// (contiguous (n C + g D) L, channels-last n L C + g D).
+struct Group {
+  int n, g, C, packs, per_pos, base;
+};
+
+template <bool CL, int W, typename T, typename A>
+GN1_DEVICE Group group_of(const Args<T, A>& a, int ng) {
+  Group q;
+  q.n = ng / a.G;
+  q.g = ng - q.n * a.G;
+  q.C = a.G * a.D;
+  q.packs = a.D * a.L / W;
+  q.per_pos = a.D / W;
+  q.base = CL ? q.n * a.L * q.C + q.g * a.D : (q.n * q.C + q.g * a.D) * a.L;
+  return q;
+}
+
+// Where pack i of group q starts: contiguous, a pack is W elements of one
+// channel's row (L % W == 0); channels-last, W consecutive channels of one
+// position (D % W == 0), per_pos = D / W packs a position.
+template <bool CL, int W>
+GN1_DEVICE int pack_offset(const Group& q, int i) {
+  return CL ? q.base + (i / q.per_pos) * q.C + (i % q.per_pos) * W : q.base + i * W;
+}
+
+// z = (x - mean) a + b per channel of group (n, g): a = weight (1 + scale)
+// rstd, b = bias (1 + scale) + shift (fold_coefficients in gn_silu_cuda.cu),
+// into coef[0][c], coef[1][c]; the caller's barrier publishes them.
+template <typename T, typename A>
+GN1_DEVICE void fold(const Args<T, A>& a, int n, int g, A rstd, A (*coef)[kThreads]) {
+  const int C = a.G * a.D;
+  for (int c = GN1_TID; c < a.D; c += kThreads) {
+    const int ch = g * a.D + c, nc = n * C + ch;
+    const A gamma = a.weight ? a.weight[ch] : A(1), beta = a.bias ? a.bias[ch] : A(0);
+    const A mod = a.scale ? A(1) + a.scale[nc] : A(1), off = a.shift ? a.shift[nc] : A(0);
+    coef[0][c] = gamma * rstd * mod;
+    coef[1][c] = beta * mod + off;
+  }
+}
+
+// Block (n, g) of a grid of N * G blocks, kThreads threads each. Group
+// (n, g) holds channels g D .. g D + D - 1 (C = G D), M = D L elements, M / W
+// packs; thread t holds packs t, t + kThreads, ... (K at most).
 template <typename T, typename A, int W, int K, bool CL>
-GN1_KERNEL void forward_kernel(const T* __restrict__ x, T* __restrict__ y, const A* __restrict__ weight,
-                               const A* __restrict__ bias, const A* __restrict__ scale, const A* __restrict__ shift,
-                               int G, int D, int L, A eps, A* __restrict__ mean_out, A* __restrict__ rstd_out,
-                               bool act) {
+GN1_KERNEL void forward_kernel(const Args<T, A> a) {
   GN1_SHARED A scratch[2][kWarps];
   GN1_SHARED A coef[2][kThreads];
+  const T* __restrict__ x = a.x;
+  T* __restrict__ y = a.y;
   const int tid = GN1_TID;
   const int ng = GN1_BID;
-  const int n = ng / G, g = ng - n * G;
-  const int C = G * D;
-  const int packs = D * L / W;
-  const int per_pos = D / W;  // channels-last: packs per position
-  const int base = CL ? n * L * C + g * D : (n * C + g * D) * L;
+  const int D = a.D, L = a.L;
+  const Group grp = group_of<CL, W>(a, ng);
   // The sums run over x - k, k the group's first value, and k is added back
   // once: far from zero mean (|mean| / std ~ 1e4) a float32 sum of raw values
   // loses the digits that the deviations live in (as merge_vector in
   // gn_silu_cuda.cu).
-  const A k = static_cast<A>(x[base]);
+  const A k = static_cast<A>(x[grp.base]);
   Pack<T, W> r[K];
   A s = A(0);
 #pragma unroll
   for (int j = 0; j < K; ++j) {
     const int i = tid + j * kThreads;
-    if (i < packs) {
-      const int off = CL ? base + (i / per_pos) * C + (i % per_pos) * W : base + i * W;
-      r[j] = *reinterpret_cast<const Pack<T, W>*>(x + off);
+    if (i < grp.packs) {
+      r[j] = *reinterpret_cast<const Pack<T, W>*>(x + pack_offset<CL, W>(grp, i));
 #pragma unroll
       for (int v = 0; v < W; ++v) s += static_cast<A>(r[j].v[v]) - k;
     }
@@ -109,7 +161,7 @@ GN1_KERNEL void forward_kernel(const T* __restrict__ x, T* __restrict__ y, const
   A q = A(0);
 #pragma unroll
   for (int j = 0; j < K; ++j) {
-    if (tid + j * kThreads < packs) {
+    if (tid + j * kThreads < grp.packs) {
 #pragma unroll
       for (int v = 0; v < W; ++v) {
         const A d = static_cast<A>(r[j].v[v]) - mean;
@@ -118,38 +170,29 @@ GN1_KERNEL void forward_kernel(const T* __restrict__ x, T* __restrict__ y, const
     }
   }
   const A var = block_sum(q, scratch[1]) / count;
-  const A rstd = A(1) / GN1_SQRT(var + eps);
+  const A rstd = A(1) / GN1_SQRT(var + a.eps);
   if (tid == 0) {
-    mean_out[ng] = mean;
-    rstd_out[ng] = rstd;
+    a.mean[ng] = mean;
+    a.rstd[ng] = rstd;
   }
-  // z = (x - mean) a + b per channel: a = weight (1 + scale) rstd,
-  // b = bias (1 + scale) + shift (fold_coefficients in gn_silu_cuda.cu).
-  for (int c = tid; c < D; c += kThreads) {
-    const int ch = g * D + c, nc = n * C + ch;
-    const A gamma = weight ? weight[ch] : A(1), beta = bias ? bias[ch] : A(0);
-    const A mod = scale ? A(1) + scale[nc] : A(1), off = shift ? shift[nc] : A(0);
-    coef[0][c] = gamma * rstd * mod;
-    coef[1][c] = beta * mod + off;
-  }
+  fold(a, grp.n, grp.g, rstd, coef);
   GN1_SYNC();
 #pragma unroll
   for (int j = 0; j < K; ++j) {
     const int i = tid + j * kThreads;
-    if (i < packs) {
+    if (i < grp.packs) {
       Pack<T, W> out;
       // First channel (within the group) of the pack's elements: in
       // channels-last consecutive elements are consecutive channels, in the
       // contiguous layout they share one.
-      const int c0 = CL ? (i % per_pos) * W : i * W / L;
+      const int c0 = CL ? (i % grp.per_pos) * W : i * W / L;
 #pragma unroll
       for (int v = 0; v < W; ++v) {
         const int c = CL ? c0 + v : c0;
         const A z = (static_cast<A>(r[j].v[v]) - mean) * coef[0][c] + coef[1][c];
-        out.v[v] = static_cast<T>(act ? z * (A(1) / (A(1) + GN1_EXP(-z))) : z);
+        out.v[v] = static_cast<T>(a.act ? z * (A(1) / (A(1) + GN1_EXP(-z))) : z);
       }
-      const int off = CL ? base + (i / per_pos) * C + (i % per_pos) * W : base + i * W;
-      *reinterpret_cast<Pack<T, W>*>(y + off) = out;
+      *reinterpret_cast<Pack<T, W>*>(y + pack_offset<CL, W>(grp, i)) = out;
     }
   }
 }
@@ -163,48 +206,38 @@ GN1_KERNEL void forward_kernel(const T* __restrict__ x, T* __restrict__ y, const
 // (grad_params_blocks in gn_silu_cuda.cu); dx = a dz + c2 (x - mean) + c3
 // is written from the registers. Same shapes and layout as forward_kernel,
 // with backward_plan's extra conditions: at most kMaxBackwardPacks packs per
-// thread; contiguous, a channel's L / W packs
-// are a power of two or a multiple of 32 (so a warp's lanes split into
-// aligned runs of one channel); channels-last, a position's D / W packs are
-// a power of two of at most 32 (so a thread meets the same W channels in all
-// its packs).
-// mean, rstd: [N, G]; ds, db: [N, C] float64; dscale, dshift: [N, C]
-// float64 or null (without scale).
+// thread; contiguous, a channel's L / W packs are a power of two or a
+// multiple of 32 (so a warp's lanes split into aligned runs of one channel);
+// channels-last, a position's D / W packs are a power of two of at most 32
+// (so a thread meets the same W channels in all its packs).
 constexpr int kMaxBackwardPacks = 4;  // packs of x and of dy per thread: 8 would cost occupancy
-constexpr int kMaxSlots = kThreads * kMaxBackwardPacks;
+// Partial sums per layout: contiguous, one per run of lanes, at most
+// kThreads * kMaxBackwardPacks (runs of one lane); channels-last, one per
+// (warp, channel), kWarps * D with D up to kThreads.
+constexpr int kMaxSlots =
+    kThreads * kMaxBackwardPacks > kWarps * kThreads ? kThreads * kMaxBackwardPacks : kWarps * kThreads;
 
 template <typename T, typename A, int W, int K, bool CL>
-GN1_KERNEL void backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, const A* __restrict__ mean_in,
-                                const A* __restrict__ rstd_in, const A* __restrict__ weight,
-                                const A* __restrict__ bias, const A* __restrict__ scale,
-                                const A* __restrict__ shift, int G, int D, int L, T* __restrict__ dx,
-                                double* __restrict__ ds, double* __restrict__ db, double* __restrict__ dscale,
-                                double* __restrict__ dshift, bool act) {
+GN1_KERNEL void backward_kernel(const Args<T, A> a) {
   GN1_SHARED A coef[2][kThreads];    // a, b per channel of the group
   GN1_SHARED A slots[2][kMaxSlots];  // partial DS, DB (see below)
   GN1_SHARED A sums[2][kThreads];    // DS, DB per channel
   GN1_SHARED double scratch[2][kWarps];
+  const T* __restrict__ x = a.x;
+  const T* __restrict__ dy = a.dy;
+  T* __restrict__ dx = a.dx;
   const int tid = GN1_TID, lane = tid % 32, warp = tid / 32;
   const int ng = GN1_BID;
-  const int n = ng / G, g = ng - n * G;
-  const int C = G * D;
-  const int packs = D * L / W;
-  const int per_pos = D / W;
-  const int base = CL ? n * L * C + g * D : (n * C + g * D) * L;
-  const A mean = mean_in[ng], rstd = rstd_in[ng];
-  for (int c = tid; c < D; c += kThreads) {
-    const int ch = g * D + c, nc = n * C + ch;
-    const A gamma = weight ? weight[ch] : A(1), beta = bias ? bias[ch] : A(0);
-    const A mod = scale ? A(1) + scale[nc] : A(1), off = shift ? shift[nc] : A(0);
-    coef[0][c] = gamma * rstd * mod;
-    coef[1][c] = beta * mod + off;
-  }
+  const int D = a.D, L = a.L;
+  const Group grp = group_of<CL, W>(a, ng);
+  const A mean = a.mean[ng], rstd = a.rstd[ng];
+  fold(a, grp.n, grp.g, rstd, coef);
   Pack<T, W> rx[K], rg[K];
 #pragma unroll
   for (int j = 0; j < K; ++j) {
     const int i = tid + j * kThreads;
-    if (i < packs) {
-      const int off = CL ? base + (i / per_pos) * C + (i % per_pos) * W : base + i * W;
+    if (i < grp.packs) {
+      const int off = pack_offset<CL, W>(grp, i);
       rx[j] = *reinterpret_cast<const Pack<T, W>*>(x + off);
       rg[j] = *reinterpret_cast<const Pack<T, W>*>(dy + off);
     }
@@ -215,7 +248,7 @@ GN1_KERNEL void backward_kernel(const T* __restrict__ dy, const T* __restrict__ 
     const A xc = static_cast<A>(rx[j].v[v]) - mean;
     const A z = xc * coef[0][c] + coef[1][c];
     const A gy = static_cast<A>(rg[j].v[v]);
-    if (!act) return gy;
+    if (!a.act) return gy;
     const A sig = A(1) / (A(1) + GN1_EXP(-z));
     return gy * sig * (A(1) + z * (A(1) - sig));
   };
@@ -224,10 +257,10 @@ GN1_KERNEL void backward_kernel(const T* __restrict__ dy, const T* __restrict__ 
     A acc_s[W], acc_b[W];
 #pragma unroll
     for (int v = 0; v < W; ++v) acc_s[v] = acc_b[v] = A(0);
-    const int c0 = (tid % per_pos) * W;
+    const int c0 = (tid % grp.per_pos) * W;
 #pragma unroll
     for (int j = 0; j < K; ++j) {
-      if (tid + j * kThreads < packs) {
+      if (tid + j * kThreads < grp.packs) {
 #pragma unroll
         for (int v = 0; v < W; ++v) {
           const A dz = dz_of(j, v, c0 + v);
@@ -239,12 +272,12 @@ GN1_KERNEL void backward_kernel(const T* __restrict__ dy, const T* __restrict__ 
     // Lanes with the same lane % per_pos hold the same channels: add them up.
 #pragma unroll
     for (int v = 0; v < W; ++v) {
-      for (int m = 16; m >= per_pos; m >>= 1) {
+      for (int m = 16; m >= grp.per_pos; m >>= 1) {
         acc_s[v] += GN1_SHFL_XOR(acc_s[v], m);
         acc_b[v] += GN1_SHFL_XOR(acc_b[v], m);
       }
     }
-    if (lane < per_pos) {
+    if (lane < grp.per_pos) {
 #pragma unroll
       for (int v = 0; v < W; ++v) {
         slots[0][warp * D + c0 + v] = acc_s[v];
@@ -270,7 +303,7 @@ GN1_KERNEL void backward_kernel(const T* __restrict__ dy, const T* __restrict__ 
     for (int j = 0; j < K; ++j) {
       const int i = tid + j * kThreads;
       A ps = A(0), pb = A(0);
-      if (i < packs) {
+      if (i < grp.packs) {
         const int c = i / P;
 #pragma unroll
         for (int v = 0; v < W; ++v) {
@@ -283,7 +316,7 @@ GN1_KERNEL void backward_kernel(const T* __restrict__ dy, const T* __restrict__ 
         ps += GN1_SHFL_XOR(ps, m);
         pb += GN1_SHFL_XOR(pb, m);
       }
-      if (i < packs && lane % seg == 0) {
+      if (i < grp.packs && lane % seg == 0) {
         slots[0][i / seg] = ps;
         slots[1][i / seg] = pb;
       }
@@ -304,17 +337,17 @@ GN1_KERNEL void backward_kernel(const T* __restrict__ dy, const T* __restrict__ 
   // thread's share of the group's sums of gamma (1 + scale) DS and ... DB.
   double sa = 0.0, sb = 0.0;
   for (int c = tid; c < D; c += kThreads) {
-    const int ch = g * D + c, nc = n * C + ch;
+    const int ch = grp.g * D + c, nc = grp.n * grp.C + ch;
     const double DS = static_cast<double>(sums[0][c]), DB = static_cast<double>(sums[1][c]);
-    const double gamma = weight ? static_cast<double>(weight[ch]) : 1.0;
-    ds[nc] = DS;
-    db[nc] = DB;
-    if (dscale) {
-      const double beta = bias ? static_cast<double>(bias[ch]) : 0.0;
-      dscale[nc] = gamma * static_cast<double>(rstd) * DS + beta * DB;
-      dshift[nc] = DB;
+    const double gamma = a.weight ? static_cast<double>(a.weight[ch]) : 1.0;
+    a.ds[nc] = DS;
+    a.db[nc] = DB;
+    if (a.dscale) {
+      const double beta = a.bias ? static_cast<double>(a.bias[ch]) : 0.0;
+      a.dscale[nc] = gamma * static_cast<double>(rstd) * DS + beta * DB;
+      a.dshift[nc] = DB;
     }
-    const double gk = gamma * (scale ? 1.0 + static_cast<double>(scale[nc]) : 1.0);
+    const double gk = gamma * (a.scale ? 1.0 + static_cast<double>(a.scale[nc]) : 1.0);
     sa += gk * DS;
     sb += gk * DB;
   }
@@ -325,17 +358,16 @@ GN1_KERNEL void backward_kernel(const T* __restrict__ dy, const T* __restrict__ 
 #pragma unroll
   for (int j = 0; j < K; ++j) {
     const int i = tid + j * kThreads;
-    if (i < packs) {
+    if (i < grp.packs) {
       Pack<T, W> out;
-      const int c0 = CL ? (i % per_pos) * W : i / (L / W);
+      const int c0 = CL ? (i % grp.per_pos) * W : i / (L / W);
 #pragma unroll
       for (int v = 0; v < W; ++v) {
         const int c = CL ? c0 + v : c0;
         const A dz = dz_of(j, v, c);
         out.v[v] = static_cast<T>(coef[0][c] * dz + c2 * (static_cast<A>(rx[j].v[v]) - mean) + c3);
       }
-      const int off = CL ? base + (i / per_pos) * C + (i % per_pos) * W : base + i * W;
-      *reinterpret_cast<Pack<T, W>*>(dx + off) = out;
+      *reinterpret_cast<Pack<T, W>*>(dx + pack_offset<CL, W>(grp, i)) = out;
     }
   }
 }
@@ -379,39 +411,65 @@ inline Plan backward_plan(int64_t N, int64_t G, int64_t D, int64_t L, bool chann
 }
 
 // Calls f.template run<W, K, CL>() for the plan (W a power of two from V
-// down to 2, K in 1, 2, 4 and, when MaxK allows, 8).
+// down to 2, K in 1, 2, 4 and, when MaxK allows, 8); false, running
+// nothing, for a plan no instance serves (the caller then takes the split
+// kernels).
 template <int W, bool CL, int MaxK, typename F>
-void run_k(int k, const F& f) {
+bool run_k(int k, const F& f) {
   switch (k) {
-    case 1: f.template run<W, 1, CL>(); break;
-    case 2: f.template run<W, 2, CL>(); break;
-    case 4: f.template run<W, 4, CL>(); break;
-    default:
-      if constexpr (MaxK >= 8) f.template run<W, 8, CL>();
-      break;
+    case 1: f.template run<W, 1, CL>(); return true;
+    case 2: f.template run<W, 2, CL>(); return true;
+    case 4: f.template run<W, 4, CL>(); return true;
+    case 8:
+      if constexpr (MaxK >= 8) {
+        f.template run<W, 8, CL>();
+        return true;
+      }
+      return false;
+    default: return false;
   }
 }
 
 template <int W, int MaxK, typename F>
-void run_channels_last(const Plan& p, const F& f) {
+bool run_channels_last(const Plan& p, const F& f) {
   if constexpr (W >= 2) {
-    if (p.w == W) {
-      run_k<W, true, MaxK>(p.k, f);
-    } else {
-      run_channels_last<W / 2, MaxK>(p, f);
-    }
+    return p.w == W ? run_k<W, true, MaxK>(p.k, f) : run_channels_last<W / 2, MaxK>(p, f);
+  } else {
+    return false;
   }
 }
 
 // MaxK: the most packs per thread the caller's plans ask for (the backward
 // keeps x and dy in registers and stops at kMaxBackwardPacks).
 template <int V, int MaxK = kMaxPacksPerThread, typename F>
-void dispatch(const Plan& p, bool channels_last, const F& f) {
-  if (channels_last) {
-    run_channels_last<V, MaxK>(p, f);
-  } else {
-    run_k<V, false, MaxK>(p.k, f);
+bool dispatch(const Plan& p, bool channels_last, const F& f) {
+  if (channels_last) return run_channels_last<V, MaxK>(p, f);
+  return p.w == V && run_k<V, false, MaxK>(p.k, f);
+}
+
+// Runs launch(kernel, args) with the forward or backward kernel for a plan,
+// and says whether one ran:
+//   gn_onepass::run<Backward>(plan, channels_last, args, launch).
+template <typename T, typename A, bool Backward, typename Launch>
+struct Instance {
+  const Args<T, A>& args;
+  const Launch& launch;
+
+  template <int W, int K, bool CL>
+  void run() const {
+    if constexpr (Backward) {
+      launch(backward_kernel<T, A, W, K, CL>, args);
+    } else {
+      launch(forward_kernel<T, A, W, K, CL>, args);
+    }
   }
+};
+
+template <bool Backward, typename T, typename A, typename Launch>
+bool run(const Plan& p, bool channels_last, const Args<T, A>& args, const Launch& launch) {
+  constexpr int V = static_cast<int>(16 / sizeof(T));
+  constexpr int MaxK = Backward ? kMaxBackwardPacks : kMaxPacksPerThread;
+  return dispatch<V, MaxK>(p, channels_last, Instance<T, A, Backward, Launch>{args, launch});
 }
 
 }  // namespace gn_onepass

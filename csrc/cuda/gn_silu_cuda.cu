@@ -986,22 +986,42 @@ inline VecPlan plan_vec_partials(const GnShape& s, int V) {
   return p;
 }
 
-// The one-pass forward (gn_onepass.h) as a launch for gn_onepass::dispatch.
+// The one-pass kernels' arguments from the op's tensors (float32 statistics
+// and parameters: only float32/fp16/bf16 x take these kernels).
 template <typename T>
-struct OnePassForward {
-  const T* x;
-  T* y;
-  const float *w, *b, *sc, *sh;
-  int N, G, D, L;
-  float eps;
-  float *mean, *rstd;
-  bool act;
+gn_onepass::Args<T, float> onepass_args(const GnShape& s, const at::Tensor& x, const at::Tensor& w,
+                                         const at::Tensor& b, const at::Tensor& sc, const at::Tensor& sh,
+                                         const at::Tensor& mean, const at::Tensor& rstd) {
+  gn_onepass::Args<T, float> a{};
+  a.x = x.data_ptr<T>();
+  a.weight = ptr_or_null<float>(w);
+  a.bias = ptr_or_null<float>(b);
+  a.scale = ptr_or_null<float>(sc);
+  a.shift = ptr_or_null<float>(sh);
+  a.mean = mean.data_ptr<float>();
+  a.rstd = rstd.data_ptr<float>();
+  a.G = static_cast<int>(s.G);
+  a.D = static_cast<int>(s.D);
+  a.L = static_cast<int>(s.L);
+  a.act = s.silu;
+  return a;
+}
+
+// IDDPM_FAST_GN_CUDA_ONEPASS=1 turns the one-pass kernels on;
+// IDDPM_FAST_GN_CUDA_VEC=0 (the per-element kernels, for diagnosis) keeps them off.
+inline bool onepass_switched_on() {
+  return cuda_vec::switched_on("IDDPM_FAST_GN_CUDA_ONEPASS") && !cuda_vec::switched_off("IDDPM_FAST_GN_CUDA_VEC");
+}
+
+// Launches a one-pass kernel on N * G blocks.
+struct OnePassLaunch {
+  unsigned blocks;
   cudaStream_t stream;
 
-  template <int W, int K, bool CL>
-  void run() const {
-    gn_onepass::forward_kernel<T, float, W, K, CL><<<static_cast<unsigned>(N * G), gn_onepass::kThreads, 0, stream>>>(
-        x, y, w, b, sc, sh, G, D, L, eps, mean, rstd, act);
+  template <typename Kernel, typename A>
+  void operator()(Kernel kernel, const A& args) const {
+    kernel<<<blocks, gn_onepass::kThreads, 0, stream>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
 
@@ -1021,38 +1041,17 @@ bool onepass_forward(const GnShape& s, const at::Tensor& x, const at::Tensor& y,
   if constexpr (std::is_same<T, double>::value) {
     return false;
   } else {
-    if (!cuda_vec::switched_on("IDDPM_FAST_GN_CUDA_ONEPASS")) return false;
+    if (!onepass_switched_on()) return false;
     if (!cuda_vec::aligned16(x.data_ptr()) || !cuda_vec::aligned16(y.data_ptr())) return false;
     if (s.N * s.G < sm_count()) return false;
     const gn_onepass::Plan p = gn_onepass::plan(s.N, s.G, s.D, s.L, s.channels_last, vec_width<T>());
     if (p.w == 0) return false;
-    const OnePassForward<T> launch{x.data_ptr<T>(), y.data_ptr<T>(), ptr_or_null<float>(w), ptr_or_null<float>(b),
-                                   ptr_or_null<float>(sc), ptr_or_null<float>(sh), static_cast<int>(s.N),
-                                   static_cast<int>(s.G), static_cast<int>(s.D), static_cast<int>(s.L),
-                                   static_cast<float>(eps), mean.data_ptr<float>(), rstd.data_ptr<float>(), s.silu,
-                                   stream};
-    gn_onepass::dispatch<vec_width<T>()>(p, s.channels_last, launch);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return true;
+    gn_onepass::Args<T, float> a = onepass_args<T>(s, x, w, b, sc, sh, mean, rstd);
+    a.y = y.data_ptr<T>();
+    a.eps = static_cast<float>(eps);
+    return gn_onepass::run<false>(p, s.channels_last, a, OnePassLaunch{static_cast<unsigned>(s.N * s.G), stream});
   }
 }
-
-template <typename T>
-struct OnePassBackward {
-  const T *dy, *x;
-  const float *mean, *rstd, *w, *b, *sc, *sh;
-  int N, G, D, L;
-  T* dx;
-  double *ds, *db, *dscale, *dshift;
-  bool act;
-  cudaStream_t stream;
-
-  template <int W, int K, bool CL>
-  void run() const {
-    gn_onepass::backward_kernel<T, float, W, K, CL><<<static_cast<unsigned>(N * G), gn_onepass::kThreads, 0, stream>>>(
-        dy, x, mean, rstd, w, b, sc, sh, G, D, L, dx, ds, db, dscale, dshift, act);
-  }
-};
 
 // The one-pass backward (gn_onepass.h) and the d weight / d bias kernel
 // after it, where they apply: the forward's conditions (onepass_forward)
@@ -1065,7 +1064,7 @@ bool onepass_backward(const GnShape& s, const at::Tensor& dy, const at::Tensor& 
   if constexpr (std::is_same<T, double>::value) {
     return false;
   } else {
-    if (!cuda_vec::switched_on("IDDPM_FAST_GN_CUDA_ONEPASS")) return false;
+    if (!onepass_switched_on()) return false;
     for (const at::Tensor* t : {&dy, &x, &dx}) {
       if (!cuda_vec::aligned16(t->data_ptr())) return false;
     }
@@ -1073,20 +1072,18 @@ bool onepass_backward(const GnShape& s, const at::Tensor& dy, const at::Tensor& 
     const gn_onepass::Plan p = gn_onepass::backward_plan(s.N, s.G, s.D, s.L, s.channels_last, vec_width<T>());
     if (p.w == 0) return false;
     at::Tensor sums = at::empty({2, s.N * s.C}, x.options().dtype(at::kDouble));
-    double* ds = sums[0].data_ptr<double>();
-    double* db = sums[1].data_ptr<double>();
-    const bool has_scale = sc.defined();
-    const OnePassBackward<T> launch{dy.data_ptr<T>(), x.data_ptr<T>(), mean.data_ptr<float>(),
-                                    rstd.data_ptr<float>(), ptr_or_null<float>(w), ptr_or_null<float>(b),
-                                    ptr_or_null<float>(sc), ptr_or_null<float>(sh), static_cast<int>(s.N),
-                                    static_cast<int>(s.G), static_cast<int>(s.D), static_cast<int>(s.L),
-                                    dx.data_ptr<T>(), ds, db, has_scale ? gsc.data_ptr<double>() : nullptr,
-                                    has_scale ? gsh.data_ptr<double>() : nullptr, s.silu, stream};
-    gn_onepass::dispatch<vec_width<T>(), gn_onepass::kMaxBackwardPacks>(p, s.channels_last, launch);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    gn_onepass::Args<T, float> a = onepass_args<T>(s, x, w, b, sc, sh, mean, rstd);
+    a.dy = dy.data_ptr<T>();
+    a.dx = dx.data_ptr<T>();
+    a.ds = sums[0].data_ptr<double>();
+    a.db = sums[1].data_ptr<double>();
+    a.dscale = sc.defined() ? gsc.data_ptr<double>() : nullptr;
+    a.dshift = sc.defined() ? gsh.data_ptr<double>() : nullptr;
+    if (!gn_onepass::run<true>(p, s.channels_last, a, OnePassLaunch{static_cast<unsigned>(s.N * s.G), stream})) {
+      return false;
+    }
     grad_params_blocks<float><<<static_cast<unsigned>(s.C), kRowThreads, 0, stream>>>(
-        ds, db, rstd.data_ptr<float>(), ptr_or_null<float>(sc), s.N, s.C, s.D, gw.data_ptr<double>(),
-        gb.data_ptr<double>());
+        a.ds, a.db, a.rstd, a.scale, s.N, s.C, s.D, gw.data_ptr<double>(), gb.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return true;
   }

@@ -56,30 +56,22 @@ at::Tensor as_float(const c10::optional<at::Tensor>& p) {
   return p.has_value() && p->defined() ? p->to(at::kFloat).contiguous() : at::Tensor();
 }
 
-// Runs the kernel's N * G blocks one after another, kThreads threads each.
-template <typename T>
+// Runs kernel(args) as `blocks` blocks one after another, kThreads threads each.
 struct EmulatedLaunch {
-  const T* x;
-  T* y;
-  const float *w, *b, *sc, *sh;
-  int N, G, D, L;
-  float eps;
-  float *mean, *rstd;
-  bool act;
+  int blocks;
 
-  template <int W, int K, bool CL>
-  void run() const {
-    for (int block = 0; block < N * G; ++block) {
+  template <typename Kernel, typename A>
+  void operator()(Kernel kernel, const A& args) const {
+    for (int block = 0; block < blocks; ++block) {
       gn_emu::block_id = block;
       std::barrier<> barrier(kThreads);
       gn_emu::block_barrier = &barrier;
       std::vector<std::thread> threads;
       threads.reserve(kThreads);
       for (int t = 0; t < kThreads; ++t) {
-        threads.emplace_back([this, t] {
+        threads.emplace_back([&, t] {
           gn_emu::thread_id = t;
-          iddpm_fast::gn_onepass::forward_kernel<T, float, W, K, CL>(x, y, w, b, sc, sh, G, D, L, eps, mean, rstd,
-                                                                     act);
+          kernel(args);
         });
       }
       for (auto& t : threads) t.join();
@@ -88,33 +80,24 @@ struct EmulatedLaunch {
 };
 
 template <typename T>
-struct EmulatedBackward {
-  const T *dy, *x;
-  const float *mean, *rstd, *w, *b, *sc, *sh;
-  int N, G, D, L;
-  T* dx;
-  double *ds, *db, *dscale, *dshift;
-  bool act;
-
-  template <int W, int K, bool CL>
-  void run() const {
-    for (int block = 0; block < N * G; ++block) {
-      gn_emu::block_id = block;
-      std::barrier<> barrier(kThreads);
-      gn_emu::block_barrier = &barrier;
-      std::vector<std::thread> threads;
-      threads.reserve(kThreads);
-      for (int t = 0; t < kThreads; ++t) {
-        threads.emplace_back([this, t] {
-          gn_emu::thread_id = t;
-          iddpm_fast::gn_onepass::backward_kernel<T, float, W, K, CL>(dy, x, mean, rstd, w, b, sc, sh, G, D, L, dx,
-                                                                      ds, db, dscale, dshift, act);
-        });
-      }
-      for (auto& t : threads) t.join();
-    }
-  }
-};
+iddpm_fast::gn_onepass::Args<T, float> args_of(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                                               const at::Tensor& sc, const at::Tensor& sh, at::Tensor& mean,
+                                               at::Tensor& rstd, int64_t num_groups, bool act) {
+  iddpm_fast::gn_onepass::Args<T, float> a{};
+  const int64_t N = x.size(0), C = x.size(1);
+  a.x = x.data_ptr<T>();
+  a.weight = ptr_or_null(w);
+  a.bias = ptr_or_null(b);
+  a.scale = ptr_or_null(sc);
+  a.shift = ptr_or_null(sh);
+  a.mean = mean.data_ptr<float>();
+  a.rstd = rstd.data_ptr<float>();
+  a.G = static_cast<int>(num_groups);
+  a.D = static_cast<int>(C / num_groups);
+  a.L = static_cast<int>(x.numel() / (N * C));
+  a.act = act;
+  return a;
+}
 
 // (pack width, packs per thread) of the plan for x's shape and layout;
 // (0, 0) where the one-pass kernel does not apply.
@@ -165,15 +148,16 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x, cons
   at::Tensor m = mean.to(at::kFloat).contiguous(), r = rstd.to(at::kFloat).contiguous();
   for_type(x.scalar_type(), [&](auto* typed) {
     using T = std::remove_pointer_t<decltype(typed)>;
-    const EmulatedBackward<T> f{dy.data_ptr<T>(), x.data_ptr<T>(), m.data_ptr<float>(), r.data_ptr<float>(),
-                                ptr_or_null(w), ptr_or_null(b), ptr_or_null(sc), ptr_or_null(sh),
-                                static_cast<int>(N), static_cast<int>(num_groups),
-                                static_cast<int>(C / num_groups), static_cast<int>(L), dx.data_ptr<T>(),
-                                ds.data_ptr<double>(), db.data_ptr<double>(),
-                                has_scale ? dscale.data_ptr<double>() : nullptr,
-                                has_scale ? dshift.data_ptr<double>() : nullptr, act};
-    iddpm_fast::gn_onepass::dispatch<16 / sizeof(T), iddpm_fast::gn_onepass::kMaxBackwardPacks>(p, channels_last,
-                                                                                                 f);
+    auto a = args_of<T>(x, w, b, sc, sh, m, r, num_groups, act);
+    a.dy = dy.data_ptr<T>();
+    a.dx = dx.data_ptr<T>();
+    a.ds = ds.data_ptr<double>();
+    a.db = db.data_ptr<double>();
+    a.dscale = has_scale ? dscale.data_ptr<double>() : nullptr;
+    a.dshift = has_scale ? dshift.data_ptr<double>() : nullptr;
+    const EmulatedLaunch launch{static_cast<int>(N * num_groups)};
+    const bool ran = iddpm_fast::gn_onepass::run<true>(p, channels_last, a, launch);
+    TORCH_CHECK(ran, "no kernel instance serves this plan");
   });
   return {dx, ds, db, dscale, dshift};
 }
@@ -195,11 +179,12 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const c10::optional<at::Ten
   at::Tensor w = as_float(weight), b = as_float(bias), sc = as_float(scale), sh = as_float(shift);
   for_type(x.scalar_type(), [&](auto* typed) {
     using T = std::remove_pointer_t<decltype(typed)>;
-    const EmulatedLaunch<T> f{x.data_ptr<T>(), y.data_ptr<T>(), ptr_or_null(w), ptr_or_null(b), ptr_or_null(sc),
-                              ptr_or_null(sh), static_cast<int>(N), static_cast<int>(num_groups),
-                              static_cast<int>(C / num_groups), static_cast<int>(L), static_cast<float>(eps),
-                              mean.data_ptr<float>(), rstd.data_ptr<float>(), act};
-    iddpm_fast::gn_onepass::dispatch<16 / sizeof(T)>(p, channels_last, f);
+    auto a = args_of<T>(x, w, b, sc, sh, mean, rstd, num_groups, act);
+    a.y = y.data_ptr<T>();
+    a.eps = static_cast<float>(eps);
+    const EmulatedLaunch launch{static_cast<int>(N * num_groups)};
+    const bool ran = iddpm_fast::gn_onepass::run<false>(p, channels_last, a, launch);
+    TORCH_CHECK(ran, "no kernel instance serves this plan");
   });
   return {y, mean, rstd};
 }
