@@ -319,8 +319,9 @@ def ab_sample(args):
     fused bias_add against stock; then replayed CUDA graphs (autocast cache
     off, as sample(cuda_graphs=True) runs), with stock biases and weights cast
     by autocast at each replay (the old default), fused biases, and fused
-    biases with the weights stored in bf16 (the new default); and the model
-    call alone under a graph, for the share of a step spent outside it."""
+    biases with the weights stored in bf16 (the new default), that with the
+    one-pass GroupNorm kernels; and the model call alone under a graph, for
+    the share of a step spent outside it."""
     import copy
 
     from iddpm_fast import cuda_graphs, fp16_util
@@ -362,6 +363,10 @@ def ab_sample(args):
             wrapped(xs, t)
         graphs["default policy"] = cuda_graphs.GraphedSampler(diffusion, bf16_model, tuple(x.shape),
                                                               memory_format=torch.channels_last)
+        os.environ["IDDPM_FAST_GN_CUDA_ONEPASS"] = "1"  # read while capturing
+        graphs["default policy, one-pass GroupNorm"] = cuda_graphs.GraphedSampler(
+            diffusion, bf16_model, tuple(x.shape), memory_format=torch.channels_last)
+        os.environ.pop("IDDPM_FAST_GN_CUDA_ONEPASS")
     for rnd in range(2):
         for name, sampler in graphs.items():  # the sampler keeps the graph's input buffers alive
             print(f"  graphs round {rnd} {name}: {_time(sampler.graph.replay, 10):.3f} ms/step")
