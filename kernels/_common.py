@@ -2,8 +2,6 @@
 
 import math
 
-import triton
-
 from . import interpreting
 
 LN2 = math.log(2.0)
@@ -13,10 +11,27 @@ MEAN_CODES = {"previous_x": 0, "start_x": 1, "epsilon": 2}
 VAR_CODES = {"learned": 0, "fixed_small": 1, "fixed_large": 2, "learned_range": 3}
 
 
+def cdiv(a, b):
+    """ceil(a / b) for ints. Launchers call this, not triton.cdiv: in recent
+    Triton that is a ConstexprFunction whose call costs microseconds of host
+    time (its arguments are unwrapped as constexprs), paid at every launch."""
+    return -(-int(a) // int(b))
+
+
+def next_power_of_2(n):
+    """The smallest power of two >= n (1 for n <= 1); plain int math, see cdiv."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+# Elements per program at most: larger under the interpreter, which is slow
+# per program. Decided once, when the kernel modules are imported, as Triton
+# itself decides at @triton.jit whether kernels are interpreted.
+_BLOCK_CAP = 4096 if interpreting() else 1024
+
+
 def block_size(n):
-    """Elements per program: a power of two covering n, capped (larger under the interpreter, which is per-program slow)."""
-    cap = 4096 if interpreting() else 1024
-    return max(16, min(cap, triton.next_power_of_2(max(int(n), 1))))
+    """Elements per program: a power of two covering n, capped at _BLOCK_CAP."""
+    return max(16, min(_BLOCK_CAP, next_power_of_2(max(int(n), 1))))
 
 
 def check_contiguous_like(*tensors):

@@ -16,6 +16,7 @@ from ._common import (
     LN2 as _LN2,
     SQRT_2_OVER_PI as _K,
     block_size,
+    cdiv,
     check_contiguous_like,
     check_device,
 )
@@ -52,7 +53,7 @@ def _launch_dgll(x, means, log_scales, reduce):
     B = xc.shape[0] if xc.dim() else 1
     D = xc.numel() // max(B, 1)
     block = block_size(D)
-    n_chunks = triton.cdiv(D, block) if D else 1
+    n_chunks = cdiv(D, block) if D else 1
     out = torch.empty_like(xc)
     part = torch.zeros((B, n_chunks), device=xc.device, dtype=torch.float32)
     if xc.numel():
@@ -101,7 +102,7 @@ def q_posterior_mean_variance(x_start, x_t, t, tables):
     mean = torch.empty_like(xt)
     if xt.numel():
         block = block_size(D)
-        _posterior_kernel[(B, triton.cdiv(D, block))](
+        _posterior_kernel[(B, cdiv(D, block))](
             x0, xt, t.contiguous(), tables.contiguous(), mean, D, tables.shape[1],
             R_C1=ROW["posterior_mean_coef1"], R_C2=ROW["posterior_mean_coef2"], BLOCK=block,
         )

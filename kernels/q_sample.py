@@ -9,7 +9,7 @@ import triton.language as tl
 
 from iddpm_fast.reference import ROW
 
-from ._common import block_size, check_contiguous_like
+from ._common import block_size, cdiv, check_contiguous_like
 from ._tl import chunk_offsets
 
 
@@ -49,7 +49,7 @@ def q_sample(x_start, t, noise, tables, *, block=None, num_warps=None):
     if x0.numel() == 0:
         return out
     block = block or block_size(D)
-    grid = (B, triton.cdiv(D, block))
+    grid = (B, cdiv(D, block))
     launch = {} if num_warps is None else {"num_warps": num_warps}
     _q_sample_kernel[grid](
         x0,

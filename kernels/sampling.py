@@ -18,6 +18,7 @@ from ._common import (
     MEAN_CODES,
     VAR_CODES,
     block_size,
+    cdiv,
     check_contiguous_like,
     check_device,
 )
@@ -76,14 +77,14 @@ def _sampling_kernel(
         tl.store(sample_ptr + base + offs, sample.to(sample_ptr.dtype.element_ty), mask=mask)
 
 
-def _rows():
-    return dict(
-        R_C1=ROW["posterior_mean_coef1"], R_C2=ROW["posterior_mean_coef2"],
-        R_PLV=ROW["posterior_log_variance_clipped"], R_SRA=ROW["sqrt_recip_alphas_cumprod"],
-        R_SRM1=ROW["sqrt_recipm1_alphas_cumprod"], R_LOGB=ROW["log_betas"],
-        R_FLLV=ROW["fixed_large_log_variance"], R_RC1=ROW["recip_posterior_mean_coef1"],
-        R_C2C1=ROW["posterior_mean_coef2_over_coef1"],
-    )
+# Table rows of the coefficients the kernels read (constexpr arguments).
+_ROWS = dict(
+    R_C1=ROW["posterior_mean_coef1"], R_C2=ROW["posterior_mean_coef2"],
+    R_PLV=ROW["posterior_log_variance_clipped"], R_SRA=ROW["sqrt_recip_alphas_cumprod"],
+    R_SRM1=ROW["sqrt_recipm1_alphas_cumprod"], R_LOGB=ROW["log_betas"],
+    R_FLLV=ROW["fixed_large_log_variance"], R_RC1=ROW["recip_posterior_mean_coef1"],
+    R_C2C1=ROW["posterior_mean_coef2_over_coef1"],
+)
 
 
 def _launch(mode, model_output, x_t, noise, t, tables, model_mean_type, model_var_type, clip_denoised, eta=0.0):
@@ -101,12 +102,12 @@ def _launch(mode, model_output, x_t, noise, t, tables, model_mean_type, model_va
     sample = torch.empty_like(xt) if mode else pred
     if B and D:
         block = block_size(D)
-        _sampling_kernel[(B, triton.cdiv(D, block))](
+        _sampling_kernel[(B, cdiv(D, block))](
             out, xt, nz, t.contiguous(), tables.contiguous(), mean, var, logvar, pred, sample, D, tables.shape[1],
             float(eta),
             MEAN=MEAN_CODES[model_mean_type], VAR=VAR_CODES[model_var_type], LEARNED=learned,
             CLIP=bool(clip_denoised), MODE=mode,
-            R_AC=ROW["alphas_cumprod"], R_ACP=ROW["alphas_cumprod_prev"], BLOCK=block, **_rows(),
+            R_AC=ROW["alphas_cumprod"], R_ACP=ROW["alphas_cumprod_prev"], BLOCK=block, **_ROWS,
         )
     return pred, mean, var, logvar, sample, learned
 
@@ -183,7 +184,7 @@ def vb_terms_bpd(model_output, x_start, x_t, t, tables, model_mean_type, model_v
     B = xt.shape[0]
     D = xt.numel() // max(B, 1)
     block = block_size(D)
-    n_chunks = triton.cdiv(D, block) if D else 1
+    n_chunks = cdiv(D, block) if D else 1
     pred = torch.empty_like(xt)
     part = torch.zeros((B, n_chunks), device=xt.device, dtype=torch.float32)
     if B and D:
@@ -191,6 +192,6 @@ def vb_terms_bpd(model_output, x_start, x_t, t, tables, model_mean_type, model_v
             out, x0, xt, t.contiguous(), tables.contiguous(), pred, part, D, tables.shape[1], n_chunks,
             MEAN=MEAN_CODES[model_mean_type], VAR=VAR_CODES[model_var_type],
             LEARNED=model_var_type in ("learned", "learned_range"), CLIP=bool(clip_denoised),
-            K=_K, BLOCK=block, **_rows(),
+            K=_K, BLOCK=block, **_ROWS,
         )
     return part.sum(dim=1) / D / _LN2, pred

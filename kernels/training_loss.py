@@ -27,8 +27,10 @@ from ._common import (
     MEAN_CODES,
     VAR_CODES,
     block_size,
+    cdiv,
     check_contiguous_like,
     check_device,
+    next_power_of_2,
 )
 from ._tl import bound_term, cdf, cdf_grad, chunk_offsets, load_model_output, model_distribution
 
@@ -243,15 +245,15 @@ def _training_loss_bwd_kernel(
         tl.store(grad_ptr + b.to(tl.int64) * D + offs, g_eo.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _rows():
-    return dict(
-        R_SA=ROW["sqrt_alphas_cumprod"], R_S1A=ROW["sqrt_one_minus_alphas_cumprod"],
-        R_C1=ROW["posterior_mean_coef1"], R_C2=ROW["posterior_mean_coef2"],
-        R_PLV=ROW["posterior_log_variance_clipped"], R_SRA=ROW["sqrt_recip_alphas_cumprod"],
-        R_SRM1=ROW["sqrt_recipm1_alphas_cumprod"], R_LOGB=ROW["log_betas"],
-        R_FLLV=ROW["fixed_large_log_variance"], R_RC1=ROW["recip_posterior_mean_coef1"],
-        R_C2C1=ROW["posterior_mean_coef2_over_coef1"],
-    )
+# Table rows of the coefficients the kernels read (constexpr arguments).
+_ROWS = dict(
+    R_SA=ROW["sqrt_alphas_cumprod"], R_S1A=ROW["sqrt_one_minus_alphas_cumprod"],
+    R_C1=ROW["posterior_mean_coef1"], R_C2=ROW["posterior_mean_coef2"],
+    R_PLV=ROW["posterior_log_variance_clipped"], R_SRA=ROW["sqrt_recip_alphas_cumprod"],
+    R_SRM1=ROW["sqrt_recipm1_alphas_cumprod"], R_LOGB=ROW["log_betas"],
+    R_FLLV=ROW["fixed_large_log_variance"], R_RC1=ROW["recip_posterior_mean_coef1"],
+    R_C2C1=ROW["posterior_mean_coef2_over_coef1"],
+)
 
 
 def _prepare(model_output, x_start, noise, t, tables, model_mean_type, model_var_type, loss_type):
@@ -288,17 +290,17 @@ def training_loss_fwd(model_output, x_start, noise, t, tables, model_mean_type, 
         nan = torch.full((B,), float("nan"), device=device, dtype=torch.float32)
         return nan, nan.clone(), nan.clone()
     block = block_size(D)
-    n_chunks = triton.cdiv(D, block)
+    n_chunks = cdiv(D, block)
     partial = torch.empty((2, B, n_chunks), device=device, dtype=torch.float32)
     _training_loss_fwd_kernel[(B, n_chunks)](
         out, x0, nz, t, tables, partial[0], partial[1], D, tables.shape[1], n_chunks,
-        NEED_VB=need_vb, K=_K, BLOCK=block, **codes, **_rows(),
+        NEED_VB=need_vb, K=_K, BLOCK=block, **codes, **_ROWS,
     )
     kl_scale, vb_scale = _scales(loss_type, num_timesteps)
     _training_loss_finalize_kernel[(B,)](
         partial[0], partial[1], loss, mse, vb, n_chunks, float(D), _LN2, kl_scale, vb_scale,
         IS_KL=is_kl, LEARNED=codes["LEARNED"], NEED_VB=need_vb,
-        CBLOCK=max(16, min(1024, triton.next_power_of_2(n_chunks))),
+        CBLOCK=max(16, min(1024, next_power_of_2(n_chunks))),
     )
     return loss, mse, vb
 
@@ -319,12 +321,12 @@ def training_loss_bwd(model_output, x_start, noise, t, tables, grad_loss, grad_m
         block = block_size(D)
         kl_scale, vb_scale = _scales(loss_type, num_timesteps)
         dummy = next((g for g in grads if g is not None), t)
-        _training_loss_bwd_kernel[(B, triton.cdiv(D, block))](
+        _training_loss_bwd_kernel[(B, cdiv(D, block))](
             out, x0, nz, t, tables, *(dummy if g is None else g for g in grads), grad, D, tables.shape[1],
             float(D), D * _LN2, kl_scale, vb_scale,
             HAS_MSE=not is_kl, NEED_VB=need_vb, VB_TRAINS_MEAN=is_kl,
             HAS_GL=grads[0] is not None, HAS_GM=grads[1] is not None, HAS_GV=grads[2] is not None,
-            K=_K, BLOCK=block, **codes, **_rows(),
+            K=_K, BLOCK=block, **codes, **_ROWS,
         )
     elif B:
         grad.zero_()
