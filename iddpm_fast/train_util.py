@@ -386,8 +386,7 @@ class TrainLoop:
                 self.schedule_sampler.update_with_local_losses(t[keep], local[keep])
             # Average, not sum, over microbatches: the update does not depend on `microbatch`.
             loss = (losses["loss"] * weights).mean() * (micro.shape[0] / n)
-            log_loss_dict(self.diffusion, t, {k: v * weights for k, v in losses.items()})
-            if not th.isfinite(loss):
+            if not _log_losses_and_check(self.diffusion, t, {k: v * weights for k, v in losses.items()}, loss):
                 finite = False
                 # Keep the backward (and DDP's gradient all-reduce) going on every
                 # rank; the update is skipped below on all ranks together.
@@ -551,10 +550,32 @@ def log_loss_dict(diffusion, ts, losses):
     """Log each loss's mean and its mean per quartile of t (key_q0 .. key_q3)."""
     quartiles = (4 * ts.detach().cpu().numpy()) // diffusion.num_timesteps
     for key, values in losses.items():
-        vals = values.detach().float().cpu().numpy()
-        logger.logkv_mean(key, float(vals.mean()))
-        for q, v in zip(quartiles, vals):
-            logger.logkv_mean(f"{key}_q{int(q)}", float(v))
+        _log_loss_values(key, values.detach().float().cpu().numpy(), quartiles)
+
+
+def _log_loss_values(key, vals, quartiles):
+    logger.logkv_mean(key, float(vals.mean()))
+    for q, v in zip(quartiles, vals):
+        logger.logkv_mean(f"{key}_q{int(q)}", float(v))
+
+
+def _log_losses_and_check(diffusion, ts, losses, loss):
+    """
+    log_loss_dict(diffusion, ts, losses), then whether the scalar `loss` is
+    finite, from one device-to-host copy (log_loss_dict makes one per key
+    and one for ts, and a finiteness test is one more: each waits for the
+    device, which then idles while the host queues the backward). Logs the
+    same numbers: everything travels as float64, which holds the float32
+    losses and the integer timesteps exactly, and the losses are logged from
+    float32 arrays as log_loss_dict logs them.
+    """
+    n = ts.numel()
+    rows = [values.detach().float().reshape(-1) for values in losses.values()] + [ts.detach().reshape(-1)]
+    host = th.cat([r.double() for r in rows] + [loss.detach().double().reshape(1)]).cpu().numpy()
+    quartiles = (4 * host[len(losses) * n : (len(losses) + 1) * n].astype(np.int64)) // diffusion.num_timesteps
+    for i, key in enumerate(losses):
+        _log_loss_values(key, host[i * n : (i + 1) * n].astype(np.float32), quartiles)
+    return math.isfinite(float(host[-1]))
 
 
 def atomic_save(obj, path):

@@ -329,3 +329,27 @@ def test_adamw_is_fused_where_possible_and_matches_the_plain_update():
     for pa, pb in zip(a, b):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
     assert set(fused.state_dict()["state"][0]) == set(plain.state_dict()["state"][0])
+
+
+@pytest.mark.parametrize("last", [0.7, float("nan"), float("inf")], ids=["finite", "nan", "inf"])
+def test_one_copy_loss_logging_logs_what_log_loss_dict_logs(tmp_path, last):
+    """TrainLoop logs the per-quartile losses and tests the loss for
+    finiteness from one device-to-host copy (train_util._log_losses_and_check);
+    the logged numbers are log_loss_dict's, bit for bit."""
+    from iddpm_fast import train_util
+    from iddpm_fast.script_util import create_gaussian_diffusion
+
+    diffusion = create_gaussian_diffusion(steps=4000, learn_sigma=True)
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 4000, (9,), generator=g)
+    losses = {k: torch.rand(9, generator=g) * 3 for k in ("loss", "mse", "vb")}
+    losses["vb"] = losses["vb"].to(torch.bfloat16)  # a term in another dtype, as under autocast
+    logged = []
+    for fn in (lambda: train_util.log_loss_dict(diffusion, t, losses),
+               lambda: train_util._log_losses_and_check(diffusion, t, losses, torch.tensor(last))):
+        logger.configure(dir=str(tmp_path), format_strs=[])
+        result = fn()
+        logged.append((dict(logger.getkvs()), result))
+    (want, _), (got, finite) = logged
+    assert got == want and len(got) > 3
+    assert finite == np.isfinite(last)
