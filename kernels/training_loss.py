@@ -4,15 +4,17 @@ ModelMeanType and ModelVarType) in one forward pass over (x_0, noise, model
 output), and its gradient with respect to the model output in one backward
 pass. Twin: reference.training_loss.
 
-Forward: each program reduces one BLOCK of one sample to two partial sums
-(squared error of the mean half, and the bound term: KL for t > 0, decoder
-NLL at t = 0); a second small kernel adds the partials per sample
-(deterministic, no atomics) and applies the 1/D, 1/ln 2 and RESCALED
-factors, writing loss, mse and vb. Backward: elementwise; each program
-derives its sample's weights of the two sums from the upstream gradients of
-(loss, mse, vb) itself. So a training step costs three kernel launches and
-no other device work: at training batch sizes these ops are bound by launch
-latency, not bandwidth.
+Forward: the loss of a sample is two sums over its elements (squared error
+of the mean half, and the bound term: KL for t > 0, decoder NLL at t = 0)
+with the 1/D, 1/ln 2 and RESCALED factors. Samples of up to ROW_CHUNKS_MAX
+blocks are summed by one program each, in one launch; longer ones by one
+program per block writing partial sums, then a small kernel adding them per
+sample (deterministic either way, no atomics). Backward: elementwise; each
+program derives its sample's weights of the two sums from the upstream
+gradients of (loss, mse, vb) itself, read in place (an expanded gradient,
+as loss.sum().backward() gives, is not copied). So a training step costs
+two kernel launches at training shapes and no other device work: there
+these ops are bound by launch latency, not bandwidth.
 """
 
 import torch
@@ -60,16 +62,68 @@ def _elements(
 
 
 @triton.jit
+def _load_at(b, offs, mask, base, x0_ptr, noise_ptr, out_ptr, D, LEARNED: tl.constexpr):
+    x0 = tl.load(x0_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    nz = tl.load(noise_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    eo, v = load_model_output(out_ptr, b, offs, mask, D, LEARNED)
+    return x0, nz, eo, v
+
+
+@triton.jit
 def _load_sample(
     b, chunk, x0_ptr, noise_ptr, out_ptr, t_ptr, tables_ptr, D, T,
     LEARNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     t = tl.load(t_ptr + b)
     offs, mask, base = chunk_offsets(b, chunk, D, BLOCK)
-    x0 = tl.load(x0_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    nz = tl.load(noise_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
-    eo, v = load_model_output(out_ptr, b, offs, mask, D, LEARNED)
+    x0, nz, eo, v = _load_at(b, offs, mask, base, x0_ptr, noise_ptr, out_ptr, D, LEARNED)
     return t, offs, mask, x0, nz, eo, v
+
+
+@triton.jit
+def _chunk_sums(
+    x0, nz, eo, v, mask, t, tables_ptr, T, MEAN: tl.constexpr, VAR: tl.constexpr, NEED_VB: tl.constexpr,
+    R_SA: tl.constexpr, R_S1A: tl.constexpr, R_C1: tl.constexpr, R_C2: tl.constexpr, R_PLV: tl.constexpr,
+    R_SRA: tl.constexpr, R_SRM1: tl.constexpr, R_LOGB: tl.constexpr, R_FLLV: tl.constexpr,
+    R_RC1: tl.constexpr, R_C2C1: tl.constexpr, K: tl.constexpr,
+):
+    """One chunk's sum of squared error (mean half against its target) and
+    sum of the bound term (nats; 0 without NEED_VB)."""
+    xt, tm, m, lv, tgt = _elements(
+        x0, nz, eo, v, t, tables_ptr, T, MEAN, VAR,
+        R_SA, R_S1A, R_C1, R_C2, R_PLV, R_SRA, R_SRM1, R_LOGB, R_FLLV, R_RC1, R_C2C1,
+    )
+    diff = tgt - eo
+    se = tl.sum(tl.where(mask, diff * diff, 0.0), axis=0)
+    vb = se * 0.0
+    if NEED_VB:
+        plv = tl.load(tables_ptr + R_PLV * T + t)
+        vb = tl.sum(tl.where(mask, bound_term(x0, tm, plv, m, lv, t, K), 0.0), axis=0)
+    return se, vb
+
+
+@triton.jit
+def _store_losses(
+    b, se_sum, vb_sum, loss_ptr, mse_ptr, vbo_ptr, D_f, LN2_f, KL_SCALE, VB_SCALE,
+    IS_KL: tl.constexpr, LEARNED: tl.constexpr,
+):
+    """A sample's loss, mse and vb from its two sums (the 1/D, 1/ln 2 and
+    RESCALED factors of reference.training_loss)."""
+    raw_vb = vb_sum / D_f / LN2_f
+    mse = se_sum / D_f
+    if IS_KL:
+        tl.store(loss_ptr + b, raw_vb * KL_SCALE)
+        tl.store(mse_ptr + b, 0.0)
+        tl.store(vbo_ptr + b, raw_vb)
+    elif LEARNED:
+        vb = raw_vb * VB_SCALE
+        tl.store(loss_ptr + b, mse + vb)
+        tl.store(mse_ptr + b, mse)
+        tl.store(vbo_ptr + b, vb)
+    else:
+        tl.store(loss_ptr + b, mse)
+        tl.store(mse_ptr + b, mse)
+        tl.store(vbo_ptr + b, 0.0)
 
 
 @triton.jit
@@ -92,17 +146,13 @@ def _training_loss_fwd_kernel(
     t, offs, mask, x0, nz, eo, v = _load_sample(
         b, chunk, x0_ptr, noise_ptr, out_ptr, t_ptr, tables_ptr, D, T, LEARNED, BLOCK
     )
-    xt, tm, m, lv, tgt = _elements(
-        x0, nz, eo, v, t, tables_ptr, T, MEAN, VAR,
-        R_SA, R_S1A, R_C1, R_C2, R_PLV, R_SRA, R_SRM1, R_LOGB, R_FLLV, R_RC1, R_C2C1,
+    se, vb = _chunk_sums(
+        x0, nz, eo, v, mask, t, tables_ptr, T, MEAN, VAR, NEED_VB,
+        R_SA, R_S1A, R_C1, R_C2, R_PLV, R_SRA, R_SRM1, R_LOGB, R_FLLV, R_RC1, R_C2C1, K,
     )
-    diff = tgt - eo
-    se = tl.where(mask, diff * diff, 0.0)
-    tl.store(se_ptr + b.to(tl.int64) * n_chunks + chunk, tl.sum(se, axis=0))
+    tl.store(se_ptr + b.to(tl.int64) * n_chunks + chunk, se)
     if NEED_VB:
-        plv = tl.load(tables_ptr + R_PLV * T + t)
-        term = tl.where(mask, bound_term(x0, tm, plv, m, lv, t, K), 0.0)
-        tl.store(vb_ptr + b.to(tl.int64) * n_chunks + chunk, tl.sum(term, axis=0))
+        tl.store(vb_ptr + b.to(tl.int64) * n_chunks + chunk, vb)
 
 
 @triton.jit
@@ -123,21 +173,46 @@ def _training_loss_finalize_kernel(
         acc_se += tl.load(se_ptr + row + start + offs, mask=m, other=0.0)
         if NEED_VB:
             acc_vb += tl.load(vb_ptr + row + start + offs, mask=m, other=0.0)
-    raw_vb = tl.sum(acc_vb, axis=0) / D_f / LN2_f
-    mse = tl.sum(acc_se, axis=0) / D_f
-    if IS_KL:
-        tl.store(loss_ptr + b, raw_vb * KL_SCALE)
-        tl.store(mse_ptr + b, 0.0)
-        tl.store(vbo_ptr + b, raw_vb)
-    elif LEARNED:
-        vb = raw_vb * VB_SCALE
-        tl.store(loss_ptr + b, mse + vb)
-        tl.store(mse_ptr + b, mse)
-        tl.store(vbo_ptr + b, vb)
-    else:
-        tl.store(loss_ptr + b, mse)
-        tl.store(mse_ptr + b, mse)
-        tl.store(vbo_ptr + b, 0.0)
+    _store_losses(
+        b, tl.sum(acc_se, axis=0), tl.sum(acc_vb, axis=0), loss_ptr, mse_ptr, vbo_ptr, D_f, LN2_f, KL_SCALE,
+        VB_SCALE, IS_KL, LEARNED,
+    )
+
+
+@triton.jit
+def _training_loss_fwd_rows_kernel(
+    out_ptr,  # [B, C' * S] model output (C' = 2C when learned), any float dtype
+    x0_ptr,  # [B, D] clean data (D = C * S)
+    noise_ptr,  # [B, D] noise
+    t_ptr,  # [B] int64 timesteps
+    tables_ptr,  # [R, T] float32 coefficient tables
+    loss_ptr, mse_ptr, vbo_ptr,  # [B] float32 outputs
+    D, T, n_chunks, D_f, LN2_f, KL_SCALE, VB_SCALE,
+    MEAN: tl.constexpr, VAR: tl.constexpr, LEARNED: tl.constexpr, NEED_VB: tl.constexpr, IS_KL: tl.constexpr,
+    R_SA: tl.constexpr, R_S1A: tl.constexpr, R_C1: tl.constexpr, R_C2: tl.constexpr, R_PLV: tl.constexpr,
+    R_SRA: tl.constexpr, R_SRM1: tl.constexpr, R_LOGB: tl.constexpr, R_FLLV: tl.constexpr,
+    R_RC1: tl.constexpr, R_C2C1: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The forward and the finalize in one launch: one program per sample
+    walks its chunks (the same per-chunk sums as the two-kernel path, added
+    one after another where the finalize adds them as a tree: the results
+    agree to float32 rounding) and writes loss, mse and vb."""
+    b = tl.program_id(0)
+    t = tl.load(t_ptr + b)
+    base = b.to(tl.int64) * D
+    se_sum = tl.sum(tl.zeros((BLOCK,), dtype=tl.float32), axis=0)
+    vb_sum = se_sum
+    for chunk in range(0, n_chunks):
+        offs = chunk * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < D
+        x0, nz, eo, v = _load_at(b, offs, mask, base, x0_ptr, noise_ptr, out_ptr, D, LEARNED)
+        se, vb = _chunk_sums(
+            x0, nz, eo, v, mask, t, tables_ptr, T, MEAN, VAR, NEED_VB,
+            R_SA, R_S1A, R_C1, R_C2, R_PLV, R_SRA, R_SRM1, R_LOGB, R_FLLV, R_RC1, R_C2C1, K,
+        )
+        se_sum += se
+        vb_sum += vb
+    _store_losses(b, se_sum, vb_sum, loss_ptr, mse_ptr, vbo_ptr, D_f, LN2_f, KL_SCALE, VB_SCALE, IS_KL, LEARNED)
 
 
 @triton.jit
@@ -147,7 +222,8 @@ def _training_loss_bwd_kernel(
     noise_ptr,  # [B, D]
     t_ptr,  # [B] int64
     tables_ptr,  # [R, T] float32
-    gl_ptr, gm_ptr, gv_ptr,  # [B] upstream gradients of loss, mse, vb (read only when HAS_G*)
+    gl_ptr, gm_ptr, gv_ptr,  # [B] upstream gradients of loss, mse, vb (read only when HAS_G*), any stride
+    gl_stride, gm_stride, gv_stride,  # their strides (0 for an expanded scalar's gradient)
     grad_ptr,  # [B, C' * S] d(objective)/d(model output), model output's dtype
     D, T, D_f, DLN2_f, KL_SCALE, VB_SCALE,
     MEAN: tl.constexpr, VAR: tl.constexpr, LEARNED: tl.constexpr, HAS_MSE: tl.constexpr,
@@ -176,11 +252,11 @@ def _training_loss_bwd_kernel(
     gm = 0.0
     gv = 0.0
     if HAS_GL:
-        gl = tl.load(gl_ptr + b).to(tl.float32)
+        gl = tl.load(gl_ptr + b.to(tl.int64) * gl_stride).to(tl.float32)
     if HAS_GM:
-        gm = tl.load(gm_ptr + b).to(tl.float32)
+        gm = tl.load(gm_ptr + b.to(tl.int64) * gm_stride).to(tl.float32)
     if HAS_GV:
-        gv = tl.load(gv_ptr + b).to(tl.float32)
+        gv = tl.load(gv_ptr + b.to(tl.int64) * gv_stride).to(tl.float32)
     if VB_TRAINS_MEAN:  # the KL losses: loss = vb * KL_SCALE, mse = 0
         wse = 0.0
         wvb = (gl * KL_SCALE + gv) / DLN2_f
@@ -276,9 +352,18 @@ def _scales(loss_type, num_timesteps):
     return kl, vb
 
 
+# Samples of at most this many chunks take the one-launch forward (one
+# program per sample); longer ones the two-kernel path, whose grid keeps the
+# GPU busy when there are few samples (64x3x256x256: 192 chunks each).
+ROW_CHUNKS_MAX = 16
+
+
 def training_loss_fwd(model_output, x_start, noise, t, tables, model_mean_type, model_var_type, loss_type,
-                      num_timesteps):
-    """(loss, mse, vb): three [B] float32 tensors, as reference.training_loss."""
+                      num_timesteps, *, block=None, one_launch=None):
+    """(loss, mse, vb): three [B] float32 tensors, as reference.training_loss.
+    block (elements per program) and one_launch (True: one program per
+    sample; False: partial sums, then a finalize kernel; None: by
+    ROW_CHUNKS_MAX) override the defaults, for tests and A/B timing."""
     out, x0, nz, t, tables, B, D, codes, is_kl, need_vb = _prepare(
         model_output, x_start, noise, t, tables, model_mean_type, model_var_type, loss_type
     )
@@ -289,14 +374,20 @@ def training_loss_fwd(model_output, x_start, noise, t, tables, model_mean_type, 
     if not D:  # a mean over no elements, as the reference: NaN
         nan = torch.full((B,), float("nan"), device=device, dtype=torch.float32)
         return nan, nan.clone(), nan.clone()
-    block = block_size(D)
+    block = block or block_size(D)
     n_chunks = cdiv(D, block)
+    kl_scale, vb_scale = _scales(loss_type, num_timesteps)
+    if one_launch if one_launch is not None else n_chunks <= ROW_CHUNKS_MAX:
+        _training_loss_fwd_rows_kernel[(B,)](
+            out, x0, nz, t, tables, loss, mse, vb, D, tables.shape[1], n_chunks, float(D), _LN2, kl_scale, vb_scale,
+            NEED_VB=need_vb, IS_KL=is_kl, K=_K, BLOCK=block, **codes, **_ROWS,
+        )
+        return loss, mse, vb
     partial = torch.empty((2, B, n_chunks), device=device, dtype=torch.float32)
     _training_loss_fwd_kernel[(B, n_chunks)](
         out, x0, nz, t, tables, partial[0], partial[1], D, tables.shape[1], n_chunks,
         NEED_VB=need_vb, K=_K, BLOCK=block, **codes, **_ROWS,
     )
-    kl_scale, vb_scale = _scales(loss_type, num_timesteps)
     _training_loss_finalize_kernel[(B,)](
         partial[0], partial[1], loss, mse, vb, n_chunks, float(D), _LN2, kl_scale, vb_scale,
         IS_KL=is_kl, LEARNED=codes["LEARNED"], NEED_VB=need_vb,
@@ -312,7 +403,7 @@ def training_loss_bwd(model_output, x_start, noise, t, tables, grad_loss, grad_m
     out, x0, nz, t, tables, B, D, codes, is_kl, need_vb = _prepare(
         model_output, x_start, noise, t, tables, model_mean_type, model_var_type, loss_type
     )
-    grads = [None if g is None else g.contiguous() for g in (grad_loss, grad_mse, grad_vb)]
+    grads = (grad_loss, grad_mse, grad_vb)
     for g in grads:
         if g is not None and (g.shape != (B,) or g.device != x0.device):
             raise ValueError(f"upstream gradients must have shape [{B}] on {x0.device}, got {tuple(g.shape)} on {g.device}")
@@ -322,7 +413,8 @@ def training_loss_bwd(model_output, x_start, noise, t, tables, grad_loss, grad_m
         kl_scale, vb_scale = _scales(loss_type, num_timesteps)
         dummy = next((g for g in grads if g is not None), t)
         _training_loss_bwd_kernel[(B, cdiv(D, block))](
-            out, x0, nz, t, tables, *(dummy if g is None else g for g in grads), grad, D, tables.shape[1],
+            out, x0, nz, t, tables, *(dummy if g is None else g for g in grads),
+            *(0 if g is None else g.stride(0) for g in grads), grad, D, tables.shape[1],
             float(D), D * _LN2, kl_scale, vb_scale,
             HAS_MSE=not is_kl, NEED_VB=need_vb, VB_TRAINS_MEAN=is_kl,
             HAS_GL=grads[0] is not None, HAS_GM=grads[1] is not None, HAS_GV=grads[2] is not None,

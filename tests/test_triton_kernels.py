@@ -138,6 +138,43 @@ def test_training_loss_forward_and_backward_match_reference(mean, var, loss):
     assert g_kernel.abs().max() > 0
 
 
+@pytest.mark.parametrize("mean,var,loss", KINDS)
+def test_training_loss_forward_one_launch_and_two_kernel_paths(mean, var, loss):
+    """Samples of many blocks: one program per sample (one launch) and
+    partial sums + finalize (two) both give the reference's losses; block=16
+    makes 3 blocks of a 45-element sample, the last partial."""
+    from iddpm_fast.kernels import training_loss as k
+
+    x0, noise, out, t = _data((2, 3, 5, 3), var in ref.LEARNED_VAR_TYPES)
+    tables = _tables()
+    kinds = dict(model_mean_type=mean, model_var_type=var, loss_type=loss, num_timesteps=T)
+    truth = ref.training_loss(out.double(), x0.double(), noise.double(), t, tables.double(), **kinds)
+    torch_ref = ref.training_loss(out, x0, noise, t, tables, **kinds)
+    paths = [k.training_loss_fwd(out, x0, noise, t, tables, **kinds, block=16, one_launch=one) for one in (True, False)]
+    for got in paths:
+        for name, g, w, exact in zip(("loss", "mse", "vb"), got, torch_ref, truth):
+            err_kernel, err_ref = (g.double() - exact).abs(), (w.double() - exact).abs()
+            assert (err_kernel <= 2 * err_ref + 1e-5 * exact.abs() + 1e-6).all(), (name, g, w, exact)
+    for a, b in zip(*paths):  # the same sums, added in another order
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_training_loss_backward_reads_strided_upstream_gradients():
+    """An expanded gradient (loss.sum().backward() gives one, stride 0) and a
+    strided one are read in place, with the same result as contiguous copies."""
+    from iddpm_fast.kernels import training_loss as k
+
+    x0, noise, out, t = _data((3, 2, 4, 3), True)
+    tables = _tables()
+    args = ("epsilon", "learned_range", "rescaled_mse", T)
+    expanded = torch.tensor(0.7, device=DEVICE).expand(3)
+    strided = torch.tensor([1.5, 9.0, -0.4, 9.0, 2.2, 9.0], device=DEVICE)[::2]
+    assert expanded.stride(0) == 0 and strided.stride(0) == 2
+    got = k.training_loss_bwd(out, x0, noise, t, tables, expanded, strided, None, *args)
+    want = k.training_loss_bwd(out, x0, noise, t, tables, expanded.contiguous(), strided.contiguous(), None, *args)
+    assert torch.equal(got, want) and got.abs().max() > 0
+
+
 @pytest.mark.parametrize("used", [0, 1, 2], ids=["loss", "mse", "vb"])
 @pytest.mark.parametrize("path", ["eager", "custom_op"])
 def test_training_loss_gradient_of_one_output_alone(used, path):
