@@ -41,8 +41,8 @@ stage 170 "$log_tests" $py -m pytest -q -p no:cacheprovider -n 4 --maxfail=40 -r
 # A/B timings in one process: the CUDA GroupNorm kernels (vectorised on/off, one-pass, stock),
 # the sampling step (fused/stock convolution biases; CUDA graphs with bf16/autocast weights),
 # the training step with the stock/fused/one-pass GroupNorm, q_sample's block size, and
-# where the fused training loss spends its host time.
-stage 120 "$log_bench" $py bench/profile_gpu.py --what ab_gn,ab_sample,ab_train,ab_qsample,host_loss
+# the fused training loss (host time; one-launch vs two-kernel forward).
+stage 120 "$log_bench" $py bench/profile_gpu.py --what ab_gn,ab_sample,ab_train,ab_qsample,host_loss,ab_loss
 
 bench() { stage "$1" "$log_bench" $py -m pytest -q -p no:cacheprovider "bench/test_bench_$2.py" --benchmark \
     --benchmark-max-time=0.5 "${@:3}"; }

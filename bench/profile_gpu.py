@@ -8,7 +8,7 @@ Where the GPU time goes: torch.profiler tables (self CUDA time per kernel) of
 
     python bench/profile_gpu.py [--what sample,gn,train] [--rows 25]
     python bench/profile_gpu.py --what ab_gn,ab_sample,ab_train,ab_qsample   # A/B timings only
-    python bench/profile_gpu.py --what host_loss   # host time of the fused training loss
+    python bench/profile_gpu.py --what host_loss,ab_loss   # the fused training loss: host time, one/two launches
 
 Needs CUDA. Prints tables; writes nothing.
 """
@@ -313,6 +313,30 @@ def host_loss(args):
     pstats.Stats(prof).sort_stats("tottime").print_stats(args.rows)
 
 
+def ab_loss(args):
+    """The training loss forward with one launch (one program per sample) and
+    with two (partial sums + finalize), device time back to back, at the
+    benchmark shapes (hybrid loss, fp32): where the one-launch path should stop."""
+    from iddpm_fast.kernels import training_loss as k
+    from iddpm_fast.script_util import create_gaussian_diffusion
+
+    diffusion = create_gaussian_diffusion(steps=4000, noise_schedule="cosine", learn_sigma=True)
+    tables = diffusion.tables(torch.device("cuda"))
+    kinds = ("epsilon", "learned_range", "mse", 4000)
+    print(f"\n==== training loss forward, one launch vs two (ROW_CHUNKS_MAX = {k.ROW_CHUNKS_MAX})")
+    for shape in ((16, 3, 32, 32), (128, 3, 64, 64), (32, 3, 128, 128), (64, 3, 256, 256)):
+        x0 = torch.randn(shape, device="cuda")
+        noise = torch.randn_like(x0)
+        out = torch.randn(shape[0], 6, *shape[2:], device="cuda")
+        t = torch.randint(0, 4000, (shape[0],), device="cuda")
+        nb = 4 * x0.numel() * 4
+        row = []
+        for one in (True, False):
+            ms = _time(lambda: k.training_loss_fwd(out, x0, noise, t, tables, *kinds, one_launch=one), 50)
+            row.append(f"{'one' if one else 'two'} launch(es) {ms:.4f} ms ({nb / ms / 1e6:.0f} GB/s)")
+        print(f"  {str(list(shape)):18s} " + " | ".join(row))
+
+
 def ab_sample(args):
     """Sampling step (bf16 channels-last, c128, batch 256): eager in one
     autocast context as in p_sample_loop, convolution biases added by the
@@ -416,6 +440,7 @@ def main():
             "ab_train": ab_train,
             "ab_qsample": ab_qsample,
             "host_loss": host_loss,
+            "ab_loss": ab_loss,
         }[what](args)
 
 
