@@ -38,6 +38,15 @@ stage 60 "$log_build" $py -m iddpm_fast info
 stage 170 "$log_tests" $py -m pytest -q -p no:cacheprovider -n 4 --maxfail=40 -rfEs \
     tests/test_group_norm_silu.py tests/test_bias_add.py tests/test_unet.py tests/test_dropout.py tests/test_cuda_graphs.py \
     tests/test_ops_seam.py tests/test_triton_kernels.py
+# The one-pass GroupNorm kernels under compute-sanitizer (out-of-bounds / misaligned accesses,
+# then shared-memory races: what their CPU emulation cannot show), where the toolkit has it.
+san=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+if [[ -n "$san" ]]; then
+    stage 60 "$log_tests" "$san" --tool memcheck --error-exitcode 1 $py bench/sanitize_onepass.py
+    stage 45 "$log_tests" "$san" --tool racecheck --error-exitcode 1 $py bench/sanitize_onepass.py --quick
+else
+    echo "== no compute-sanitizer on this machine" >>"$log_tests"
+fi
 # A/B timings in one process: the CUDA GroupNorm kernels (vectorised on/off, one-pass, stock),
 # the sampling step (fused/stock convolution biases; CUDA graphs with bf16/autocast weights),
 # the training step with the stock/fused/one-pass GroupNorm, q_sample's block size, and
