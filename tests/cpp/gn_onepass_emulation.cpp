@@ -1,12 +1,14 @@
-// The one-pass CUDA GroupNorm-SiLU forward (csrc/cuda/gn_onepass.h) run on
-// the CPU: each block's kThreads threads are OS threads, __syncthreads is a
-// std::barrier, a warp shuffle an exchange through a buffer between two
-// barriers, shared memory a static. The kernel source is the CUDA build's,
-// unchanged; tests/test_group_norm_silu_onepass.py builds this file with
-// torch.utils.cpp_extension and holds the kernel to reference.py, so its
+// The one-pass CUDA GroupNorm-SiLU kernels (csrc/cuda/gn_onepass.h, forward
+// and backward) run on the CPU: a block's kThreads threads are OS threads,
+// __syncthreads is a std::barrier, a warp shuffle an exchange through a
+// buffer between two barriers, shared memory a static; the blocks run one
+// after another. The kernel source is the CUDA build's, unchanged;
+// tests/test_group_norm_silu_onepass.py builds this file with
+// torch.utils.cpp_extension and holds the kernels to reference.py, so their
 // index arithmetic, reductions and coefficients are tested where no GPU is.
-// (What the emulation cannot show: speed, and faults a GPU would raise on a
-// misaligned access; the GPU test suite covers those on the device.)
+// (What the emulation cannot show: speed, races between warps that a shuffle
+// here would order, and faults a GPU raises on misaligned or out-of-bounds
+// accesses: bench/sanitize_onepass.py runs them under compute-sanitizer.)
 #include <torch/extension.h>
 
 #include <barrier>
@@ -15,7 +17,7 @@
 #include <vector>
 
 namespace gn_emu {
-inline int block_id = 0;
+thread_local int block_id = 0;
 thread_local int thread_id = 0;
 inline std::barrier<>* block_barrier = nullptr;
 
@@ -56,26 +58,29 @@ at::Tensor as_float(const c10::optional<at::Tensor>& p) {
   return p.has_value() && p->defined() ? p->to(at::kFloat).contiguous() : at::Tensor();
 }
 
-// Runs kernel(args) as `blocks` blocks one after another, kThreads threads each.
+// Runs kernel(args) as `blocks` blocks one after another on kThreads
+// threads, which meet at a barrier between blocks (shared memory, a static
+// here, is reused by the next block as on a GPU).
 struct EmulatedLaunch {
   int blocks;
 
   template <typename Kernel, typename A>
   void operator()(Kernel kernel, const A& args) const {
-    for (int block = 0; block < blocks; ++block) {
-      gn_emu::block_id = block;
-      std::barrier<> barrier(kThreads);
-      gn_emu::block_barrier = &barrier;
-      std::vector<std::thread> threads;
-      threads.reserve(kThreads);
-      for (int t = 0; t < kThreads; ++t) {
-        threads.emplace_back([&, t] {
-          gn_emu::thread_id = t;
+    std::barrier<> barrier(kThreads);
+    gn_emu::block_barrier = &barrier;
+    std::vector<std::thread> threads;
+    threads.reserve(kThreads);
+    for (int t = 0; t < kThreads; ++t) {
+      threads.emplace_back([&, t] {
+        gn_emu::thread_id = t;
+        for (int block = 0; block < blocks; ++block) {
+          gn_emu::block_id = block;
           kernel(args);
-        });
-      }
-      for (auto& t : threads) t.join();
+          barrier.arrive_and_wait();
+        }
+      });
     }
+    for (auto& t : threads) t.join();
   }
 };
 
