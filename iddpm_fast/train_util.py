@@ -570,6 +570,11 @@ def _log_losses_and_check(diffusion, ts, losses, loss):
     float32 arrays as log_loss_dict logs them.
     """
     n = ts.numel()
+    for key, values in losses.items():
+        if values.numel() != n:
+            raise ValueError(
+                f"loss term {key!r} has shape {tuple(values.shape)}; expected one value per timestep ({n})"
+            )
     rows = [values.detach().float().reshape(-1) for values in losses.values()] + [ts.detach().reshape(-1)]
     host = th.cat([r.double() for r in rows] + [loss.detach().double().reshape(1)]).cpu().numpy()
     quartiles = (4 * host[len(losses) * n : (len(losses) + 1) * n].astype(np.int64)) // diffusion.num_timesteps

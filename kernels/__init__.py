@@ -13,8 +13,9 @@ import os
 
 
 def interpreting():
-    """True when Triton runs kernels on the CPU through its interpreter (tests)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """True when Triton runs kernels on the CPU through its interpreter (tests):
+    TRITON_INTERPRET read as Triton reads it (1, true, yes, on, y)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on", "y")
 
 
 @functools.lru_cache(maxsize=None)

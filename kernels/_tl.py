@@ -20,7 +20,7 @@ def load_model_output(out_ptr, b, offs, mask, D, LEARNED: tl.constexpr):
     output, laid out [B, C' * S] with C' = 2C when learned; fp32.
     """
     if LEARNED:
-        obase = b.to(tl.int64) * (2 * D)
+        obase = b.to(tl.int64) * 2 * D
         eo = tl.load(out_ptr + obase + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(out_ptr + obase + D + offs, mask=mask, other=0.0).to(tl.float32)
     else:
@@ -55,9 +55,11 @@ def log_likelihood(x, m, ls, K: tl.constexpr):
     inv = tl.exp(-ls)
     cp = cdf(inv * (c + 1.0 / 255.0), K)
     cm = cdf(inv * (c - 1.0 / 255.0), K)
-    ll_lo = tl.log(tl.maximum(cp, 1e-12))
-    ll_hi = tl.log(tl.maximum(1.0 - cm, 1e-12))
-    ll_mid = tl.log(tl.maximum(cp - cm, 1e-12))
+    # NaN-propagating clamps, as the reference's clamp(min=1e-12): a NaN model
+    # output must give a NaN loss (TrainLoop stops on it), not log(1e-12).
+    ll_lo = tl.log(tl.maximum(cp, 1e-12, propagate_nan=tl.PropagateNan.ALL))
+    ll_hi = tl.log(tl.maximum(1.0 - cm, 1e-12, propagate_nan=tl.PropagateNan.ALL))
+    ll_mid = tl.log(tl.maximum(cp - cm, 1e-12, propagate_nan=tl.PropagateNan.ALL))
     return tl.where(x < -0.999, ll_lo, tl.where(x > 0.999, ll_hi, ll_mid))
 
 
@@ -89,7 +91,9 @@ def model_distribution(
     else:
         pred = tl.load(tables_ptr + R_RC1 * T + t) * eo - tl.load(tables_ptr + R_C2C1 * T + t) * xt
     if CLIP:
-        pred = tl.minimum(tl.maximum(pred, -1.0), 1.0)
+        # clamp(-1, 1) keeps NaN, as the reference's does
+        pred = tl.minimum(tl.maximum(pred, -1.0, propagate_nan=tl.PropagateNan.ALL), 1.0,
+                          propagate_nan=tl.PropagateNan.ALL)
     if MEAN == 0:
         mean = eo
     else:

@@ -81,24 +81,24 @@ def _load_sample(
 
 
 @triton.jit
-def _chunk_sums(
+def _chunk_terms(
     x0, nz, eo, v, mask, t, tables_ptr, T, MEAN: tl.constexpr, VAR: tl.constexpr, NEED_VB: tl.constexpr,
     R_SA: tl.constexpr, R_S1A: tl.constexpr, R_C1: tl.constexpr, R_C2: tl.constexpr, R_PLV: tl.constexpr,
     R_SRA: tl.constexpr, R_SRM1: tl.constexpr, R_LOGB: tl.constexpr, R_FLLV: tl.constexpr,
     R_RC1: tl.constexpr, R_C2C1: tl.constexpr, K: tl.constexpr,
 ):
-    """One chunk's sum of squared error (mean half against its target) and
-    sum of the bound term (nats; 0 without NEED_VB)."""
+    """Per element of one chunk, 0 outside the sample: the squared error (mean
+    half against its target) and the bound term (nats; 0 without NEED_VB)."""
     xt, tm, m, lv, tgt = _elements(
         x0, nz, eo, v, t, tables_ptr, T, MEAN, VAR,
         R_SA, R_S1A, R_C1, R_C2, R_PLV, R_SRA, R_SRM1, R_LOGB, R_FLLV, R_RC1, R_C2C1,
     )
     diff = tgt - eo
-    se = tl.sum(tl.where(mask, diff * diff, 0.0), axis=0)
+    se = tl.where(mask, diff * diff, 0.0)
     vb = se * 0.0
     if NEED_VB:
         plv = tl.load(tables_ptr + R_PLV * T + t)
-        vb = tl.sum(tl.where(mask, bound_term(x0, tm, plv, m, lv, t, K), 0.0), axis=0)
+        vb = tl.where(mask, bound_term(x0, tm, plv, m, lv, t, K), 0.0)
     return se, vb
 
 
@@ -146,13 +146,13 @@ def _training_loss_fwd_kernel(
     t, offs, mask, x0, nz, eo, v = _load_sample(
         b, chunk, x0_ptr, noise_ptr, out_ptr, t_ptr, tables_ptr, D, T, LEARNED, BLOCK
     )
-    se, vb = _chunk_sums(
+    se, vb = _chunk_terms(
         x0, nz, eo, v, mask, t, tables_ptr, T, MEAN, VAR, NEED_VB,
         R_SA, R_S1A, R_C1, R_C2, R_PLV, R_SRA, R_SRM1, R_LOGB, R_FLLV, R_RC1, R_C2C1, K,
     )
-    tl.store(se_ptr + b.to(tl.int64) * n_chunks + chunk, se)
+    tl.store(se_ptr + b.to(tl.int64) * n_chunks + chunk, tl.sum(se, axis=0))
     if NEED_VB:
-        tl.store(vb_ptr + b.to(tl.int64) * n_chunks + chunk, vb)
+        tl.store(vb_ptr + b.to(tl.int64) * n_chunks + chunk, tl.sum(vb, axis=0))
 
 
 @triton.jit
@@ -194,28 +194,35 @@ def _training_loss_fwd_rows_kernel(
     R_RC1: tl.constexpr, R_C2C1: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """The forward and the finalize in one launch: one program per sample
-    walks its chunks (the same per-chunk sums as the two-kernel path, added
-    one after another where the finalize adds them as a tree: the results
-    agree to float32 rounding) and writes loss, mse and vb."""
+    walks its chunks, accumulating the two-kernel path's per-element terms
+    elementwise, and reduces them once (another order of the same float32
+    additions: the paths agree to rounding); writes loss, mse and vb."""
     b = tl.program_id(0)
     t = tl.load(t_ptr + b)
     base = b.to(tl.int64) * D
-    se_sum = tl.sum(tl.zeros((BLOCK,), dtype=tl.float32), axis=0)
-    vb_sum = se_sum
-    for chunk in range(0, n_chunks):
-        offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    start = base * 0  # int64 offset of the chunk within the sample
+    se_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    vb_acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for _ in range(0, n_chunks):
+        offs = start + tl.arange(0, BLOCK)
         mask = offs < D
+        start += BLOCK
         x0, nz, eo, v = _load_at(b, offs, mask, base, x0_ptr, noise_ptr, out_ptr, D, LEARNED)
-        se, vb = _chunk_sums(
+        se, vb = _chunk_terms(
             x0, nz, eo, v, mask, t, tables_ptr, T, MEAN, VAR, NEED_VB,
             R_SA, R_S1A, R_C1, R_C2, R_PLV, R_SRA, R_SRM1, R_LOGB, R_FLLV, R_RC1, R_C2C1, K,
         )
-        se_sum += se
-        vb_sum += vb
+        se_acc += se
+        vb_acc += vb
+    # One reduction across the program at the end, not one per chunk.
+    se_sum = tl.sum(se_acc, axis=0)
+    vb_sum = tl.sum(vb_acc, axis=0)
     _store_losses(b, se_sum, vb_sum, loss_ptr, mse_ptr, vbo_ptr, D_f, LN2_f, KL_SCALE, VB_SCALE, IS_KL, LEARNED)
 
 
-@triton.jit
+# The upstream gradients' strides are 0 (an expanded scalar's gradient), 1 or
+# anything: one compiled kernel for all, not one per stride class.
+@triton.jit(do_not_specialize=["gl_stride", "gm_stride", "gv_stride"])
 def _training_loss_bwd_kernel(
     out_ptr,  # [B, C' * S] model output
     x0_ptr,  # [B, D]
@@ -314,7 +321,7 @@ def _training_loss_bwd_kernel(
         elif VAR == 0:
             g_v += wvb * dterm_lv
     if LEARNED:
-        obase = b.to(tl.int64) * (2 * D)
+        obase = b.to(tl.int64) * 2 * D
         tl.store(grad_ptr + obase + offs, g_eo.to(grad_ptr.dtype.element_ty), mask=mask)
         tl.store(grad_ptr + obase + D + offs, g_v.to(grad_ptr.dtype.element_ty), mask=mask)
     else:

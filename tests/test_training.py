@@ -353,3 +353,5 @@ def test_one_copy_loss_logging_logs_what_log_loss_dict_logs(tmp_path, last):
     (want, _), (got, finite) = logged
     assert got == want and len(got) > 3
     assert finite == np.isfinite(last)
+    with pytest.raises(ValueError, match="one value per timestep"):
+        train_util._log_losses_and_check(diffusion, t, {"loss": losses["loss"][:4]}, torch.tensor(last))

@@ -175,6 +175,37 @@ def test_training_loss_backward_reads_strided_upstream_gradients():
     assert torch.equal(got, want) and got.abs().max() > 0
 
 
+@pytest.mark.parametrize("loss", ["kl", "rescaled_kl", "rescaled_mse"])
+def test_a_nan_model_output_gives_a_nan_loss_like_the_reference(loss):
+    """The decoder term at t = 0 clamps probabilities at 1e-12: a NaN must
+    stay NaN through that clamp (as torch's clamp keeps it), or a diverged
+    model would report a finite loss and TrainLoop would not stop."""
+    from iddpm_fast.kernels import training_loss as k
+
+    x0, noise, out, _ = _data((2, 3, 4, 4), True)
+    out[0, 0, 1, 2] = float("nan")
+    t = torch.tensor([0, 0], device=DEVICE)
+    kinds = dict(model_mean_type="epsilon", model_var_type="learned_range", loss_type=loss, num_timesteps=T)
+    for one in (True, False):
+        got = k.training_loss_fwd(out, x0, noise, t, _tables(), **kinds, one_launch=one)
+        want = ref.training_loss(out, x0, noise, t, _tables(), **kinds)
+        assert torch.isnan(want[0][0]) and not torch.isnan(want[0][1])
+        torch.testing.assert_close(got[0], want[0], equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+def test_clipping_pred_xstart_keeps_nan_like_the_reference():
+    from iddpm_fast.kernels import sampling as k
+
+    x0, _, out, t = _data((2, 3, 4, 4), True)
+    out[1, 0, 0, 0] = float("nan")
+    args = (out, x0, t, _tables())
+    kinds = dict(model_mean_type="epsilon", model_var_type="learned_range", clip_denoised=True)
+    got = k.p_mean_variance(*args, **kinds)[3]
+    want = ref.p_mean_variance(*args, **kinds)[3]
+    assert torch.isnan(want).sum() == 1
+    torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("used", [0, 1, 2], ids=["loss", "mse", "vb"])
 @pytest.mark.parametrize("path", ["eager", "custom_op"])
 def test_training_loss_gradient_of_one_output_alone(used, path):
