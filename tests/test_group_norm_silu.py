@@ -426,17 +426,21 @@ print("ok")
 def _one_pass_applies(shape, groups, layout, dtype, backward):
     """Whether the one-pass CUDA kernels (csrc/cuda/gn_onepass.h: plan,
     backward_plan) take this shape, the rules written out again; assumes
-    16-byte aligned tensors and N * groups >= the multiprocessors."""
+    16-byte aligned tensors and enough blocks (N * groups, over the groups
+    per slab) for the multiprocessors."""
     d, length = shape[1] // groups, math.prod(shape[2:])
-    w = 16 // torch.empty((), dtype=dtype).element_size()
-    if layout == "channels_last":
+    w = vec = 16 // torch.empty((), dtype=dtype).element_size()
+    elements = d * length  # a block's
+    if layout == "channels_last" and not backward and d < vec and vec % d == 0 and groups % (vec // d) == 0:
+        elements = vec * length  # a slab of vec / d groups, one 16-byte pack a position
+    elif layout == "channels_last":
         while w > 2 and d % w:
             w //= 2
         if d % w:
             return False
     elif length % w:
         return False
-    packs_per_thread = -(-d * length // w // 256)
+    packs_per_thread = -(-elements // w // 256)
     if d > 256 or packs_per_thread > (4 if backward else 8):
         return False
     if not backward:
@@ -450,12 +454,13 @@ def _one_pass_applies(shape, groups, layout, dtype, backward):
 @pytest.mark.skipif("cuda" not in DEVICES, reason="the CUDA kernels need a GPU and a CUDA build")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-# 8 x 32 groups or more: at least one block per multiprocessor, as the one-pass kernels need.
+# At least one block per multiprocessor, as the one-pass kernels need, even where
+# channels-last slabs put up to 8 groups in a block (40 x 32 / 8 = 160 blocks).
 @pytest.mark.parametrize(
     "shape, groups",
     [
-        ((8, 128, 32, 32), 32),
-        ((8, 64, 16, 16), 32),
+        ((40, 128, 32, 32), 32),
+        ((40, 64, 16, 16), 32),
         ((16, 512, 8, 8), 32),
         ((12, 96, 6, 10), 32),
         ((136, 256, 4, 4), 1),

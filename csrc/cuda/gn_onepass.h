@@ -92,15 +92,15 @@ struct Group {
   int n, g, C, packs, per_pos, base;
 };
 
-template <bool CL, int W, typename T, typename A>
-GN1_DEVICE Group group_of(const Args<T, A>& a, int ng) {
+template <bool CL, int W>
+GN1_DEVICE Group group_of(int G, int D, int L, int ng) {
   Group q;
-  q.n = ng / a.G;
-  q.g = ng - q.n * a.G;
-  q.C = a.G * a.D;
-  q.packs = a.D * a.L / W;
-  q.per_pos = a.D / W;
-  q.base = CL ? q.n * a.L * q.C + q.g * a.D : (q.n * q.C + q.g * a.D) * a.L;
+  q.n = ng / G;
+  q.g = ng - q.n * G;
+  q.C = G * D;
+  q.packs = D * L / W;
+  q.per_pos = D / W;
+  q.base = CL ? q.n * L * q.C + q.g * D : (q.n * q.C + q.g * D) * L;
   return q;
 }
 
@@ -112,84 +112,116 @@ GN1_DEVICE int pack_offset(const Group& q, int i) {
   return CL ? q.base + (i / q.per_pos) * q.C + (i % q.per_pos) * W : q.base + i * W;
 }
 
-// z = (x - mean) a + b per channel of group (n, g): a = weight (1 + scale)
-// rstd, b = bias (1 + scale) + shift (fold_coefficients in gn_silu_cuda.cu),
-// into coef[0][c], coef[1][c]; the caller's barrier publishes them.
-template <typename T, typename A>
-GN1_DEVICE void fold(const Args<T, A>& a, int n, int g, A rstd, A (*coef)[kThreads]) {
+// z = (x - mean) a + b per channel: a = weight (1 + scale) rstd, b = bias
+// (1 + scale) + shift (fold_coefficients in gn_silu_cuda.cu), into
+// coef[0][c], coef[1][c] for the D * GPB channels of the GPB groups that
+// start at group g of sample n (mean[i], rstd[i]: group g + i's); with GPB > 1
+// also the channel's group mean into coef[2][c]. The caller's barrier
+// publishes them.
+template <int GPB, typename T, typename A>
+GN1_DEVICE void fold(const Args<T, A>& a, int n, int g, const A* mean, const A* rstd, A (*coef)[kThreads]) {
   const int C = a.G * a.D;
-  for (int c = GN1_TID; c < a.D; c += kThreads) {
+  for (int c = GN1_TID; c < a.D * GPB; c += kThreads) {
+    const int gi = c / a.D;  // group within the slab
+    A r = rstd[0], m = mean[0];
+#pragma unroll
+    for (int i = 1; i < GPB; ++i) {
+      if (gi == i) {
+        r = rstd[i];
+        m = mean[i];
+      }
+    }
     const int ch = g * a.D + c, nc = n * C + ch;
     const A gamma = a.weight ? a.weight[ch] : A(1), beta = a.bias ? a.bias[ch] : A(0);
     const A mod = a.scale ? A(1) + a.scale[nc] : A(1), off = a.shift ? a.shift[nc] : A(0);
-    coef[0][c] = gamma * rstd * mod;
+    coef[0][c] = gamma * r * mod;
     coef[1][c] = beta * mod + off;
+    if constexpr (GPB > 1) coef[2][c] = m;
   }
 }
 
 // Block (n, g) of a grid of N * G blocks, kThreads threads each. Group
 // (n, g) holds channels g D .. g D + D - 1 (C = G D), M = D L elements, M / W
 // packs; thread t holds packs t, t + kThreads, ... (K at most).
-template <typename T, typename A, int W, int K, bool CL>
+//
+// GPB > 1 (channels-last, D * sizeof(T) under 16 bytes): the block holds a
+// slab of GPB adjacent groups instead, W = GPB D channels, one 16-byte pack
+// per position, so that a warp reads whole sectors (a group's own D channels
+// would be 4-8 bytes at a stride of C). Grid N * G / GPB; element v of a pack
+// belongs to group v / D of the slab, and each group gets its own sums.
+template <typename T, typename A, int W, int K, bool CL, int GPB = 1>
 GN1_KERNEL void forward_kernel(const Args<T, A> a) {
-  GN1_SHARED A scratch[2][kWarps];
-  GN1_SHARED A coef[2][kThreads];
+  static_assert(GPB == 1 || (CL && W % GPB == 0), "slabs: channels-last, a whole number of channels per group");
+  constexpr int DG = W / GPB;  // GPB > 1: channels per group, one pack per position
+  GN1_SHARED A scratch[2 * GPB][kWarps];
+  GN1_SHARED A coef[GPB > 1 ? 3 : 2][kThreads];
   const T* __restrict__ x = a.x;
   T* __restrict__ y = a.y;
   const int tid = GN1_TID;
   const int ng = GN1_BID;
-  const int D = a.D, L = a.L;
-  const Group grp = group_of<CL, W>(a, ng);
+  const int D = a.D * GPB, L = a.L;  // the block's channels (a slab's with GPB > 1)
+  const Group grp = group_of<CL, W>(a.G / GPB, D, L, ng);
   // The sums run over x - k, k the group's first value, and k is added back
   // once: far from zero mean (|mean| / std ~ 1e4) a float32 sum of raw values
   // loses the digits that the deviations live in (as merge_vector in
   // gn_silu_cuda.cu).
-  const A k = static_cast<A>(x[grp.base]);
+  A k[GPB], s[GPB], mean[GPB], rstd[GPB];
+#pragma unroll
+  for (int gi = 0; gi < GPB; ++gi) {
+    k[gi] = static_cast<A>(x[grp.base + gi * a.D]);
+    s[gi] = A(0);
+  }
   Pack<T, W> r[K];
-  A s = A(0);
 #pragma unroll
   for (int j = 0; j < K; ++j) {
     const int i = tid + j * kThreads;
     if (i < grp.packs) {
       r[j] = *reinterpret_cast<const Pack<T, W>*>(x + pack_offset<CL, W>(grp, i));
 #pragma unroll
-      for (int v = 0; v < W; ++v) s += static_cast<A>(r[j].v[v]) - k;
+      for (int v = 0; v < W; ++v) s[v / DG % GPB] += static_cast<A>(r[j].v[v]) - k[v / DG % GPB];
     }
   }
-  const A count = static_cast<A>(D * L);
-  const A mean = k + block_sum(s, scratch[0]) / count;
-  A q = A(0);
+  const A count = static_cast<A>(a.D * L);  // elements per group
+#pragma unroll
+  for (int gi = 0; gi < GPB; ++gi) mean[gi] = k[gi] + block_sum(s[gi], scratch[gi]) / count;
+  A q[GPB];
+#pragma unroll
+  for (int gi = 0; gi < GPB; ++gi) q[gi] = A(0);
 #pragma unroll
   for (int j = 0; j < K; ++j) {
     if (tid + j * kThreads < grp.packs) {
 #pragma unroll
       for (int v = 0; v < W; ++v) {
-        const A d = static_cast<A>(r[j].v[v]) - mean;
-        q += d * d;
+        const A d = static_cast<A>(r[j].v[v]) - mean[v / DG % GPB];
+        q[v / DG % GPB] += d * d;
       }
     }
   }
-  const A var = block_sum(q, scratch[1]) / count;
-  const A rstd = A(1) / GN1_SQRT(var + a.eps);
-  if (tid == 0) {
-    a.mean[ng] = mean;
-    a.rstd[ng] = rstd;
+#pragma unroll
+  for (int gi = 0; gi < GPB; ++gi) {
+    rstd[gi] = A(1) / GN1_SQRT(block_sum(q[gi], scratch[GPB + gi]) / count + a.eps);
+    if (tid == 0) {
+      a.mean[ng * GPB + gi] = mean[gi];
+      a.rstd[ng * GPB + gi] = rstd[gi];
+    }
   }
-  fold(a, grp.n, grp.g, rstd, coef);
+  fold<GPB>(a, grp.n, grp.g * GPB, mean, rstd, coef);
   GN1_SYNC();
 #pragma unroll
   for (int j = 0; j < K; ++j) {
     const int i = tid + j * kThreads;
     if (i < grp.packs) {
       Pack<T, W> out;
-      // First channel (within the group) of the pack's elements: in
+      // First channel (within the block's) of the pack's elements: in
       // channels-last consecutive elements are consecutive channels, in the
       // contiguous layout they share one.
       const int c0 = CL ? (i % grp.per_pos) * W : i * W / L;
 #pragma unroll
       for (int v = 0; v < W; ++v) {
         const int c = CL ? c0 + v : c0;
-        const A z = (static_cast<A>(r[j].v[v]) - mean) * coef[0][c] + coef[1][c];
+        A m = mean[0];
+        if constexpr (GPB > 1) m = coef[2][c];
+        const A z = (static_cast<A>(r[j].v[v]) - m) * coef[0][c] + coef[1][c];
         out.v[v] = static_cast<T>(a.act ? z * (A(1) / (A(1) + GN1_EXP(-z))) : z);
       }
       *reinterpret_cast<Pack<T, W>*>(y + pack_offset<CL, W>(grp, i)) = out;
@@ -229,9 +261,9 @@ GN1_KERNEL void backward_kernel(const Args<T, A> a) {
   const int tid = GN1_TID, lane = tid % 32, warp = tid / 32;
   const int ng = GN1_BID;
   const int D = a.D, L = a.L;
-  const Group grp = group_of<CL, W>(a, ng);
+  const Group grp = group_of<CL, W>(a.G, a.D, a.L, ng);
   const A mean = a.mean[ng], rstd = a.rstd[ng];
-  fold(a, grp.n, grp.g, rstd, coef);
+  fold<1>(a, grp.n, grp.g, &mean, &rstd, coef);
   Pack<T, W> rx[K], rg[K];
 #pragma unroll
   for (int j = 0; j < K; ++j) {
@@ -372,29 +404,36 @@ GN1_KERNEL void backward_kernel(const Args<T, A> a) {
   }
 }
 
-// Pack width and packs per thread for a shape, or w == 0 where this kernel
-// does not apply. vec: elements of T per 16 bytes. (The caller also checks
+// Pack width, packs per thread and groups per block for a shape, or w == 0
+// where these kernels do not apply. vec: elements of T per 16 bytes. (The caller also checks
 // 16-byte alignment of x and y and that N * G fills the GPU.)
 struct Plan {
   int w = 0;
   int k = 0;
+  int gpb = 1;  // groups per block (forward_kernel's slabs)
 };
 
-inline Plan plan(int64_t N, int64_t G, int64_t D, int64_t L, bool channels_last, int vec) {
+// slabs: whether the plan may put several channels-last groups in one block
+// (forward_kernel only).
+inline Plan plan(int64_t N, int64_t G, int64_t D, int64_t L, bool channels_last, int vec, bool slabs = true) {
   Plan p;
   const int64_t numel = N * G * D * L;
-  if (numel <= 0 || numel >= (int64_t(1) << 31) || N * G >= (int64_t(1) << 31) || D > kThreads) return p;
+  if (numel <= 0 || numel >= (int64_t(1) << 31) || N * G >= (int64_t(1) << 31) || D > kThreads) return Plan{};
   int w = vec;
-  if (channels_last) {
+  int64_t group_elements = D * L;  // elements a block holds
+  if (channels_last && slabs && D < vec && vec % D == 0 && G % (vec / D) == 0) {
+    p.gpb = static_cast<int>(vec / D);  // one 16-byte pack per position holds gpb groups
+    group_elements = int64_t(vec) * L;
+  } else if (channels_last) {
     while (w > 2 && D % w != 0) w /= 2;
-    if (D % w != 0) return p;
+    if (D % w != 0) return Plan{};
   } else if (L % w != 0) {
-    return p;
+    return Plan{};
   }
-  const int64_t packs = D * L / w;
+  const int64_t packs = group_elements / w;
   int k = 1;
   while (int64_t(k) * kThreads < packs) k *= 2;
-  if (k > kMaxPacksPerThread) return p;
+  if (k > kMaxPacksPerThread) return Plan{};
   p.w = w;
   p.k = k;
   return p;
@@ -402,7 +441,7 @@ inline Plan plan(int64_t N, int64_t G, int64_t D, int64_t L, bool channels_last,
 
 // forward's plan, where the backward also applies (see backward_kernel).
 inline Plan backward_plan(int64_t N, int64_t G, int64_t D, int64_t L, bool channels_last, int vec) {
-  Plan p = plan(N, G, D, L, channels_last, vec);
+  Plan p = plan(N, G, D, L, channels_last, vec, /*slabs=*/false);
   if (p.w == 0 || p.k > kMaxBackwardPacks) return Plan{};
   const auto pow2 = [](int64_t v) { return v > 0 && (v & (v - 1)) == 0; };
   const int64_t per = channels_last ? D / p.w : L / p.w;
@@ -410,21 +449,18 @@ inline Plan backward_plan(int64_t N, int64_t G, int64_t D, int64_t L, bool chann
   return ok ? p : Plan{};
 }
 
-// Calls f.template run<W, K, CL>() for the plan (W a power of two from V
-// down to 2, K in 1, 2, 4 and, when MaxK allows, 8); false, running
-// nothing, for a plan no instance serves (the caller then takes the split
-// kernels).
-template <int W, bool CL, int MaxK, typename F>
+// Calls f.template run<W, K, CL, GPB>() for the plan (W a power of two from
+// V down to 2, K in 1, 2, 4 and, when MaxK allows, 8) and returns what it
+// returns; false, running nothing, for a plan no instance serves (the caller
+// then takes the split kernels).
+template <int W, bool CL, int MaxK, int GPB, typename F>
 bool run_k(int k, const F& f) {
   switch (k) {
-    case 1: f.template run<W, 1, CL>(); return true;
-    case 2: f.template run<W, 2, CL>(); return true;
-    case 4: f.template run<W, 4, CL>(); return true;
+    case 1: return f.template run<W, 1, CL, GPB>();
+    case 2: return f.template run<W, 2, CL, GPB>();
+    case 4: return f.template run<W, 4, CL, GPB>();
     case 8:
-      if constexpr (MaxK >= 8) {
-        f.template run<W, 8, CL>();
-        return true;
-      }
+      if constexpr (MaxK >= 8) return f.template run<W, 8, CL, GPB>();
       return false;
     default: return false;
   }
@@ -433,18 +469,30 @@ bool run_k(int k, const F& f) {
 template <int W, int MaxK, typename F>
 bool run_channels_last(const Plan& p, const F& f) {
   if constexpr (W >= 2) {
-    return p.w == W ? run_k<W, true, MaxK>(p.k, f) : run_channels_last<W / 2, MaxK>(p, f);
+    return p.w == W ? run_k<W, true, MaxK, 1>(p.k, f) : run_channels_last<W / 2, MaxK>(p, f);
   } else {
     return false;
   }
 }
 
 // MaxK: the most packs per thread the caller's plans ask for (the backward
-// keeps x and dy in registers and stops at kMaxBackwardPacks).
+// keeps x and dy in registers and stops at kMaxBackwardPacks). Slabs (gpb
+// 2, 4 or 8) exist for the forward only, with a 16-byte pack (W = V).
 template <int V, int MaxK = kMaxPacksPerThread, typename F>
 bool dispatch(const Plan& p, bool channels_last, const F& f) {
+  if (channels_last && p.gpb > 1) {
+    if (p.w != V) return false;
+    switch (p.gpb) {
+      case 2: return run_k<V, true, MaxK, 2>(p.k, f);
+      case 4: return run_k<V, true, MaxK, 4>(p.k, f);
+      case 8:
+        if constexpr (V >= 8) return run_k<V, true, MaxK, 8>(p.k, f);
+        return false;
+      default: return false;
+    }
+  }
   if (channels_last) return run_channels_last<V, MaxK>(p, f);
-  return p.w == V && run_k<V, false, MaxK>(p.k, f);
+  return p.w == V && run_k<V, false, MaxK, 1>(p.k, f);
 }
 
 // Runs launch(kernel, args) with the forward or backward kernel for a plan,
@@ -455,12 +503,18 @@ struct Instance {
   const Args<T, A>& args;
   const Launch& launch;
 
-  template <int W, int K, bool CL>
-  void run() const {
+  template <int W, int K, bool CL, int GPB>
+  bool run() const {
     if constexpr (Backward) {
-      launch(backward_kernel<T, A, W, K, CL>, args);
+      if constexpr (GPB == 1) {
+        launch(backward_kernel<T, A, W, K, CL>, args);
+        return true;
+      } else {
+        return false;  // the backward has no slabs
+      }
     } else {
-      launch(forward_kernel<T, A, W, K, CL>, args);
+      launch(forward_kernel<T, A, W, K, CL, GPB>, args);
+      return true;
     }
   }
 };

@@ -1026,9 +1026,9 @@ struct OnePassLaunch {
 };
 
 // Runs the one-pass forward and returns true where it applies: float32,
-// float16 or bfloat16 x; x and y 16-byte aligned; a group of at most 8
-// 16-byte packs per thread (gn_onepass::plan); and at least one block per
-// multiprocessor (with fewer groups the split kernels, which spread a group
+// float16 or bfloat16 x; x and y 16-byte aligned; a group (or a slab of
+// groups) of at most 8 16-byte packs per thread (gn_onepass::plan); and at
+// least one block per multiprocessor (with fewer groups the split kernels, which spread a group
 // over many blocks, use more of the GPU). Off unless
 // IDDPM_FAST_GN_CUDA_ONEPASS=1 (read per call; it switches the one-pass
 // backward too): the kernels are tested on the CPU through an emulation of
@@ -1043,13 +1043,13 @@ bool onepass_forward(const GnShape& s, const at::Tensor& x, const at::Tensor& y,
   } else {
     if (!onepass_switched_on()) return false;
     if (!cuda_vec::aligned16(x.data_ptr()) || !cuda_vec::aligned16(y.data_ptr())) return false;
-    if (s.N * s.G < sm_count()) return false;
     const gn_onepass::Plan p = gn_onepass::plan(s.N, s.G, s.D, s.L, s.channels_last, vec_width<T>());
-    if (p.w == 0) return false;
+    const int64_t blocks = s.N * s.G / p.gpb;
+    if (p.w == 0 || blocks < sm_count()) return false;
     gn_onepass::Args<T, float> a = onepass_args<T>(s, x, w, b, sc, sh, mean, rstd);
     a.y = y.data_ptr<T>();
     a.eps = static_cast<float>(eps);
-    return gn_onepass::run<false>(p, s.channels_last, a, OnePassLaunch{static_cast<unsigned>(s.N * s.G), stream});
+    return gn_onepass::run<false>(p, s.channels_last, a, OnePassLaunch{static_cast<unsigned>(blocks), stream});
   }
 }
 

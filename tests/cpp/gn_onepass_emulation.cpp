@@ -104,13 +104,13 @@ iddpm_fast::gn_onepass::Args<T, float> args_of(const at::Tensor& x, const at::Te
   return a;
 }
 
-// (pack width, packs per thread) of the plan for x's shape and layout;
+// (pack width, packs per thread, groups per block) of the plan for x's shape and layout;
 // (0, 0) where the one-pass kernel does not apply.
 std::vector<int64_t> plan(const at::Tensor& x, int64_t num_groups, bool channels_last) {
   const int64_t N = x.size(0), C = x.size(1), L = x.numel() / std::max<int64_t>(N * C, 1);
   const int vec = static_cast<int>(16 / x.element_size());
   const auto p = iddpm_fast::gn_onepass::plan(N, num_groups, C / num_groups, L, channels_last, vec);
-  return {p.w, p.k};
+  return {p.w, p.k, p.gpb};
 }
 
 // The same for the backward kernel.
@@ -118,7 +118,7 @@ std::vector<int64_t> backward_plan(const at::Tensor& x, int64_t num_groups, bool
   const int64_t N = x.size(0), C = x.size(1), L = x.numel() / std::max<int64_t>(N * C, 1);
   const int vec = static_cast<int>(16 / x.element_size());
   const auto p = iddpm_fast::gn_onepass::backward_plan(N, num_groups, C / num_groups, L, channels_last, vec);
-  return {p.w, p.k};
+  return {p.w, p.k, p.gpb};
 }
 
 template <typename F>
@@ -187,7 +187,7 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const c10::optional<at::Ten
     auto a = args_of<T>(x, w, b, sc, sh, mean, rstd, num_groups, act);
     a.y = y.data_ptr<T>();
     a.eps = static_cast<float>(eps);
-    const EmulatedLaunch launch{static_cast<int>(N * num_groups)};
+    const EmulatedLaunch launch{static_cast<int>(N * num_groups / p.gpb)};
     const bool ran = iddpm_fast::gn_onepass::run<false>(p, channels_last, a, launch);
     TORCH_CHECK(ran, "no kernel instance serves this plan");
   });
