@@ -423,16 +423,16 @@ print("ok")
     _python_prints_ok(code, drop=("IDDPM_FAST_NO_EXT",), IDDPM_FAST_EXT_DIR=str(blocker / "sub"))
 
 
-def _one_pass_applies(shape, groups, layout, dtype, backward):
+def _one_pass_applies(shape, groups, layout, dtype, backward, sms=0):
     """Whether the one-pass CUDA kernels (csrc/cuda/gn_onepass.h: plan,
-    backward_plan) take this shape, the rules written out again; assumes
-    16-byte aligned tensors and enough blocks (N * groups, over the groups
-    per slab) for the multiprocessors."""
+    backward_plan) take this shape, the rules written out again, with sms
+    multiprocessors (one block each at least); assumes 16-byte aligned tensors."""
     d, length = shape[1] // groups, math.prod(shape[2:])
     w = vec = 16 // torch.empty((), dtype=dtype).element_size()
-    elements = d * length  # a block's
+    elements, blocks = d * length, shape[0] * groups  # a block's elements; blocks
     if layout == "channels_last" and not backward and d < vec and vec % d == 0 and groups % (vec // d) == 0:
         elements = vec * length  # a slab of vec / d groups, one 16-byte pack a position
+        blocks //= vec // d
     elif layout == "channels_last":
         while w > 2 and d % w:
             w //= 2
@@ -441,7 +441,7 @@ def _one_pass_applies(shape, groups, layout, dtype, backward):
     elif length % w:
         return False
     packs_per_thread = -(-elements // w // 256)
-    if d > 256 or packs_per_thread > (4 if backward else 8):
+    if d > 256 or packs_per_thread > (4 if backward else 8) or blocks < sms:
         return False
     if not backward:
         return True
@@ -493,9 +493,9 @@ def test_cuda_one_pass_kernels_agree_with_the_split_kernels(shape, groups, layou
             torch.cuda.synchronize()
         ran_bwd = any("gn_onepass" in e.name for e in prof.events())
         results[flag] = (y, mean, rstd, *grads)
-        on = flag == "1"
-        assert ran_fwd == (on and _one_pass_applies(shape, groups, layout, dtype, False)), (flag, ran_fwd)
-        assert ran_bwd == (on and _one_pass_applies(shape, groups, layout, dtype, True)), (flag, ran_bwd)
+        on, sms = flag == "1", torch.cuda.get_device_properties(0).multi_processor_count
+        assert ran_fwd == (on and _one_pass_applies(shape, groups, layout, dtype, False, sms)), (flag, ran_fwd)
+        assert ran_bwd == (on and _one_pass_applies(shape, groups, layout, dtype, True, sms)), (flag, ran_bwd)
     names = ["y", "mean", "rstd", "dx", "dweight", "dbias", "dscale", "dshift"]
     for name, a, c in zip(names, results["1"], results["0"]):
         eps = torch.finfo(a.dtype).eps
