@@ -21,8 +21,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # (shape, groups): at least one block per multiprocessor (132 on an H100/H200) even with
-# channels-last slabs of up to 8 groups a block; channels per group 2, 4, 16, 256, HxW 4x4 to 32x32.
-CASES = [((40, 64, 16, 16), 32), ((40, 128, 32, 32), 32), ((16, 512, 8, 8), 32), ((136, 256, 4, 4), 1)]
+# channels-last slabs of up to 8 groups a block; channels per group 1, 2, 4, 16, 256, HxW 4x4 to 32x64.
+CASES = [((40, 64, 16, 16), 32), ((40, 128, 32, 32), 32), ((16, 512, 8, 8), 32), ((136, 256, 4, 4), 1),
+         ((40, 32, 32, 64), 32)]
 
 
 def run(shape, groups, dtype, channels_last, scale_shift):

@@ -430,7 +430,8 @@ def _one_pass_applies(shape, groups, layout, dtype, backward, sms=0):
     d, length = shape[1] // groups, math.prod(shape[2:])
     w = vec = 16 // torch.empty((), dtype=dtype).element_size()
     elements, blocks = d * length, shape[0] * groups  # a block's elements; blocks
-    if layout == "channels_last" and not backward and d < vec and vec % d == 0 and groups % (vec // d) == 0:
+    if (layout == "channels_last" and not backward and d < vec and vec % d == 0 and groups % (vec // d) == 0
+            and blocks // (vec // d) >= sms):  # else one group per block, if that fills the GPU
         elements = vec * length  # a slab of vec / d groups, one 16-byte pack a position
         blocks //= vec // d
     elif layout == "channels_last":
@@ -455,7 +456,8 @@ def _one_pass_applies(shape, groups, layout, dtype, backward, sms=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 # At least one block per multiprocessor, as the one-pass kernels need, even where
-# channels-last slabs put up to 8 groups in a block (40 x 32 / 8 = 160 blocks).
+# channels-last slabs put up to 8 groups in a block (40 x 32 / 8 = 160 blocks);
+# the last shape has too few slabs (6 x 32 / 2 or 4 < 132) but enough groups.
 @pytest.mark.parametrize(
     "shape, groups",
     [
@@ -464,9 +466,13 @@ def _one_pass_applies(shape, groups, layout, dtype, backward, sms=0):
         ((16, 512, 8, 8), 32),
         ((12, 96, 6, 10), 32),
         ((136, 256, 4, 4), 1),
+        ((40, 32, 16, 16), 32),
+        ((40, 32, 32, 64), 32),
+        ((6, 64, 8, 8), 32),
     ],
     ids=["32x32 4 channels per group", "16x16 2 per group", "8x8 16 per group", "6x10 3 per group",
-         "4x4 256 per group"],
+         "4x4 256 per group", "16x16 group == channel", "32x64 group == channel",
+         "8x8 2 per group, too few slabs"],
 )
 @pytest.mark.parametrize("variant", ["silu", "scale_shift", "no_silu"])
 def test_cuda_one_pass_kernels_agree_with_the_split_kernels(shape, groups, layout, dtype, variant, monkeypatch):

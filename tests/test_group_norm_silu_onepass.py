@@ -70,6 +70,9 @@ CASES = {
     "bf16 channels-last, group == channel, slabs of 8": ((2, 16, 5, 5), 16, "channels_last", torch.bfloat16, (8, 1, 8)),
     "fp16 channels-last, 2 channels per group, odd HxW, slabs of 4": (
         (2, 8, 7, 9), 4, "channels_last", torch.float16, (8, 1, 4)),
+    "bf16 channels-last, group == channel, 8 packs per thread, slabs of 8": (
+        (1, 16, 32, 64), 16, "channels_last", torch.bfloat16, (8, 8, 8)),
+    "fp32 channels-last, 1x1, slabs of 4": ((4, 8, 1, 1), 8, "channels_last", torch.float32, (4, 1, 4)),
 }
 
 
@@ -126,6 +129,29 @@ def test_emulated_statistics_far_from_zero_mean(emu, layout):
     torch_err = (ref.group_norm_silu(x, w.float(), b.float(), 4).double() - truth).abs().max().item()
     assert (y.double() - truth).abs().max().item() <= 2 * torch_err + 1e-5
     torch.testing.assert_close(rstd.double(), _group_stats(x, 4)[1], rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_emulated_slab_groups_far_from_zero_each_with_its_own_mean(emu, dtype):
+    """A slab's groups, each far from zero mean and each at another mean
+    (+-300 (i + 1)): every group's sums must be shifted by its own first
+    value, or the deviations lose their digits."""
+    n, c, groups = 2, 8, 8  # group == channel: slabs of 4 (fp32) or 8 (bf16)
+    g = torch.Generator().manual_seed(5)
+    offsets = torch.tensor([300.0 * (i + 1) * (-1) ** i for i in range(c)], dtype=torch.float64)
+    x = (offsets.view(1, c, 1, 1) + 0.01 * torch.randn(n, c, 16, 16, generator=g, dtype=torch.float64)).float()
+    x = x.contiguous(memory_format=torch.channels_last)
+    assert emu.plan(x.to(dtype), groups, True)[2] > 1
+    w, b = torch.randn(c, generator=g, dtype=torch.float64), torch.randn(c, generator=g, dtype=torch.float64)
+    if dtype == torch.bfloat16:  # bf16 cannot hold 0.01 next to 300: test the statistics of what it holds
+        x = x.to(dtype)
+    y, mean, rstd = emu.forward(x, w.float(), b.float(), None, None, groups, 1e-5, True, True)
+    truth = ref.group_norm_silu(x.double(), w, b, groups)
+    torch_err = (ref.group_norm_silu(x.float(), w.float(), b.float(), groups).double() - truth).abs().max().item()
+    assert (y.double() - truth).abs().max().item() <= 2 * torch_err + 8 * torch.finfo(dtype).eps
+    true_mean, true_rstd = _group_stats(x, groups)
+    torch.testing.assert_close(mean.double(), true_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(rstd.double(), true_rstd, rtol=1.5e-4, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -115,28 +115,22 @@ GN1_DEVICE int pack_offset(const Group& q, int i) {
 // z = (x - mean) a + b per channel: a = weight (1 + scale) rstd, b = bias
 // (1 + scale) + shift (fold_coefficients in gn_silu_cuda.cu), into
 // coef[0][c], coef[1][c] for the D * GPB channels of the GPB groups that
-// start at group g of sample n (mean[i], rstd[i]: group g + i's); with GPB > 1
-// also the channel's group mean into coef[2][c]. The caller's barrier
-// publishes them.
+// start at group g of sample n (rstd[i]: group g + i's). The caller's
+// barrier publishes them.
 template <int GPB, typename T, typename A>
-GN1_DEVICE void fold(const Args<T, A>& a, int n, int g, const A* mean, const A* rstd, A (*coef)[kThreads]) {
+GN1_DEVICE void fold(const Args<T, A>& a, int n, int g, const A (&rstd)[GPB], A (*coef)[kThreads]) {
   const int C = a.G * a.D;
   for (int c = GN1_TID; c < a.D * GPB; c += kThreads) {
-    const int gi = c / a.D;  // group within the slab
-    A r = rstd[0], m = mean[0];
+    A r = rstd[0];
 #pragma unroll
     for (int i = 1; i < GPB; ++i) {
-      if (gi == i) {
-        r = rstd[i];
-        m = mean[i];
-      }
+      if (c / a.D == i) r = rstd[i];  // the channel's group within the slab
     }
     const int ch = g * a.D + c, nc = n * C + ch;
     const A gamma = a.weight ? a.weight[ch] : A(1), beta = a.bias ? a.bias[ch] : A(0);
     const A mod = a.scale ? A(1) + a.scale[nc] : A(1), off = a.shift ? a.shift[nc] : A(0);
     coef[0][c] = gamma * r * mod;
     coef[1][c] = beta * mod + off;
-    if constexpr (GPB > 1) coef[2][c] = m;
   }
 }
 
@@ -146,15 +140,19 @@ GN1_DEVICE void fold(const Args<T, A>& a, int n, int g, const A* mean, const A* 
 //
 // GPB > 1 (channels-last, D * sizeof(T) under 16 bytes): the block holds a
 // slab of GPB adjacent groups instead, W = GPB D channels, one 16-byte pack
-// per position, so that a warp reads whole sectors (a group's own D channels
-// would be 4-8 bytes at a stride of C). Grid N * G / GPB; element v of a pack
-// belongs to group v / D of the slab, and each group gets its own sums.
+// per position: half a 32-byte sector where a group's own D channels would
+// be 2-8 bytes of it (at a stride of C; the sector's other half is the
+// neighbouring slab's block's, likely from L2). Grid N * G / GPB; element v
+// of a pack belongs to group v / D of the slab, and each group gets its own
+// sums, mean and rstd.
 template <typename T, typename A, int W, int K, bool CL, int GPB = 1>
 GN1_KERNEL void forward_kernel(const Args<T, A> a) {
   static_assert(GPB == 1 || (CL && W % GPB == 0), "slabs: channels-last, a whole number of channels per group");
-  constexpr int DG = W / GPB;  // GPB > 1: channels per group, one pack per position
+  constexpr int DG = W / GPB;  // GPB > 1: channels per group (= a.D), one pack per position
+  // Each block_sum has its own scratch row: a warp still reading one row's
+  // partials must not see the next sum's writes.
   GN1_SHARED A scratch[2 * GPB][kWarps];
-  GN1_SHARED A coef[GPB > 1 ? 3 : 2][kThreads];
+  GN1_SHARED A coef[2][kThreads];
   const T* __restrict__ x = a.x;
   T* __restrict__ y = a.y;
   const int tid = GN1_TID;
@@ -165,10 +163,11 @@ GN1_KERNEL void forward_kernel(const Args<T, A> a) {
   // once: far from zero mean (|mean| / std ~ 1e4) a float32 sum of raw values
   // loses the digits that the deviations live in (as merge_vector in
   // gn_silu_cuda.cu).
+  const int group_channels = GPB > 1 ? DG : a.D;
   A k[GPB], s[GPB], mean[GPB], rstd[GPB];
 #pragma unroll
   for (int gi = 0; gi < GPB; ++gi) {
-    k[gi] = static_cast<A>(x[grp.base + gi * a.D]);
+    k[gi] = static_cast<A>(x[grp.base + gi * group_channels]);
     s[gi] = A(0);
   }
   Pack<T, W> r[K];
@@ -181,7 +180,7 @@ GN1_KERNEL void forward_kernel(const Args<T, A> a) {
       for (int v = 0; v < W; ++v) s[v / DG % GPB] += static_cast<A>(r[j].v[v]) - k[v / DG % GPB];
     }
   }
-  const A count = static_cast<A>(a.D * L);  // elements per group
+  const A count = static_cast<A>(group_channels * L);  // elements per group
 #pragma unroll
   for (int gi = 0; gi < GPB; ++gi) mean[gi] = k[gi] + block_sum(s[gi], scratch[gi]) / count;
   A q[GPB];
@@ -205,7 +204,7 @@ GN1_KERNEL void forward_kernel(const Args<T, A> a) {
       a.rstd[ng * GPB + gi] = rstd[gi];
     }
   }
-  fold<GPB>(a, grp.n, grp.g * GPB, mean, rstd, coef);
+  fold<GPB>(a, grp.n, grp.g * GPB, rstd, coef);
   GN1_SYNC();
 #pragma unroll
   for (int j = 0; j < K; ++j) {
@@ -219,9 +218,8 @@ GN1_KERNEL void forward_kernel(const Args<T, A> a) {
 #pragma unroll
       for (int v = 0; v < W; ++v) {
         const int c = CL ? c0 + v : c0;
-        A m = mean[0];
-        if constexpr (GPB > 1) m = coef[2][c];
-        const A z = (static_cast<A>(r[j].v[v]) - m) * coef[0][c] + coef[1][c];
+        // With slabs (one pack per position) element v is channel v: group v / DG.
+        const A z = (static_cast<A>(r[j].v[v]) - mean[v / DG % GPB]) * coef[0][c] + coef[1][c];
         out.v[v] = static_cast<T>(a.act ? z * (A(1) / (A(1) + GN1_EXP(-z))) : z);
       }
       *reinterpret_cast<Pack<T, W>*>(y + pack_offset<CL, W>(grp, i)) = out;
@@ -262,8 +260,10 @@ GN1_KERNEL void backward_kernel(const Args<T, A> a) {
   const int ng = GN1_BID;
   const int D = a.D, L = a.L;
   const Group grp = group_of<CL, W>(a.G, a.D, a.L, ng);
-  const A mean = a.mean[ng], rstd = a.rstd[ng];
-  fold<1>(a, grp.n, grp.g, &mean, &rstd, coef);
+  const A mean = a.mean[ng];
+  const A rstd_of[1] = {a.rstd[ng]};
+  const A rstd = rstd_of[0];
+  fold<1>(a, grp.n, grp.g, rstd_of, coef);
   Pack<T, W> rx[K], rg[K];
 #pragma unroll
   for (int j = 0; j < K; ++j) {
@@ -406,7 +406,7 @@ GN1_KERNEL void backward_kernel(const Args<T, A> a) {
 
 // Pack width, packs per thread and groups per block for a shape, or w == 0
 // where these kernels do not apply. vec: elements of T per 16 bytes. (The caller also checks
-// 16-byte alignment of x and y and that N * G fills the GPU.)
+// 16-byte alignment of x and y and that N * G / gpb blocks fill the GPU.)
 struct Plan {
   int w = 0;
   int k = 0;

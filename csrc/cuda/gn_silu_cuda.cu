@@ -1013,7 +1013,8 @@ inline bool onepass_switched_on() {
   return cuda_vec::switched_on("IDDPM_FAST_GN_CUDA_ONEPASS") && !cuda_vec::switched_off("IDDPM_FAST_GN_CUDA_VEC");
 }
 
-// Launches a one-pass kernel on N * G blocks.
+// Launches a one-pass kernel on `blocks` blocks (N * G, over the groups per
+// slab for the forward's channels-last slabs).
 struct OnePassLaunch {
   unsigned blocks;
   cudaStream_t stream;
@@ -1043,9 +1044,14 @@ bool onepass_forward(const GnShape& s, const at::Tensor& x, const at::Tensor& y,
   } else {
     if (!onepass_switched_on()) return false;
     if (!cuda_vec::aligned16(x.data_ptr()) || !cuda_vec::aligned16(y.data_ptr())) return false;
-    const gn_onepass::Plan p = gn_onepass::plan(s.N, s.G, s.D, s.L, s.channels_last, vec_width<T>());
+    const int sms = sm_count();
+    gn_onepass::Plan p = gn_onepass::plan(s.N, s.G, s.D, s.L, s.channels_last, vec_width<T>());
+    if (p.gpb > 1 && s.N * s.G / p.gpb < sms) {
+      // Too few slabs to fill the GPU: one group per block, if that fills it.
+      p = gn_onepass::plan(s.N, s.G, s.D, s.L, s.channels_last, vec_width<T>(), /*slabs=*/false);
+    }
     const int64_t blocks = s.N * s.G / p.gpb;
-    if (p.w == 0 || blocks < sm_count()) return false;
+    if (p.w == 0 || blocks < sms) return false;
     gn_onepass::Args<T, float> a = onepass_args<T>(s, x, w, b, sc, sh, mean, rstd);
     a.y = y.data_ptr<T>();
     a.eps = static_cast<float>(eps);
