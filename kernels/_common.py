@@ -2,6 +2,8 @@
 
 import math
 
+from iddpm_fast.reference import ROW
+
 from . import interpreting
 
 LN2 = math.log(2.0)
@@ -9,6 +11,16 @@ SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)  # the constant of the original's tanh
 
 MEAN_CODES = {"previous_x": 0, "start_x": 1, "epsilon": 2}
 VAR_CODES = {"learned": 0, "fixed_small": 1, "fixed_large": 2, "learned_range": 3}
+
+# Table rows (constexpr arguments R_*) of the coefficients that _tl's
+# model_distribution and bound_term read: the sampling, bound and loss kernels.
+MODEL_ROWS = dict(
+    R_C1=ROW["posterior_mean_coef1"], R_C2=ROW["posterior_mean_coef2"],
+    R_PLV=ROW["posterior_log_variance_clipped"], R_SRA=ROW["sqrt_recip_alphas_cumprod"],
+    R_SRM1=ROW["sqrt_recipm1_alphas_cumprod"], R_LOGB=ROW["log_betas"],
+    R_FLLV=ROW["fixed_large_log_variance"], R_RC1=ROW["recip_posterior_mean_coef1"],
+    R_C2C1=ROW["posterior_mean_coef2_over_coef1"],
+)
 
 
 def cdiv(a, b):

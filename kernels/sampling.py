@@ -16,6 +16,7 @@ from ._common import (
     LN2 as _LN2,
     SQRT_2_OVER_PI as _K,
     MEAN_CODES,
+    MODEL_ROWS,
     VAR_CODES,
     block_size,
     cdiv,
@@ -77,16 +78,6 @@ def _sampling_kernel(
         tl.store(sample_ptr + base + offs, sample.to(sample_ptr.dtype.element_ty), mask=mask)
 
 
-# Table rows of the coefficients the kernels read (constexpr arguments).
-_ROWS = dict(
-    R_C1=ROW["posterior_mean_coef1"], R_C2=ROW["posterior_mean_coef2"],
-    R_PLV=ROW["posterior_log_variance_clipped"], R_SRA=ROW["sqrt_recip_alphas_cumprod"],
-    R_SRM1=ROW["sqrt_recipm1_alphas_cumprod"], R_LOGB=ROW["log_betas"],
-    R_FLLV=ROW["fixed_large_log_variance"], R_RC1=ROW["recip_posterior_mean_coef1"],
-    R_C2C1=ROW["posterior_mean_coef2_over_coef1"],
-)
-
-
 def _launch(mode, model_output, x_t, noise, t, tables, model_mean_type, model_var_type, clip_denoised, eta=0.0):
     check_device(model_output, x_t, t, tables)
     (xt,) = check_contiguous_like(x_t)
@@ -107,7 +98,7 @@ def _launch(mode, model_output, x_t, noise, t, tables, model_mean_type, model_va
             float(eta),
             MEAN=MEAN_CODES[model_mean_type], VAR=VAR_CODES[model_var_type], LEARNED=learned,
             CLIP=bool(clip_denoised), MODE=mode,
-            R_AC=ROW["alphas_cumprod"], R_ACP=ROW["alphas_cumprod_prev"], BLOCK=block, **_ROWS,
+            R_AC=ROW["alphas_cumprod"], R_ACP=ROW["alphas_cumprod_prev"], BLOCK=block, **MODEL_ROWS,
         )
     return pred, mean, var, logvar, sample, learned
 
@@ -192,6 +183,6 @@ def vb_terms_bpd(model_output, x_start, x_t, t, tables, model_mean_type, model_v
             out, x0, xt, t.contiguous(), tables.contiguous(), pred, part, D, tables.shape[1], n_chunks,
             MEAN=MEAN_CODES[model_mean_type], VAR=VAR_CODES[model_var_type],
             LEARNED=model_var_type in ("learned", "learned_range"), CLIP=bool(clip_denoised),
-            K=_K, BLOCK=block, **_ROWS,
+            K=_K, BLOCK=block, **MODEL_ROWS,
         )
     return part.sum(dim=1) / D / _LN2, pred

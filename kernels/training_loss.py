@@ -27,6 +27,7 @@ from ._common import (
     LN2 as _LN2,
     SQRT_2_OVER_PI as _K,
     MEAN_CODES,
+    MODEL_ROWS,
     VAR_CODES,
     block_size,
     cdiv,
@@ -328,15 +329,8 @@ def _training_loss_bwd_kernel(
         tl.store(grad_ptr + b.to(tl.int64) * D + offs, g_eo.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-# Table rows of the coefficients the kernels read (constexpr arguments).
-_ROWS = dict(
-    R_SA=ROW["sqrt_alphas_cumprod"], R_S1A=ROW["sqrt_one_minus_alphas_cumprod"],
-    R_C1=ROW["posterior_mean_coef1"], R_C2=ROW["posterior_mean_coef2"],
-    R_PLV=ROW["posterior_log_variance_clipped"], R_SRA=ROW["sqrt_recip_alphas_cumprod"],
-    R_SRM1=ROW["sqrt_recipm1_alphas_cumprod"], R_LOGB=ROW["log_betas"],
-    R_FLLV=ROW["fixed_large_log_variance"], R_RC1=ROW["recip_posterior_mean_coef1"],
-    R_C2C1=ROW["posterior_mean_coef2_over_coef1"],
-)
+# Table rows (constexpr arguments): the model distribution's, and q_sample's two.
+_ROWS = dict(MODEL_ROWS, R_SA=ROW["sqrt_alphas_cumprod"], R_S1A=ROW["sqrt_one_minus_alphas_cumprod"])
 
 
 def _prepare(model_output, x_start, noise, t, tables, model_mean_type, model_var_type, loss_type):
