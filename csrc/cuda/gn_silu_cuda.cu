@@ -40,6 +40,7 @@
 
 #include "../gn_silu.h"
 #include "gn_onepass.h"
+#include "gn_onepass_args.h"
 #include "vec_util.h"
 
 namespace iddpm_fast {
@@ -986,27 +987,6 @@ inline VecPlan plan_vec_partials(const GnShape& s, int V) {
   return p;
 }
 
-// The one-pass kernels' arguments from the op's tensors (float32 statistics
-// and parameters: only float32/fp16/bf16 x take these kernels).
-template <typename T>
-gn_onepass::Args<T, float> onepass_args(const GnShape& s, const at::Tensor& x, const at::Tensor& w,
-                                         const at::Tensor& b, const at::Tensor& sc, const at::Tensor& sh,
-                                         const at::Tensor& mean, const at::Tensor& rstd) {
-  gn_onepass::Args<T, float> a{};
-  a.x = x.data_ptr<T>();
-  a.weight = ptr_or_null<float>(w);
-  a.bias = ptr_or_null<float>(b);
-  a.scale = ptr_or_null<float>(sc);
-  a.shift = ptr_or_null<float>(sh);
-  a.mean = mean.data_ptr<float>();
-  a.rstd = rstd.data_ptr<float>();
-  a.G = static_cast<int>(s.G);
-  a.D = static_cast<int>(s.D);
-  a.L = static_cast<int>(s.L);
-  a.act = s.silu;
-  return a;
-}
-
 // IDDPM_FAST_GN_CUDA_ONEPASS=1 turns the one-pass kernels on;
 // IDDPM_FAST_GN_CUDA_VEC=0 (the per-element kernels, for diagnosis) keeps them off.
 inline bool onepass_switched_on() {
@@ -1052,7 +1032,7 @@ bool onepass_forward(const GnShape& s, const at::Tensor& x, const at::Tensor& y,
     }
     const int64_t blocks = s.N * s.G / p.gpb;
     if (p.w == 0 || blocks < sms) return false;
-    gn_onepass::Args<T, float> a = onepass_args<T>(s, x, w, b, sc, sh, mean, rstd);
+    gn_onepass::Args<T, float> a = gn_onepass::args_from<T>(x, w, b, sc, sh, mean, rstd, s.G, s.D, s.L, s.silu);
     a.y = y.data_ptr<T>();
     a.eps = static_cast<float>(eps);
     return gn_onepass::run<false>(p, s.channels_last, a, OnePassLaunch{static_cast<unsigned>(blocks), stream});
@@ -1078,7 +1058,7 @@ bool onepass_backward(const GnShape& s, const at::Tensor& dy, const at::Tensor& 
     const gn_onepass::Plan p = gn_onepass::backward_plan(s.N, s.G, s.D, s.L, s.channels_last, vec_width<T>());
     if (p.w == 0) return false;
     at::Tensor sums = at::empty({2, s.N * s.C}, x.options().dtype(at::kDouble));
-    gn_onepass::Args<T, float> a = onepass_args<T>(s, x, w, b, sc, sh, mean, rstd);
+    gn_onepass::Args<T, float> a = gn_onepass::args_from<T>(x, w, b, sc, sh, mean, rstd, s.G, s.D, s.L, s.silu);
     a.dy = dy.data_ptr<T>();
     a.dx = dx.data_ptr<T>();
     a.ds = sums[0].data_ptr<double>();

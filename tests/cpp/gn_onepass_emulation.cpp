@@ -45,14 +45,11 @@ V shfl_xor(V v, int mask) {
 #define GN1_EXP(z) std::exp(z)
 #define GN1_SQRT(v) std::sqrt(v)
 #include "gn_onepass.h"
+#include "gn_onepass_args.h"
 
 namespace {
 
 using iddpm_fast::gn_onepass::kThreads;
-
-const float* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<float>() : nullptr;
-}
 
 at::Tensor as_float(const c10::optional<at::Tensor>& p) {
   return p.has_value() && p->defined() ? p->to(at::kFloat).contiguous() : at::Tensor();
@@ -83,26 +80,6 @@ struct EmulatedLaunch {
     for (auto& t : threads) t.join();
   }
 };
-
-template <typename T>
-iddpm_fast::gn_onepass::Args<T, float> args_of(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-                                               const at::Tensor& sc, const at::Tensor& sh, at::Tensor& mean,
-                                               at::Tensor& rstd, int64_t num_groups, bool act) {
-  iddpm_fast::gn_onepass::Args<T, float> a{};
-  const int64_t N = x.size(0), C = x.size(1);
-  a.x = x.data_ptr<T>();
-  a.weight = ptr_or_null(w);
-  a.bias = ptr_or_null(b);
-  a.scale = ptr_or_null(sc);
-  a.shift = ptr_or_null(sh);
-  a.mean = mean.data_ptr<float>();
-  a.rstd = rstd.data_ptr<float>();
-  a.G = static_cast<int>(num_groups);
-  a.D = static_cast<int>(C / num_groups);
-  a.L = static_cast<int>(x.numel() / (N * C));
-  a.act = act;
-  return a;
-}
 
 // (pack width, packs per thread, groups per block) of the plan for x's shape and layout;
 // (0, 0) where the one-pass kernel does not apply.
@@ -153,7 +130,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x, cons
   at::Tensor m = mean.to(at::kFloat).contiguous(), r = rstd.to(at::kFloat).contiguous();
   for_type(x.scalar_type(), [&](auto* typed) {
     using T = std::remove_pointer_t<decltype(typed)>;
-    auto a = args_of<T>(x, w, b, sc, sh, m, r, num_groups, act);
+    auto a = iddpm_fast::gn_onepass::args_from<T>(x, w, b, sc, sh, m, r, num_groups, C / num_groups, L, act);
     a.dy = dy.data_ptr<T>();
     a.dx = dx.data_ptr<T>();
     a.ds = ds.data_ptr<double>();
@@ -184,7 +161,7 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const c10::optional<at::Ten
   at::Tensor w = as_float(weight), b = as_float(bias), sc = as_float(scale), sh = as_float(shift);
   for_type(x.scalar_type(), [&](auto* typed) {
     using T = std::remove_pointer_t<decltype(typed)>;
-    auto a = args_of<T>(x, w, b, sc, sh, mean, rstd, num_groups, act);
+    auto a = iddpm_fast::gn_onepass::args_from<T>(x, w, b, sc, sh, mean, rstd, num_groups, C / num_groups, L, act);
     a.y = y.data_ptr<T>();
     a.eps = static_cast<float>(eps);
     const EmulatedLaunch launch{static_cast<int>(N * num_groups / p.gpb)};
