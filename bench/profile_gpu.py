@@ -47,6 +47,21 @@ def _time(fn, steps, *args):
     return start.elapsed_time(end) / steps
 
 
+def _print_copy_bandwidth(indent):
+    """What a device-to-device copy of 64 MiB achieves (read + write), the GB/s yardstick."""
+    x = torch.empty(64 << 18, device="cuda")
+    y = torch.empty_like(x)
+    ms = _time(y.copy_, 50, x)
+    print(f"{indent}copy 64 MiB: {ms:.4f} ms, {2 * x.numel() * 4 / ms / 1e6:.0f} GB/s")
+
+
+def _cosine_tables():
+    """The coefficient tables of a T = 4000 cosine diffusion on the GPU (the diffusion-op benchmarks')."""
+    from iddpm_fast.script_util import create_gaussian_diffusion
+
+    return create_gaussian_diffusion(steps=4000, noise_schedule="cosine").tables(torch.device("cuda"))
+
+
 def _profile(fn, steps, rows, title, *args):
     """Times fn(*args) with CUDA events, then prints its profiler table."""
     from torch.profiler import ProfilerActivity, profile
@@ -244,10 +259,7 @@ def ab_gn(args):
                 f" | fused fwd+bwd/stock {row['stock_fwdbwd'] / (row['fwd_vec1'] + row['bwd_vec1']):.2f}x,"
                 f" one-pass {row['stock_fwdbwd'] / (row['fwd_onepass'] + row['bwd_onepass']):.2f}x"
             )
-    x = torch.empty(64 << 18, device="cuda")
-    y = torch.empty_like(x)
-    ms = _time(y.copy_, 50, x)
-    print(f"copy 64 MiB: {ms:.4f} ms, {2 * x.numel() * 4 / ms / 1e6:.0f} GB/s")
+    _print_copy_bandwidth("")
 
 
 def ab_qsample(args):
@@ -255,10 +267,7 @@ def ab_qsample(args):
     elements per program and warps, against the device-to-device copy: GB/s of
     the minimal bytes (read x0 and noise, write x_t)."""
     from iddpm_fast.kernels import q_sample as k
-    from iddpm_fast.script_util import create_gaussian_diffusion
-
-    diffusion = create_gaussian_diffusion(steps=4000, noise_schedule="cosine")
-    tables = diffusion.tables(torch.device("cuda"))
+    tables = _cosine_tables()
     print("\n==== q_sample A/B, 64x3x256x256 (ms per call, CUDA events; GB/s of 3 tensors)")
     for dtype in (torch.float32, torch.bfloat16):
         x0 = torch.randn(64, 3, 256, 256, device="cuda").to(dtype)
@@ -268,10 +277,7 @@ def ab_qsample(args):
         for block, warps in ((1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16)):
             ms = _time(lambda: k.q_sample(x0, t, noise, tables, block=block, num_warps=warps), 50)
             print(f"  {str(dtype)[6:]:8s} BLOCK {block:5d} warps {warps:2d}: {ms:.4f} ms, {nb / ms / 1e6:.0f} GB/s")
-    x = torch.empty(64 << 18, device="cuda")
-    y = torch.empty_like(x)
-    ms = _time(y.copy_, 50, x)
-    print(f"  copy 64 MiB: {ms:.4f} ms, {2 * x.numel() * 4 / ms / 1e6:.0f} GB/s")
+    _print_copy_bandwidth("  ")
 
 
 def host_loss(args):
@@ -283,10 +289,7 @@ def host_loss(args):
     import pstats
 
     from iddpm_fast import ops
-    from iddpm_fast.script_util import create_gaussian_diffusion
-
-    diffusion = create_gaussian_diffusion(steps=4000, noise_schedule="cosine", learn_sigma=True)
-    tables = diffusion.tables(torch.device("cuda"))
+    tables = _cosine_tables()
     x0 = torch.randn(128, 3, 64, 64, device="cuda")
     noise = torch.randn_like(x0)
     out = torch.randn(128, 6, 64, 64, device="cuda", requires_grad=True)
@@ -318,10 +321,7 @@ def ab_loss(args):
     with two (partial sums + finalize), device time back to back, at the
     benchmark shapes (hybrid loss, fp32): where the one-launch path should stop."""
     from iddpm_fast.kernels import training_loss as k
-    from iddpm_fast.script_util import create_gaussian_diffusion
-
-    diffusion = create_gaussian_diffusion(steps=4000, noise_schedule="cosine", learn_sigma=True)
-    tables = diffusion.tables(torch.device("cuda"))
+    tables = _cosine_tables()
     kinds = ("epsilon", "learned_range", "mse", 4000)
     print(f"\n==== training loss forward, one launch vs two (ROW_CHUNKS_MAX = {k.ROW_CHUNKS_MAX})")
     for shape in ((16, 3, 32, 32), (128, 3, 64, 64), (32, 3, 128, 128), (64, 3, 256, 256)):
