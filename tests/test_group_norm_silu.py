@@ -14,6 +14,9 @@ import sys
 
 import pytest
 import torch
+from _gn import inputs as _inputs
+from _gn import reference as _reference
+from _gn import run as _run
 from _tensors import offset_copy
 
 from iddpm_fast import _ext, ops
@@ -41,50 +44,6 @@ SHAPES = {
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # The CUDA kernels are tested wherever a GPU and a CUDA build exist.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and REASON is None and _ext.has_cuda_kernels() else [])
-
-
-def _inputs(shape, dtype, scale_shift, layout, seed=0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    n, c = shape[:2]
-    # Non-zero mean: breaks one-pass variance formulas.
-    x = -2.3 + 0.5 * torch.randn(shape, generator=g, dtype=torch.float64)
-    w = 1 + 0.3 * torch.randn(c, generator=g, dtype=torch.float64)
-    b = 0.2 * torch.randn(c, generator=g, dtype=torch.float64)
-    sc = 0.5 * torch.randn(n, c, generator=g, dtype=torch.float64) if scale_shift else None
-    sh = 0.5 * torch.randn(n, c, generator=g, dtype=torch.float64) if scale_shift else None
-    gy = torch.randn(shape, generator=g, dtype=torch.float64)
-    x, w, b, gy = x.to(device), w.to(device), b.to(device), gy.to(device)
-    sc = sc.to(device) if sc is not None else None
-    sh = sh.to(device) if sh is not None else None
-    x = x.to(dtype)
-    if layout == "channels_last":
-        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
-    elif layout == "strided":
-        x = torch.cat([x, x], dim=-1)[..., : shape[-1]]  # a view with a padded last dim
-    return x, w, b, sc, sh, gy
-
-
-def _run(fn, x, w, b, sc, sh, gy, groups, param_dtype):
-    """Output and gradients (x, w, b[, scale, shift]) of fn at these inputs."""
-    # A leaf with x's exact strides (clone() would compact a strided view).
-    leaf = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device).copy_(x.detach())
-    leaves = [leaf.requires_grad_()]
-    leaves += [p.detach().to(param_dtype).clone().requires_grad_() for p in (w, b)]
-    if sc is not None:
-        leaves += [p.detach().to(x.dtype).clone().requires_grad_() for p in (sc, sh)]
-        y = fn(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], groups)
-    else:
-        y = fn(leaves[0], leaves[1], leaves[2], groups)
-    grads = torch.autograd.grad(y, leaves, gy.to(y.dtype))
-    return [y.detach()] + [gr.detach() for gr in grads]
-
-
-# scale_shift: True (GroupNorm-scale-shift-SiLU), False (GroupNorm-SiLU) or
-# None (plain GroupNorm, no SiLU: the attention blocks' norm).
-def _reference(scale_shift):
-    if scale_shift is None:
-        return ref.group_norm
-    return ref.group_norm_scale_shift_silu if scale_shift else ref.group_norm_silu
 
 
 def _fused(scale_shift):

@@ -12,6 +12,7 @@ kernel is tested through the op (tests/test_group_norm_silu.py).
 import os
 import shutil
 
+import _gn as gn
 import pytest
 import torch
 
@@ -76,23 +77,17 @@ CASES = {
 }
 
 
-def _inputs(shape, dtype, layout, scale_shift, seed=0, offset=-2.3, spread=0.5):
-    g = torch.Generator().manual_seed(seed)
-    n, c = shape[:2]
-    x = (offset + spread * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
-    if layout == "channels_last":
-        x = x.movedim(1, -1).contiguous().movedim(-1, 1)
-    w = 1 + 0.3 * torch.randn(c, generator=g, dtype=torch.float64)
-    b = 0.2 * torch.randn(c, generator=g, dtype=torch.float64)
-    sc = 0.5 * torch.randn(n, c, generator=g, dtype=torch.float64) if scale_shift else None
-    sh = 0.5 * torch.randn(n, c, generator=g, dtype=torch.float64) if scale_shift else None
-    return x, w, b, sc, sh
+# The tests' variants as test_group_norm_silu.py's scale_shift argument.
+SCALE_SHIFT = {"silu": False, "scale_shift": True, "no_silu": None}
 
 
-def _reference(x, w, b, sc, sh, groups, act):
-    if sc is not None:
-        return ref.group_norm_scale_shift_silu(x, w, b, sc, sh, groups)
-    return (ref.group_norm_silu if act else ref.group_norm)(x, w, b, groups)
+def _inputs(shape, dtype, layout, variant, **kw):
+    """x, weight, bias, scale, shift as test_group_norm_silu.py draws them."""
+    return gn.inputs(shape, dtype, SCALE_SHIFT[variant], layout, **kw)[:5]
+
+
+def _reference(variant, x, w, b, sc, sh, groups):
+    return gn.call(gn.reference(SCALE_SHIFT[variant]), x, w, b, sc, sh, groups)
 
 
 def _group_stats(x, groups):
@@ -106,13 +101,13 @@ def test_emulated_one_pass_forward_matches_reference(emu, name, variant):
     shape, groups, layout, dtype, want_plan = CASES[name]
     # The case exercises the pack width and packs per thread its name says.
     assert tuple(emu.plan(torch.empty(shape, dtype=dtype), groups, layout == "channels_last")) == want_plan
-    x, w, b, sc, sh = _inputs(shape, dtype, layout, variant == "scale_shift")
+    x, w, b, sc, sh = _inputs(shape, dtype, layout, variant)
     act = variant != "no_silu"
     y, mean, rstd = emu.forward(x, w.float(), b.float(), sc, sh, groups, 1e-5, act, layout == "channels_last")
     assert y.dtype == dtype and y.stride() == x.stride()
-    truth = _reference(x.double(), w, b, sc, sh, groups, act)
+    truth = _reference(variant, x.double(), w, b, sc, sh, groups)
     # PyTorch's own error in this dtype (the reference run in it), as the op's tests.
-    torch_err = (_reference(x, w.float(), b.float(), sc, sh, groups, act).double() - truth).abs().max().item()
+    torch_err = (_reference(variant, x, w.float(), b.float(), sc, sh, groups).double() - truth).abs().max().item()
     err = (y.double() - truth).abs().max().item()
     assert err <= 2 * torch_err + 1e-5, (err, torch_err)
     true_mean, true_rstd = _group_stats(x, groups)
@@ -123,7 +118,7 @@ def test_emulated_one_pass_forward_matches_reference(emu, name, variant):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_emulated_statistics_far_from_zero_mean(emu, layout):
     """|mean| / std = 3e4: the shifted sums keep the deviations' digits."""
-    x, w, b, _, _ = _inputs((2, 8, 16, 16), torch.float32, layout, False, seed=3, offset=300.0, spread=0.01)
+    x, w, b, _, _ = _inputs((2, 8, 16, 16), torch.float32, layout, "silu", seed=3, offset=300.0, spread=0.01)
     y, mean, rstd = emu.forward(x, w.float(), b.float(), None, None, 4, 1e-5, True, layout == "channels_last")
     truth = ref.group_norm_silu(x.double(), w, b, 4)
     torch_err = (ref.group_norm_silu(x, w.float(), b.float(), 4).double() - truth).abs().max().item()
@@ -192,23 +187,13 @@ BACKWARD_CASES = {
 }
 
 
-def _autograd(x, w, b, sc, sh, gy, groups, act, param_dtype):
-    """y and the gradients (x, weight, bias[, scale, shift]) of the reference."""
-    leaves = [x.detach().clone().requires_grad_()]
-    leaves += [p.detach().to(param_dtype).clone().requires_grad_() for p in (w, b)]
-    if sc is not None:
-        leaves += [p.detach().to(x.dtype).clone().requires_grad_() for p in (sc, sh)]
-    y = _reference(*leaves[:3], *(leaves[3:] or [None, None]), groups, act)
-    return [y.detach()] + [g.detach() for g in torch.autograd.grad(y, leaves, gy.to(y.dtype))]
-
-
 @pytest.mark.parametrize("name", list(BACKWARD_CASES))
 @pytest.mark.parametrize("variant", ["silu", "scale_shift", "no_silu"])
 def test_emulated_one_pass_backward_matches_autograd(emu, name, variant):
     shape, groups, layout, dtype, want_plan = BACKWARD_CASES[name]
     cl = layout == "channels_last"
     assert tuple(emu.backward_plan(torch.empty(shape, dtype=dtype), groups, cl)) == want_plan
-    x, w, b, sc, sh = _inputs(shape, dtype, layout, variant == "scale_shift")
+    x, w, b, sc, sh = _inputs(shape, dtype, layout, variant)
     gy = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     dy = gy.to(dtype)
     if cl:
@@ -222,8 +207,9 @@ def test_emulated_one_pass_backward_matches_autograd(emu, name, variant):
     k = 1 + sc.float().double() if sc is not None else torch.ones_like(ds)
     r = rstd.double().repeat_interleave(d, dim=1)
     ours = [dx, (k * r * ds).sum(0), (k * db).sum(0)] + ([dscale, dshift] if sc is not None else [])
-    truth = _autograd(x.double(), w, b, sc, sh, gy, groups, act, torch.float64)[1:]
-    torch_err = _autograd(x, w, b, sc, sh, gy, groups, act, torch.float32)[1:]
+    fn = gn.reference(SCALE_SHIFT[variant])
+    truth = gn.run(fn, x.double(), w, b, sc, sh, gy, groups, torch.float64)[1:]
+    torch_err = gn.run(fn, x, w, b, sc, sh, gy, groups, torch.float32)[1:]
     eps = torch.finfo(dtype).eps
     for what, t, p, f in zip(["dx", "dweight", "dbias", "dscale", "dshift"], truth, torch_err, ours):
         scale = max(t.abs().max().item(), 1.0)
