@@ -19,6 +19,8 @@
 
 #include <cstdint>
 
+#include "vec_util.h"
+
 #ifndef GN_ONEPASS_EMULATED
 #define GN1_DEVICE __device__ __forceinline__
 #define GN1_KERNEL __global__ __launch_bounds__(iddpm_fast::gn_onepass::kThreads)
@@ -41,11 +43,10 @@ static_assert(kThreads % 32 == 0 && kWarps <= 32, "whole warps, at most 32 of th
 constexpr int kMaxPacksPerThread = 8;  // registers: at most 8 packs of 16 bytes per thread
 
 // W elements of T moved as one access (W * sizeof(T) bytes: 16, or less
-// where a channels-last group's channels do not fill 16 bytes).
+// where a channels-last group's channels do not fill 16 bytes): the CUDA
+// kernels' vector type.
 template <typename T, int W>
-struct alignas(sizeof(T) * W) Pack {
-  T v[W];
-};
+using Pack = cuda_vec::Vec<T, W>;
 
 // The sum of v over the block; every thread returns the same value (an xor
 // butterfly leaves the same bits in every lane, and every warp reduces the
