@@ -142,9 +142,9 @@ def _up(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def mean_flat(x):
+def mean_flat(tensor):
     """Mean over all non-batch dimensions: [N x ...] -> [N]."""
-    return x.mean(dim=list(range(1, x.dim())))
+    return tensor.mean(dim=list(range(1, tensor.dim())))
 
 
 # --------------------------------------------------------------------------
