@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
+from iddpm_fast import gaussian_diffusion as gd  # noqa: E402
 from iddpm_fast import ops  # noqa: E402
 from iddpm_fast import reference as ref  # noqa: E402
 from iddpm_fast.ops import _triton  # noqa: E402
@@ -345,6 +346,30 @@ def test_sampling_loop_with_the_triton_backend_equals_the_reference():
         results.append((a, b))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mean", ["start_x", "previous_x", "epsilon"])
+def test_training_loss_gradients_into_the_data_and_noise_equal_the_reference(mean):
+    # The kernels differentiate the model output only; a loss that must also
+    # reach x_start and noise (an encoder trained with the model) runs the
+    # reference, so all three gradients are the reference's.
+    d = gd.GaussianDiffusion(betas=gd.get_named_beta_schedule("cosine", T),
+                             model_mean_type=gd.ModelMeanType[mean.upper()],
+                             model_var_type=gd.ModelVarType.LEARNED_RANGE, loss_type=gd.LossType.MSE)
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(3, 6, 3, padding=1).to(DEVICE)
+    x0, noise, _, t = _data((3, 3, 6, 6), True)
+    grads = []
+    for backend in ("reference", "triton"):
+        x, n = x0.clone().requires_grad_(True), noise.clone().requires_grad_(True)
+        net.zero_grad()
+        with ops.use_backend(backend):
+            terms = d.training_losses(lambda x_t, ts: net(x_t), x, t, noise=n)
+        terms["loss"].sum().backward()
+        grads.append((x.grad, n.grad, net.weight.grad.clone()))
+    for got, want in zip(grads[1], grads[0]):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_sampling_ops_fall_back_to_the_reference_when_gradients_are_needed():

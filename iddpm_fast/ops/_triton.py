@@ -181,6 +181,14 @@ def _q_sample(x_start, t, noise, tables):
 def _training_loss(model_output, x_start, noise, t, tables, *, model_mean_type, model_var_type, loss_type,
                    num_timesteps):
     args = (model_output, x_start, noise, t, tables, model_mean_type, model_var_type, loss_type, num_timesteps)
+    if _wants_grad(x_start, noise):
+        # The kernels differentiate with respect to the model output only; a
+        # gradient into the data or the noise (say, from an encoder trained
+        # with the model) needs the reference, where autograd sees every term.
+        from .. import reference
+
+        return reference.training_loss(*args[:5], model_mean_type=model_mean_type, model_var_type=model_var_type,
+                                       loss_type=loss_type, num_timesteps=num_timesteps)
     if _eager():
         return _TrainingLoss.apply(*args)
     return training_loss_triton(*args)
