@@ -120,6 +120,24 @@ _OVERRIDABLE = (
 )
 
 
+# The original's public per-timestep arrays (float64 numpy, [T]).
+_ARRAY_ATTRS = (
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "alphas_cumprod_next",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+)
+
+
 def _expand(v, shape):
     return v.expand(shape) if v.shape != shape else v
 
@@ -168,22 +186,18 @@ class GaussianDiffusion:
 
         arrays = ref.diffusion_arrays(betas)
         self._arrays = arrays
-        for name in (
-            "alphas_cumprod",
-            "alphas_cumprod_prev",
-            "alphas_cumprod_next",
-            "sqrt_alphas_cumprod",
-            "sqrt_one_minus_alphas_cumprod",
-            "log_one_minus_alphas_cumprod",
-            "sqrt_recip_alphas_cumprod",
-            "sqrt_recipm1_alphas_cumprod",
-            "posterior_variance",
-            "posterior_log_variance_clipped",
-            "posterior_mean_coef1",
-            "posterior_mean_coef2",
-        ):
+        for name in _ARRAY_ATTRS:
             setattr(self, name, arrays[name])
         self._tables = {}
+
+    def __setattr__(self, name, value):
+        # The original reads its coefficient arrays at every call, so assigning
+        # a new array to one of them changes what later calls compute. Here the
+        # tables are built once per device: an assignment drops them, and the
+        # next call rebuilds them from the attributes (see _current_arrays).
+        if name in _ARRAY_ATTRS and "_tables" in self.__dict__:
+            self.__dict__["_tables"] = {}
+        super().__setattr__(name, value)
 
     # ------------------------------------------------------------------
     # Plumbing
@@ -199,8 +213,29 @@ class GaussianDiffusion:
             device = th.device("cuda", th.cuda.current_device())
         table = self._tables.get(device)
         if table is None:
-            table = self._tables[device] = ref.build_tables(self._arrays, device)
+            table = self._tables[device] = ref.build_tables(self._current_arrays(), device)
         return table
+
+    def _current_arrays(self):
+        """
+        The table rows from the public coefficient arrays as they are now:
+        the arrays computed at construction while none has been reassigned,
+        else each row derived from the attributes the way the original's
+        methods derive it (log(betas), 1 - alphas_cumprod, ...).
+        """
+        if all(getattr(self, name) is self._arrays[name] for name in _ARRAY_ATTRS):
+            return self._arrays
+        a = {name: np.asarray(getattr(self, name), dtype=np.float64) for name in _ARRAY_ATTRS}
+        fixed_large = np.append(a["posterior_variance"][1], a["betas"][1:])
+        a.update(
+            log_betas=np.log(a["betas"]),
+            one_minus_alphas_cumprod=1.0 - a["alphas_cumprod"],
+            recip_posterior_mean_coef1=1.0 / a["posterior_mean_coef1"],
+            posterior_mean_coef2_over_coef1=a["posterior_mean_coef2"] / a["posterior_mean_coef1"],
+            fixed_large_variance=fixed_large,
+            fixed_large_log_variance=np.log(fixed_large),
+        )
+        return a
 
     @property
     def _kinds(self):
@@ -212,8 +247,12 @@ class GaussianDiffusion:
     def _fusable(self, denoised_fn=None):
         if denoised_fn is not None:
             return False
-        cls = type(self)
-        return all(getattr(getattr(cls, name), "_iddpm_fast_builtin", False) for name in _OVERRIDABLE)
+        # A method replaced on the class (a subclass) or on this instance
+        # (monkeypatching) must be called where the original calls it.
+        cls, own = type(self), self.__dict__
+        return all(
+            name not in own and getattr(getattr(cls, name), "_iddpm_fast_builtin", False) for name in _OVERRIDABLE
+        )
 
     def _call_model(self, model, x, t, model_kwargs):
         return model(x, self._scale_timesteps(t), **(model_kwargs or {}))

@@ -255,6 +255,69 @@ def test_overridden_helpers_are_called_where_the_original_calls_them():
     assert calls == {"qpost": 1, "eps": 1}
 
 
+def test_methods_replaced_on_an_instance_are_called_where_the_original_calls_them():
+    # Monkeypatching one diffusion object (not its class) must work as with a
+    # subclass: the fused paths step aside and the replacement is called.
+    kw = dict(betas=gd.get_named_beta_schedule("cosine", 50), model_mean_type=gd.ModelMeanType.EPSILON,
+              model_var_type=gd.ModelVarType.LEARNED_RANGE, loss_type=gd.LossType.RESCALED_MSE)
+
+    class Shifted(gd.GaussianDiffusion):
+        def q_sample(self, x_start, t, noise=None):
+            return super().q_sample(x_start, t, noise=noise) * 1.1
+
+    patched, subclassed = gd.GaussianDiffusion(**kw), Shifted(**kw)
+    calls = {"q_sample": 0, "p_mean_variance": 0}
+    q_sample, p_mean_variance = patched.q_sample, patched.p_mean_variance
+
+    def shifted_q_sample(x_start, t, noise=None):
+        calls["q_sample"] += 1
+        return q_sample(x_start, t, noise=noise) * 1.1
+
+    def counted_p_mean_variance(*args, **kwargs):
+        calls["p_mean_variance"] += 1
+        return p_mean_variance(*args, **kwargs)
+
+    patched.q_sample, patched.p_mean_variance = shifted_q_sample, counted_p_mean_variance
+    net = TinyNet()
+    x0, t = torch.rand(2, 3, 8, 8) * 2 - 1, torch.tensor([0, 30])
+    noise = torch.randn_like(x0)
+    got = patched.training_losses(net, x0, t, noise=noise)
+    want = subclassed.training_losses(net, x0, t, noise=noise)
+    assert calls["q_sample"] == 1
+    for key in want:
+        torch.testing.assert_close(got[key], want[key])
+    plain = gd.GaussianDiffusion(**kw).training_losses(net, x0, t, noise=noise)
+    assert not torch.allclose(got["mse"], plain["mse"])
+    calls["p_mean_variance"] = 0
+    torch.manual_seed(1)
+    patched.p_sample_loop(net, (2, 3, 8, 8))
+    assert calls["p_mean_variance"] == 50
+
+
+def test_reassigned_coefficient_arrays_are_used_like_the_original():
+    # The original reads its numpy arrays at every call; the tables built from
+    # them must follow an assignment of a new array.
+    d = _diffusion(learn_sigma=False, steps=50, sigma_small=True)
+    assert d.model_var_type == gd.ModelVarType.FIXED_SMALL
+    x0, t = torch.rand(2, 3, 4, 4) * 2 - 1, torch.tensor([3, 40])
+    noise = torch.randn_like(x0)
+    d.q_sample(x0, t, noise)  # builds the tables
+    d.sqrt_alphas_cumprod = d.sqrt_alphas_cumprod * 1.1
+    d.posterior_variance = d.posterior_variance * 2
+    d.betas = d.betas * 0.5
+    a, s = (torch.tensor(v[t.numpy()], dtype=torch.float32).view(-1, 1, 1, 1)
+            for v in (d.sqrt_alphas_cumprod, d.sqrt_one_minus_alphas_cumprod))
+    torch.testing.assert_close(d.q_sample(x0, t, noise), a * x0 + s * noise)
+    out = d.p_mean_variance(TinyNet(learned=False), x0, t)
+    torch.testing.assert_close(out["variance"].flatten(1)[:, 0],
+                               torch.tensor(d.posterior_variance[t.numpy()], dtype=torch.float32))
+    d.model_var_type = gd.ModelVarType.FIXED_LARGE
+    out = d.p_mean_variance(TinyNet(learned=False), x0, t)
+    torch.testing.assert_close(out["variance"].flatten(1)[:, 0],
+                               torch.tensor(np.append(d.posterior_variance[1], d.betas[1:])[t.numpy()],
+                                            dtype=torch.float32))
+
+
 def test_half_precision_states_are_promoted_like_the_original():
     d, net = _diffusion(timestep_respacing="5"), TinyNet()
     x = torch.randn(2, 3, 8, 8)
