@@ -143,11 +143,16 @@ class _StepBatches:
     Batches as a pure function of the step: the data order of a resumed run is
     the data order the uninterrupted run would have seen. Each step takes the
     next `global_batch` indices of a per-epoch permutation (seeded by
-    (seed, epoch)); every rank keeps its contiguous slice.
+    (seed, epoch)); every rank keeps its contiguous slice. With random_flip,
+    each image of a step's batch is mirrored left-right with probability 1/2
+    by draws seeded by (seed, step, rank), so the flips too are those of the
+    uninterrupted run, whatever the number of DataLoader workers.
     """
 
-    def __init__(self, dataset, batch_size, world_size, rank, seed, start_step, num_workers):
+    def __init__(self, dataset, batch_size, world_size, rank, seed, start_step, num_workers, random_flip=False):
         self.dataset = dataset
+        self.random_flip = random_flip
+        self.step = start_step
         self.batch_size = batch_size
         self.global_batch = batch_size * world_size
         self.rank = rank
@@ -183,7 +188,13 @@ class _StepBatches:
         return self
 
     def __next__(self):
-        return next(self._it)
+        batch, cond = next(self._it)
+        if self.random_flip:
+            seed = np.random.SeedSequence([self.seed, self.step, self.rank, 0xF11B]).generate_state(1)[0]
+            flip = torch.rand(batch.shape[0], generator=torch.Generator().manual_seed(int(seed))) < 0.5
+            batch = torch.where(flip.view(-1, *([1] * (batch.dim() - 1))), batch.flip(-1), batch)
+        self.step += 1
+        return batch, cond
 
 
 def _seed_everything(seed):
@@ -264,7 +275,6 @@ def train(**config):
         class_cond=bool(cfg["class_cond"]),
         image_channels=int(cfg["image_channels"]) or None,
         split="train",
-        random_flip=bool(cfg["random_flip"]),
     )
     sample_x, _ = dataset[0]
     channels = int(np.shape(sample_x)[0])
@@ -293,6 +303,7 @@ def train(**config):
         int(cfg["seed"]),
         start_step,
         int(cfg["num_workers"]),
+        random_flip=bool(cfg["random_flip"]),
     )
     sampler = create_named_schedule_sampler(cfg["schedule_sampler"], diffusion)
     sample_shape = (int(cfg["num_samples"]), channels, int(cfg["image_size"]), int(cfg["image_size"]))

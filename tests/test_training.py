@@ -77,7 +77,7 @@ def test_train_learns_and_writes_everything(tmp_path):
 
 
 def test_resume_matches_an_uninterrupted_run(tmp_path):
-    cfg = dict(TINY, schedule_sampler="loss-second-moment")
+    cfg = dict(TINY, schedule_sampler="loss-second-moment", random_flip=True)
     full = str(tmp_path / "full")
     iddpm_fast.train(**cfg, max_steps=6, out_dir=full)
     part = str(tmp_path / "part")
@@ -90,6 +90,28 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     sampler_full = _params(os.path.join(full, "train_state000006.pt"))["sampler"]
     sampler_part = _params(os.path.join(part, "train_state000006.pt"))["sampler"]
     assert torch.equal(sampler_full["loss_history"], sampler_part["loss_history"])
+
+
+def test_random_flips_are_a_function_of_seed_and_step():
+    from iddpm_fast.image_datasets import load_dataset
+    from iddpm_fast.training import _StepBatches
+
+    dataset = load_dataset("digits", 8, split="train")
+
+    def batches(start, flip, n, seed=3):
+        it = _StepBatches(dataset, 8, 1, 0, seed, start, 0, random_flip=flip)
+        return [next(it)[0] for _ in range(n)]
+
+    flipped, plain = batches(0, True, 4), batches(0, False, 4)
+    for a, b in zip(flipped, batches(0, True, 4)):
+        assert torch.equal(a, b)  # the same seed gives the same flips (no OS entropy)
+    for a, b in zip(flipped[2:], batches(2, True, 2)):
+        assert torch.equal(a, b)  # a resumed run at step 2 sees the same flips
+    mirrored = torch.cat([(f == p.flip(-1)).flatten(1).all(1) for f, p in zip(flipped, plain)])
+    kept = torch.cat([(f == p).flatten(1).all(1) for f, p in zip(flipped, plain)])
+    assert (mirrored | kept).all() and 4 <= int((mirrored & ~kept).sum()) <= 28
+    other = batches(0, True, 4, seed=4)
+    assert any(not torch.equal(a, b) for a, b in zip(other, batches(0, False, 4, seed=4)))
 
 
 def test_resumed_run_continues_its_logs(tmp_path):
