@@ -47,7 +47,6 @@ import json
 import math
 import os
 import random
-import re
 import time
 
 import numpy as np
@@ -246,8 +245,13 @@ class TrainLoop:
         opt_checkpoint = os.path.join(os.path.dirname(self._main_checkpoint()), f"opt{self.resume_step:06d}.pt")
         if os.path.exists(opt_checkpoint):
             logger.log(f"loading optimizer state from checkpoint: {opt_checkpoint}")
+            # A saved param group carries its implementation flags; improved-diffusion's
+            # say fused=None, which would switch this optimizer's fused kernel off.
+            impl = {k: self.opt.defaults.get(k) for k in ("fused", "foreach")}
             try:
                 self.opt.load_state_dict(dist_util.load_state_dict(opt_checkpoint, map_location=self.device))
+                for group in self.opt.param_groups:
+                    group.update(impl)
             except ValueError as exc:
                 # e.g. improved-diffusion's fp16 runs saved the state of one flattened master parameter
                 logger.warn(f"optimizer state in {opt_checkpoint} does not fit this model ({exc}); starting AdamW afresh")
@@ -269,6 +273,11 @@ class TrainLoop:
     # ------------------------------------------------------------------
     # The loop
     # ------------------------------------------------------------------
+
+    @property
+    def lg_loss_scale(self):
+        """log2 of the fp16 loss scale (the original's attribute; 20 when fp16 is off, as there)."""
+        return math.log2(self.scaler.get_scale()) if self.use_fp16 else INITIAL_LOG_LOSS_SCALE
 
     @property
     def global_step(self):
@@ -512,9 +521,16 @@ class TrainLoop:
 
 
 def parse_resume_step_from_filename(filename):
-    """The step NNNNNN of a path like .../modelNNNNNN.pt (0 when absent)."""
-    match = re.search(r"model(\d+)\.pt$", os.path.basename(str(filename)))
-    return int(match.group(1)) if match else 0
+    """
+    The step NNNNNN of a path like .../modelNNNNNN.pt (0 when absent): as in
+    the original, the digits after the last "model" of the file name up to
+    its first dot, whatever the extension (model000100.pth gives 100).
+    """
+    name = os.path.basename(str(filename))
+    if "model" not in name:
+        return 0
+    digits = name.split("model")[-1].split(".")[0]
+    return int(digits) if digits.isdigit() else 0
 
 
 def get_blob_logdir():

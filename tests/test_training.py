@@ -323,14 +323,37 @@ def test_resume_from_an_improved_diffusion_checkpoint(tmp_path):
     torch.save(model.state_dict(), folder / "model000007.pt")
     ema = {k: v + 0.5 for k, v in model.state_dict().items()}
     torch.save(ema, folder / "ema_0.99_000007.pt")
+    # its AdamW (a plain one, fused=None in the saved param group)
+    other, _ = _tiny_model_and_diffusion()
+    opt = torch.optim.AdamW(other.parameters(), lr=1e-3)
+    for p in other.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    torch.save(opt.state_dict(), folder / "opt000007.pt")
     torch.manual_seed(1)
     fresh, _ = _tiny_model_and_diffusion()
     loop = _loop(tmp_path, fresh, diffusion, resume_checkpoint=str(folder / "model000007.pt"), max_steps=8)
     assert loop.resume_step == 7
+    assert loop.lg_loss_scale == 20.0  # the original's attribute, 20 without fp16
+    # the loaded state is the saved one, and the fused kernel stays on
+    assert loop.opt.state_dict()["state"][0]["step"] == 1
+    assert all(g["fused"] == loop.opt.defaults["fused"] for g in loop.opt.param_groups)
+    assert loop.opt.defaults["fused"] is True
     _assert_same_state(fresh.state_dict(), model.state_dict())
     torch.testing.assert_close(loop.ema_params[0][0], ema[next(iter(dict(fresh.named_parameters())))])
     loop.run_loop()
     assert os.path.exists(tmp_path / "model000008.pt")
+
+
+@pytest.mark.parametrize("name,step", [
+    ("model000100.pt", 100), ("runs/models/model000100.pt", 100), ("model000100.pth", 100),
+    ("model000100.pt.bak", 100), ("model000100.ckpt", 100), ("ema_0.99_000100.pt", 0), ("opt000100.pt", 0),
+    ("model-5.pt", 0), ("modelfinal.pt", 0), ("checkpoint.pt", 0),
+])
+def test_parse_resume_step_from_filename_reads_any_extension_like_the_original(name, step):
+    from iddpm_fast.train_util import parse_resume_step_from_filename
+
+    assert parse_resume_step_from_filename(name) == step
 
 
 def test_adamw_is_fused_where_possible_and_matches_the_plain_update():
