@@ -690,3 +690,33 @@ def test_whole_model_under_torch_compile_fullgraph(memory_format):
     torch.testing.assert_close(out, eager, rtol=1e-6, atol=1e-6)
     for a, b in zip(grads, grads_eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fp16_autocast_keeps_the_parts_improved_diffusion_kept_in_float32(dtype):
+    # improved-diffusion's fp16 mode halves only the torso's convolutions: the
+    # time embedding, each block's emb_layers and the output head stay float32.
+    # Under fp16 autocast they run with autocast off, so the output conv's
+    # weight gradient at the initial loss scale (2^20) does not overflow fp16;
+    # bf16 (float32's range) keeps autocast everywhere.
+    model = _small_model(seed=3, out_channels=6)
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen.setdefault(name, output.dtype)
+
+        return hook
+
+    model.out[-1].register_forward_hook(record("head"))
+    model.time_embed[0].register_forward_hook(record("time_embed"))
+    model.input_blocks[1][0].emb_layers[-1].register_forward_hook(record("emb_layers"))
+    model.input_blocks[1][0].in_layers[-1].register_forward_hook(record("torso conv"))
+    x, t = torch.randn(4, 3, 8, 8), torch.tensor([0, 3, 500, 999])
+    with torch.autocast("cpu", dtype=dtype):
+        out = model(x, t)
+    kept = torch.float32 if dtype == torch.float16 else dtype
+    assert seen == {"head": kept, "time_embed": kept, "emb_layers": kept, "torso conv": dtype}
+    (out.float().square().mean() * 2.0**20).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
