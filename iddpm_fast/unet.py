@@ -191,7 +191,10 @@ class ResBlock(TimestepBlock):
 
     def _forward(self, x, emb):
         h = self.in_layers(x)
-        with _float32_under_fp16_autocast(emb.device.type, self.emb_layers[-1].weight):
+        if _float32_under_fp16_autocast(emb.device.type, self.emb_layers[-1].weight):
+            with torch.autocast(emb.device.type, enabled=False):
+                emb_out = self.emb_layers(emb.float()).type(h.dtype)
+        else:
             emb_out = self.emb_layers(emb).type(h.dtype)
         # Broadcast [N, C] over the spatial dims of h.
         emb_out = emb_out.reshape(emb_out.shape + (1,) * (h.dim() - emb_out.dim()))
@@ -353,32 +356,21 @@ class QKVAttention(nn.Module):
 
 def _float32_under_fp16_autocast(device_type, weight):
     """
-    A context that turns fp16 autocast off (entered, it gives True) where
-    improved-diffusion's fp16 mode kept float32: its ``convert_to_fp16``
-    halves only the torso's convolutions, so the time embedding, every
-    block's ``emb_layers`` and the output head ran in float32. Under fp16
-    autocast they would run in half precision, and at the initial loss scale
-    of 2^20 the output convolution's weight gradient (about 0.2 per element
-    times 2^20) overflows fp16's 65504: the first updates were skipped and
-    the loss scale settled lower than the original's. Elsewhere (no
-    autocast, bf16, weights that are not float32) nothing changes.
+    Whether to turn fp16 autocast off for a part improved-diffusion's fp16
+    mode kept in float32: its ``convert_to_fp16`` halves only the torso's
+    convolutions, so the time embedding, every block's ``emb_layers`` and
+    the output head ran in float32. Under fp16 autocast they would run in
+    half precision, and at the initial loss scale of 2^20 the output
+    convolution's weight gradient (about 0.2 per element times 2^20)
+    overflows fp16's 65504: the first updates were skipped and the loss
+    scale settled lower than the original's. Elsewhere (no autocast, bf16,
+    weights that are not float32) nothing changes.
     """
-    if (
+    return (
         weight.dtype == torch.float32
         and torch.is_autocast_enabled(device_type)
         and torch.get_autocast_dtype(device_type) == torch.float16
-    ):
-        return _AutocastOff(device_type)
-    return contextlib.nullcontext(False)
-
-
-class _AutocastOff(torch.autocast):
-    def __init__(self, device_type):
-        super().__init__(device_type, enabled=False)
-
-    def __enter__(self):
-        super().__enter__()
-        return True
+    )
 
 
 class UNetModel(nn.Module):
@@ -585,7 +577,10 @@ class UNetModel(nn.Module):
             )
 
     def _embed(self, timesteps, y):
-        with _float32_under_fp16_autocast(timesteps.device.type, self.time_embed[0].weight):
+        if _float32_under_fp16_autocast(timesteps.device.type, self.time_embed[0].weight):
+            with torch.autocast(timesteps.device.type, enabled=False):
+                emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        else:
             emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
         if self.num_classes is not None:
             emb = emb + self.label_emb(y)
@@ -610,9 +605,10 @@ class UNetModel(nn.Module):
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        head = self.out[-1].weight
-        with _float32_under_fp16_autocast(x.device.type, head) as off:
-            return self.out(h.float() if off else h.type(x.dtype))
+        if _float32_under_fp16_autocast(x.device.type, self.out[-1].weight):
+            with torch.autocast(x.device.type, enabled=False):
+                return self.out(h.float())
+        return self.out(h.type(x.dtype))
 
     def get_feature_vectors(self, x, timesteps, y=None):
         """Run the torso and collect intermediate activations.
