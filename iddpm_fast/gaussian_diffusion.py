@@ -138,6 +138,19 @@ _ARRAY_ATTRS = (
 )
 
 
+def _randn_like(x):
+    """
+    th.randn_like(x), with the random numbers of a contiguous draw of x's
+    shape whatever x's memory layout. randn_like fills a channels-last
+    tensor in memory order, which gives other numbers than improved-diffusion's
+    draws (on contiguous tensors) and leaves the generator elsewhere; drawing
+    contiguous and copying into x's layout keeps every later draw the same.
+    """
+    if x.is_contiguous():
+        return th.randn_like(x)
+    return th.empty_like(x).copy_(th.randn(x.shape, dtype=x.dtype, device=x.device))
+
+
 def _expand(v, shape):
     return v.expand(shape) if v.shape != shape else v
 
@@ -321,7 +334,7 @@ class GaussianDiffusion:
         :return: x_t, x_start's shape.
         """
         if noise is None:
-            noise = th.randn_like(x_start)
+            noise = _randn_like(x_start)
         self._check_t(t, x_start)
         return ops.q_sample(_promote(x_start), t, noise, self.tables(x_start.device))
 
@@ -425,7 +438,7 @@ class GaussianDiffusion:
             _checks.check_float("x", x)
             self._check_t(t, x)
             model_output = self._call_model(model, x, t, model_kwargs)
-            noise = th.randn_like(x)
+            noise = _randn_like(x)
             sample, pred_xstart = ops.p_sample_step(
                 model_output, _promote(x), t, noise, self.tables(x.device), clip_denoised=clip_denoised, **self._kinds
             )
@@ -433,7 +446,7 @@ class GaussianDiffusion:
         out = self.p_mean_variance(
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
         )
-        noise = th.randn_like(x)
+        noise = _randn_like(x)
         nonzero_mask = (t != 0).float().view(-1, *([1] * (x.dim() - 1)))
         sample = out["mean"] + nonzero_mask * th.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
@@ -537,7 +550,7 @@ class GaussianDiffusion:
             _checks.check_float("x", x)
             self._check_t(t, x)
             model_output = self._call_model(model, x, t, model_kwargs)
-            noise = th.randn_like(x)
+            noise = _randn_like(x)
             sample, pred_xstart = ops.ddim_step(
                 model_output, _promote(x), t, noise, self.tables(x.device), eta=eta, clip_denoised=clip_denoised,
                 **self._kinds,
@@ -546,7 +559,7 @@ class GaussianDiffusion:
         out = self.p_mean_variance(
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
         )
-        noise = th.randn_like(x)
+        noise = _randn_like(x)
         eps = self._predict_eps_from_xstart(_promote(x), t, out["pred_xstart"])
         sample = ref.ddim_step_from_eps(_promote(x), t, out["pred_xstart"], eps, noise, self.tables(x.device), eta)
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
@@ -656,7 +669,7 @@ class GaussianDiffusion:
         """
         self._check_data("x_start", x_start, t)
         if noise is None:
-            noise = th.randn_like(x_start)
+            noise = _randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise=noise)
         if not self._fusable():
             return self._training_losses_unfused(model, x_start, x_t, t, noise, model_kwargs)
@@ -740,7 +753,7 @@ class GaussianDiffusion:
             steps = tqdm(steps, desc="bpd")
         for i in steps:
             t_batch = th.full((n,), i, device=device, dtype=th.long)
-            noise = th.randn_like(x_start)
+            noise = _randn_like(x_start)
             x_t = self.q_sample(x_start=x_start, t=t_batch, noise=noise)
             with th.no_grad():
                 out = self._vb_terms_bpd(

@@ -318,6 +318,29 @@ def test_reassigned_coefficient_arrays_are_used_like_the_original():
                                             dtype=torch.float32))
 
 
+def test_channels_last_data_draws_the_random_numbers_of_contiguous_data():
+    # improved-diffusion draws with randn_like on contiguous tensors. On a
+    # channels-last tensor randn_like fills memory order: other numbers, and
+    # the generator ends elsewhere. The draws must not depend on the layout.
+    d = _diffusion(steps=20)
+    net = TinyNet()
+    shape = (2, 3, 8, 8)
+    x0, t = torch.rand(shape) * 2 - 1, torch.tensor([3, 15])
+    results = []
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        torch.manual_seed(0)
+        noise = torch.randn(shape).contiguous(memory_format=fmt)
+        with torch.no_grad():
+            ancestral = d.p_sample_loop(net, shape, noise=noise)
+            ddim = d.ddim_sample_loop(net, shape, noise=noise, eta=0.5)
+            bpd = d.calc_bpd_loop(net, x0.contiguous(memory_format=fmt))["total_bpd"]
+        loss = d.training_losses(net, x0.contiguous(memory_format=fmt), t)["loss"]
+        results.append((ancestral, ddim, bpd, loss, torch.rand(4)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert torch.equal(results[0][-1], results[1][-1])  # the generator ends in the same state
+
+
 def test_half_precision_states_are_promoted_like_the_original():
     d, net = _diffusion(timestep_respacing="5"), TinyNet()
     x = torch.randn(2, 3, 8, 8)
