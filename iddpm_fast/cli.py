@@ -143,14 +143,20 @@ def _info(args):
     print(f"backend requested: {requested} (IDDPM_FAST_BACKEND)")
     import warnings
 
+    def resolved(name, device):
+        try:
+            return ops.resolve_name(name, device)
+        except ops.BackendUnavailableError as exc:  # a forced backend that cannot run here
+            return f"UNAVAILABLE ({str(exc).split(': ', 1)[-1].split('. Unset')[0]})"
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in ops.declared_ops():
-            kinds = ", ".join(f"{d.type}: {ops.resolve_name(name, d)}" for d in devices)
+            kinds = ", ".join(f"{d.type}: {resolved(name, d)}" for d in devices)
             if (name == "group_norm_silu" and torch.cuda.is_available() and requested == "auto"
-                    and ops.resolve_name(name, torch.device("cuda")) == "cpp" and ops._cuda_wants_stock()):
+                    and resolved(name, torch.device("cuda")) == "cpp" and ops._cuda_wants_stock()):
                 kinds += " (IDDPM_FAST_CUDA_GN=stock: F.group_norm + F.silu on cuda)"
-            if name == "dropout" and torch.cuda.is_available() and ops.resolve_name(name, torch.device("cuda")) == "cpp":
+            if name == "dropout" and torch.cuda.is_available() and resolved(name, torch.device("cuda")) == "cpp":
                 kinds += " (on cuda: F.dropout, already one fused kernel)"
             print(f"  {name:38s} {kinds}")
     return 0

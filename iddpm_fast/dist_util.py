@@ -21,6 +21,7 @@ Launching:
 
 import atexit
 import os
+import pickle
 import shutil
 import tempfile
 
@@ -169,10 +170,20 @@ def load_state_dict(path, **kwargs):
         )
     kwargs["weights_only"] = True
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(21, f"checkpoint {path} is a directory; give the .pt file inside it", path)
     if not os.path.isfile(path):
         hint = " (URLs are not supported; copy the file locally)" if "://" in path else ""
         raise FileNotFoundError(2, f"checkpoint not found: {path}{hint}", path)
-    return th.load(path, **kwargs)
+    try:
+        return th.load(path, **kwargs)
+    except pickle.UnpicklingError as exc:  # objects weights_only refuses, or not a pickle at all
+        raise pickle.UnpicklingError(f"cannot load checkpoint {path}: {exc}") from exc
+    except Exception as exc:  # truncated, empty, or not written by torch.save
+        raise ValueError(
+            f"cannot load checkpoint {path} ({os.path.getsize(path)} bytes): {type(exc).__name__}: {exc}\n"
+            "Is it complete (an interrupted copy or download is truncated) and written by torch.save?"
+        ) from exc
 
 
 def sync_params(params):

@@ -95,6 +95,8 @@ def load_model_and_diffusion(cfg, device):
         num_classes=int(cfg.get("num_classes") or 0) or None,
     )
     state = dist_util.load_state_dict(cfg["model_path"], map_location="cpu")
+    if not isinstance(state, dict):
+        raise ValueError(f"{cfg['model_path']} holds a {type(state).__name__}, not a model state dict")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -115,9 +117,24 @@ def _setup(cfg):
         cpu_memory.retain_freed_memory()
     if cfg.get("out_dir"):
         logger.configure(dir=cfg["out_dir"], format_strs=["stdout", "log"] if dist_util.get_rank() == 0 else [])
-    elif logger.get_dir() is None:
+    elif _unchosen_log_dir():
+        # Like a fresh run of the original script: OPENAI_LOGDIR, else a new
+        # /tmp/openai-<time> folder, so that a second sample() or nll() call in
+        # one process does not overwrite the first one's files. A folder the
+        # caller configured (logger.configure, train()) is used as it is.
         logger.configure(format_strs=["stdout", "log"])
+        _OWN_LOG_DIRS.add(logger.get_dir())
     return device
+
+
+_OWN_LOG_DIRS = set()
+
+
+def _unchosen_log_dir():
+    """True when no one chose the logger's folder: none yet, the implicit
+    default one, or one an earlier sample()/nll() call made for itself."""
+    current = logger.Logger.CURRENT
+    return current is None or current is logger.Logger.DEFAULT or current.get_dir() in _OWN_LOG_DIRS
 
 
 def _load_for_eval(cfg, device):
@@ -133,7 +150,7 @@ def _load_for_eval(cfg, device):
 def _autocast(cfg, device):
     amp = cfg.get("amp", "none")
     if amp not in ("none", "bf16"):
-        raise ValueError(f"amp for sampling must be 'none' or 'bf16', got {amp!r}")
+        raise ValueError(f"amp for sampling and NLL must be 'none' or 'bf16', got {amp!r}")
     if cfg.get("cuda_graphs"):
         return cuda_graphs.autocast(device, enabled=amp == "bf16")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16")
@@ -259,8 +276,9 @@ def nll(**config):
 
     Keys: image_nll.py's flags (model_path, data_dir, num_samples, batch_size,
     clip_denoised and the model/diffusion flags; timestep_respacing evaluates
-    a respaced chain) plus seed, out_dir, device, progress. With no data_dir,
-    the built-in digits' held-out split.
+    a respaced chain) plus seed, out_dir, device, amp ("none" | "bf16": the
+    model under bf16 autocast, the bound's terms still in float32), progress.
+    With no data_dir, the built-in digits' held-out split.
 
     :return: dict with bpd (mean bits/dim), num_images and the saved paths.
     """
@@ -269,6 +287,7 @@ def nll(**config):
         raise TypeError(f"unknown NLL option(s): {sorted(unknown)}")
     cfg = _resolve(config, {**model_and_diffusion_defaults(), **NLL_DEFAULTS, **COMMON_NEW})
     device = _setup(cfg)
+    _autocast(cfg, device)  # refuses a bad amp before any work
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     model, diffusion, channels_last = _load_for_eval(cfg, device)
     from . import image_datasets
@@ -297,7 +316,10 @@ def nll(**config):
         if channels_last and batch.dim() == 4:
             batch = batch.contiguous(memory_format=torch.channels_last)
         model_kwargs = {k: v.to(device) for k, v in model_kwargs.items()}
-        out = diffusion.calc_bpd_loop(model, batch, clip_denoised=bool(cfg["clip_denoised"]), model_kwargs=model_kwargs)
+        with _autocast(cfg, device):
+            out = diffusion.calc_bpd_loop(
+                model, batch, clip_denoised=bool(cfg["clip_denoised"]), model_kwargs=model_kwargs
+            )
         for key, rows in metrics.items():
             terms = out[key].mean(dim=0) / world
             if world > 1:

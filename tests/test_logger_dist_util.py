@@ -322,6 +322,23 @@ def test_load_state_dict_missing_file(tmp_path):
         dist_util.load_state_dict(str(missing))
 
 
+@pytest.mark.parametrize("damage", ["truncated", "empty", "text", "directory"])
+def test_load_state_dict_names_a_damaged_checkpoint(tmp_path, damage):
+    path = tmp_path / "model000003.pt"
+    torch.save({"w": torch.randn(64, 64)}, path)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:5000])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "text":
+        path.write_text("not a checkpoint\n")
+    else:
+        path.unlink()
+        path.mkdir()
+    with pytest.raises((ValueError, pickle.UnpicklingError, IsADirectoryError), match="model000003.pt"):
+        dist_util.load_state_dict(str(path), map_location="cpu")
+
+
 @pytest.fixture
 def single_process_group():
     assert not dist.is_initialized()

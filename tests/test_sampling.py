@@ -149,3 +149,49 @@ def test_cli_sample_and_nll(run_dir, tmp_path, capsys):
                      "--timestep_respacing", "5", "--out_dir", str(tmp_path / "n"), "--progress", "false"]) == 0
     out = capsys.readouterr().out
     assert "samples_2x8x8x1.npz" in out and "bits/dim over 2 images" in out
+
+
+def test_calls_without_out_dir_do_not_overwrite_each_other(run_dir, tmp_path, monkeypatch):
+    from iddpm_fast import logger
+
+    monkeypatch.delenv("OPENAI_LOGDIR", raising=False)
+    monkeypatch.setattr(logger.Logger, "CURRENT", None)  # both restored afterwards
+    monkeypatch.setattr(logger.Logger, "DEFAULT", None)
+    kw = dict(model_path=os.path.join(run_dir, "model000002.pt"), num_samples=2, batch_size=2,
+              timestep_respacing="4", progress=False, grid=False)
+    first = iddpm_fast.sample(**kw)["npz"]
+    saved = np.load(first)["arr_0"].copy()
+    second = iddpm_fast.sample(**kw, seed=1)["npz"]
+    assert os.path.dirname(first) != os.path.dirname(second)
+    assert np.array_equal(np.load(first)["arr_0"], saved)
+    # a folder the caller configured is used as it is
+    logger.configure(dir=str(tmp_path / "mine"), format_strs=[])
+    assert os.path.dirname(iddpm_fast.sample(**kw)["npz"]) == str(tmp_path / "mine")
+
+
+def test_nll_under_bf16_autocast_and_a_bad_amp(run_dir, tmp_path):
+    kw = dict(model_path=os.path.join(run_dir, "model000002.pt"), num_samples=2, batch_size=2,
+              timestep_respacing="5", progress=False)
+    full = iddpm_fast.nll(**kw, out_dir=str(tmp_path / "fp32"))["bpd"]
+    bf16 = iddpm_fast.nll(**kw, amp="bf16", out_dir=str(tmp_path / "bf16"))["bpd"]
+    assert bf16 != full and abs(bf16 - full) < 0.05 * full
+    with pytest.raises(ValueError, match="amp"):
+        iddpm_fast.nll(**kw, amp="fp8", out_dir=str(tmp_path / "bad"))
+
+
+def test_a_checkpoint_that_is_not_a_state_dict_is_named(run_dir, tmp_path):
+    path = tmp_path / "model000002.pt"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(ValueError, match="model000002.pt holds a Tensor"):
+        iddpm_fast.sample(model_path=str(path), image_size=8, channel_mult="1,2", num_channels=32, num_samples=2,
+                          batch_size=2, progress=False,
+                          out_dir=str(tmp_path / "s"))
+
+
+def test_info_reports_a_forced_backend_that_cannot_run(monkeypatch, capsys):
+    monkeypatch.setenv("IDDPM_FAST_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.strip().startswith("training_loss"))
+    assert "cpu: UNAVAILABLE (Triton kernels run on CPU tensors only under TRITON_INTERPRET=1" in line
