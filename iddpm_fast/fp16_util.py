@@ -84,7 +84,7 @@ def unflatten_master_params(model_params, master_params):
         n = p.numel()
         pieces.append(flat.narrow(0, offset, n).view_as(p))
         offset += n
-    return pieces
+    return tuple(pieces)  # a tuple, as the original's _unflatten_dense_tensors
 
 
 def master_params_to_model_params(model_params, master_params):

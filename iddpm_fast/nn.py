@@ -78,10 +78,11 @@ class SiLU(nn.Module):
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm that always normalises in float32 and casts back: one fused
-    op (the C++ GroupNorm kernels without their SiLU, statistics in float32,
-    x's dtype and layout out) where the extension runs, else exactly the
-    original's ``F.group_norm(x.float()).type(x.dtype)``."""
+    """GroupNorm that normalises in float32 (float64 for float64 input, where
+    the original rounded through float32) and casts back: one fused op (the
+    C++ GroupNorm kernels without their SiLU, x's dtype and layout out) where
+    the extension runs, else the original's
+    ``F.group_norm(x.float()).type(x.dtype)``."""
 
     def forward(self, x):
         return ops.group_norm(x, self.weight, self.bias, self.num_groups, self.eps)
@@ -167,10 +168,16 @@ def update_ema(target_params, source_params, rate=0.99):
         raise ValueError(f"update_ema: {len(targets)} targets but {len(sources)} sources")
     if not targets:
         return
-    # One fused multi-tensor update; per element the same mul-then-add as the original loop.
     with torch.no_grad():
-        torch._foreach_mul_(targets, rate)
-        torch._foreach_add_(targets, sources, alpha=1 - rate)
+        if all(t.dtype in (torch.float32, torch.float64) for t in targets):
+            # One fused multi-tensor update; per element the same mul-then-add as the original loop.
+            torch._foreach_mul_(targets, rate)
+            torch._foreach_add_(targets, sources, alpha=1 - rate)
+        else:
+            # The foreach kernels round `rate` to a half-precision target's dtype
+            # (0.99 -> 0.98828125 in bf16); the per-tensor ops, as the original, do not.
+            for targ, src in zip(targets, sources):
+                targ.mul_(rate).add_(src, alpha=1 - rate)
 
 
 def zero_module(module):

@@ -603,7 +603,16 @@ def group_norm(x, weight, bias, num_groups, eps=1e-5):
     :param weight, bias: [C] affine parameters, or None.
     :return: x's shape and dtype.
     """
-    return F.group_norm(_up(x), num_groups, weight, bias, eps).to(x.dtype)
+    return _group_norm_up(x, weight, bias, num_groups, eps).to(x.dtype)
+
+
+def _group_norm_up(x, weight, bias, num_groups, eps):
+    """F.group_norm in the math dtype (float32, or float64 for float64 x),
+    the affine parameters cast to it (float32 parameters with float64 x)."""
+    xu = _up(x)
+    weight = None if weight is None else weight.to(xu.dtype)
+    bias = None if bias is None else bias.to(xu.dtype)
+    return F.group_norm(xu, num_groups, weight, bias, eps)
 
 
 def group_norm_silu(x, weight, bias, num_groups, eps=1e-5):
@@ -615,7 +624,7 @@ def group_norm_silu(x, weight, bias, num_groups, eps=1e-5):
     :param weight, bias: [C] affine parameters.
     :return: x's shape and dtype.
     """
-    h = F.group_norm(_up(x), num_groups, weight, bias, eps).to(x.dtype)
+    h = _group_norm_up(x, weight, bias, num_groups, eps).to(x.dtype)
     return h * torch.sigmoid(h)
 
 
@@ -628,7 +637,7 @@ def group_norm_scale_shift_silu(x, weight, bias, scale, shift, num_groups, eps=1
     :return: x's shape and dtype.
     """
     extra = [1] * (x.dim() - 2)
-    h = F.group_norm(_up(x), num_groups, weight, bias, eps).to(x.dtype)
+    h = _group_norm_up(x, weight, bias, num_groups, eps).to(x.dtype)
     h = h * (1 + scale.to(x.dtype).view(*scale.shape, *extra)) + shift.to(x.dtype).view(*shift.shape, *extra)
     return h * torch.sigmoid(h)
 

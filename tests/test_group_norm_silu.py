@@ -177,6 +177,27 @@ def test_no_affine_and_edge_values():
     torch.testing.assert_close(y, truth, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_float64_input_with_float32_parameters(backend):
+    # GroupNorm32 of the original with float32 parameters on float64 data:
+    # the math runs in float64 with the parameters cast (the reference raised
+    # "mixed dtype" in F.group_norm).
+    if backend == "cpp" and REASON is not None:
+        pytest.skip(f"C++ extension unavailable: {REASON}")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 3, 3, generator=g, dtype=torch.float64)
+    w, b = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    sc, sh = torch.randn(2, 8, generator=g), torch.randn(2, 8, generator=g)
+    with ops.use_backend(backend):
+        got = [ops.group_norm(x, w, b, 4), ops.group_norm_silu(x, w, b, 4),
+               ops.group_norm_scale_shift_silu(x, w, b, sc, sh, 4)]
+    want = [ref.group_norm(x, w.double(), b.double(), 4), ref.group_norm_silu(x, w.double(), b.double(), 4),
+            ref.group_norm_scale_shift_silu(x, w.double(), b.double(), sc.double(), sh.double(), 4)]
+    for y, truth in zip(got, want):
+        assert y.dtype == torch.float64
+        torch.testing.assert_close(y, truth)
+
+
 @needs_ext
 def test_empty_batch():
     x = torch.empty(0, 8, 4, 4)

@@ -435,6 +435,7 @@ def test_master_params_round_trip():
     for b, p in zip(before, params):
         torch.testing.assert_close(p.detach(), 3 * b)
     views = fp16_util.unflatten_master_params(model.parameters(), master)
+    assert isinstance(views, tuple)  # as the original's _unflatten_dense_tensors
     assert [v.shape for v in views] == [p.shape for p in params]
     fp16_util.zero_grad(params)
     assert all(torch.count_nonzero(p.grad) == 0 for p in params)
@@ -444,6 +445,22 @@ def test_update_ema():
     target = [torch.zeros(3)]
     update_ema(target, [torch.ones(3)], rate=0.9)
     torch.testing.assert_close(target[0], torch.full((3,), 0.1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_update_ema_is_the_originals_per_tensor_update_in_every_dtype(dtype):
+    # The original: targ.mul_(rate).add_(src, alpha=1 - rate) per tensor. The
+    # multi-tensor kernels would round rate to a half-precision target's dtype.
+    g = torch.Generator().manual_seed(0)
+    targets = [torch.randn(257, generator=g).to(dtype) for _ in range(3)]
+    sources = [torch.randn(257, generator=g).to(dtype) for _ in range(3)]
+    want = [t.clone() for t in targets]
+    for _ in range(5):
+        update_ema(targets, sources, rate=0.99)
+        for t, s in zip(want, sources):
+            t.mul_(0.99).add_(s, alpha=1 - 0.99)
+    for got, ref in zip(targets, want):
+        assert torch.equal(got, ref)
 
 
 # ------------------------------------------------------- timestep embedding
