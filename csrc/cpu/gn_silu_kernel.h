@@ -100,28 +100,39 @@ inline Vec vrecip(const Vec& d) {
 }
 
 // sigmoid(z) = 1 / (1 + exp(-z)), with exp inline (Sleef's is an out-of-line
-// call). exp's argument is capped at 80 so that 1 + exp(-z) stays finite
-// (sigmoid is then below 2e-35, i.e. 0 for every purpose here).
+// call). exp's argument is capped at 80 so that 1 + exp(-z) stays finite, and
+// sigmoid is set to 0 for z < -80 (its true value is under 2e-35): with the
+// cap alone z * sigmoid(z) would grow with |z| (-180 at z = -1e37). A NaN z
+// compares false there and gives a NaN SiLU; z = -inf gives 0 * -inf = NaN,
+// as x * torch.sigmoid(x) does.
 inline Vec vsigmoid(const Vec& z) {
   // exp(-z) = 2^n 2^f with n = round(-z log2 e) and f in [-1/2, 1/2]: 2^f by
   // Cephes' exp2f polynomial (relative error 1.7e-7, below exp_u20's ~2e-6),
   // 2^n applied by scalef (AVX-512) or built in the exponent bits (AVX2, with
   // -z kept above -87 so that 2^n stays a normal number; sigmoid is 1 in
-  // float32 there anyway). About 10 instructions where exp_u20 takes about 20
-  // (the SiLU had been ~40% of the op's time).
+  // float32 there anyway). About 11 instructions where exp_u20 takes about 20
+  // (the SiLU had been ~40% of the op's time). On AVX-512 a z of exactly +inf
+  // (an infinite bias or weight) gives NaN where torch gives inf: a floor on
+  // -z there cost a few percent of the op for that case alone.
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kP[7] = {1.535336188319500e-4f, 1.339887440266574e-3f, 9.618437357674640e-3f,
                            5.550332471162809e-2f, 2.402264791363012e-1f, 6.931472028550421e-1f, 1.f};
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 u = _mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), _mm512_set1_ps(80.f));
+  const __m512 zv = z;
+  const __m512 u = _mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), zv), _mm512_set1_ps(80.f));
   const __m512 t = _mm512_mul_ps(u, _mm512_set1_ps(kLog2e));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
   __m512 p = _mm512_set1_ps(kP[0]);
   for (int k = 1; k < 7; ++k) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kP[k]));
-  return vrecip(Vec(_mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.f))));
+  // 1 / d as vrecip computes it, its last multiply zeroing the lanes with z < -80 (or NaN).
+  const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.f));
+  const __m512 r = _mm512_rcp14_ps(d);
+  const __mmask16 keep = _mm512_cmp_ps_mask(zv, _mm512_set1_ps(-80.f), _CMP_GE_OQ);
+  return _mm512_maskz_mul_ps(keep, r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
 #elif defined(CPU_CAPABILITY_AVX2)
-  const __m256 u = _mm256_max_ps(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), z), _mm256_set1_ps(80.f)),
+  const __m256 zv = z;
+  const __m256 u = _mm256_max_ps(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), zv), _mm256_set1_ps(80.f)),
                                  _mm256_set1_ps(-87.f));
   const __m256 t = _mm256_mul_ps(u, _mm256_set1_ps(kLog2e));
   const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -130,10 +141,12 @@ inline Vec vsigmoid(const Vec& z) {
   for (int k = 1; k < 7; ++k) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kP[k]));
   const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-  return vrecip(Vec(_mm256_add_ps(e, _mm256_set1_ps(1.f))));
+  const __m256 s = vrecip(Vec(_mm256_add_ps(e, _mm256_set1_ps(1.f))));
+  return _mm256_and_ps(_mm256_cmp_ps(zv, _mm256_set1_ps(-80.f), _CMP_GE_OQ), s);
 #else
   const Vec one(1.f);
-  return vrecip(one + at::vec::minimum(z.neg(), Vec(80.f)).exp_u20());
+  const Vec s = vrecip(one + at::vec::minimum(z.neg(), Vec(80.f)).exp_u20());
+  return Vec::blendv(s, Vec(0.f), z < Vec(-80.f));
 #endif
 }
 
@@ -396,7 +409,10 @@ void forward_impl(const T* X, T* Y, acc_t<T>* MEAN, acc_t<T>* RSTD, const Params
         double s1, s2, k;
         block_shifted_moments(xg, D * L, s1, s2, k);
         const double mean = k + s1 / M;
-        const double var = std::max(0.0, (s2 - s1 * s1 / M) / M);
+        // Rounding can leave the variance slightly negative: clamp at 0, but
+        // keep a NaN (an inf in x gives inf - inf), as F.group_norm does.
+        const double v = (s2 - s1 * s1 / M) / M;
+        const double var = v < 0.0 ? 0.0 : v;
         const A rstd = static_cast<A>(1.0 / std::sqrt(var + eps));
         MEAN[ng] = static_cast<A>(mean);
         RSTD[ng] = rstd;
