@@ -5,6 +5,7 @@
 // levels) that Python cost ~40 us per forward + backward, more than the
 // kernels. torch.compile traces through these functions to the ops' fake
 // kernels (registered from Python).
+#include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -49,9 +50,28 @@ class GnSiluFunction : public torch::autograd::Function<GnSiluFunction> {
                             mean, rstd});
     ctx->saved_data["num_groups"] = num_groups;
     ctx->saved_data["silu"] = silu;
+    ctx->saved_data["eps"] = eps;
     ctx->set_materialize_grads(false);
     *stats = {mean, rstd};
     return {y};
+  }
+
+  // y from differentiable ATen ops, as reference.py computes it: GroupNorm in
+  // float32 (float64 for float64 x) with the parameters cast to it, the
+  // result in x's dtype, then the scale/shift and the SiLU.
+  static at::Tensor composite(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                              const at::Tensor& scale, const at::Tensor& shift, int64_t num_groups, double eps,
+                              bool silu) {
+    const auto up = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const auto xu = x.to(up);
+    auto cast = [&](const at::Tensor& p) { return p.defined() ? p.to(up) : p; };
+    at::Tensor h = at::group_norm(xu, num_groups, cast(weight), cast(bias), eps).to(x.scalar_type());
+    if (scale.defined()) {
+      std::vector<int64_t> shape(scale.sizes().begin(), scale.sizes().end());
+      shape.resize(x.dim(), 1);
+      h = h * (scale.to(x.scalar_type()).view(shape) + 1) + shift.to(x.scalar_type()).view(shape);
+    }
+    return silu ? h * at::sigmoid(h) : h;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -67,10 +87,32 @@ class GnSiluFunction : public torch::autograd::Function<GnSiluFunction> {
     if (!grads[0].defined()) {
       return out;  // y unused: no gradient for anything
     }
-    // First order only: the backward op has no derivative of its own, so
-    // its results are plain tensors, and differentiating them again
-    // (create_graph=True, then backward) is an error instead of zeros.
-    at::AutoGradMode no_double_backward(false);
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True: the backward op has no derivative of its own, so
+      // the gradients come from autograd through the composite forward,
+      // differentiable again (gradient penalties, double backward).
+      std::vector<at::Tensor> inputs;
+      std::vector<int> slot;
+      size_t edge = 0;
+      for (int i = 0; i < 5; ++i) {
+        if ((i == 0 || saved[i].defined()) && ctx->needs_input_grad(edge++)) {
+          inputs.push_back(saved[i]);
+          slot.push_back(i);
+        }
+      }
+      if (inputs.empty()) {
+        return out;
+      }
+      at::Tensor y = composite(saved[0], saved[1], saved[2], saved[3], saved[4],
+                               ctx->saved_data["num_groups"].toInt(), ctx->saved_data["eps"].toDouble(),
+                               ctx->saved_data["silu"].toBool());
+      auto g = torch::autograd::grad({y}, inputs, {grads[0]}, /*retain_graph=*/true, /*create_graph=*/true,
+                                     /*allow_unused=*/true);
+      for (size_t k = 0; k < slot.size(); ++k) {
+        out[slot[k]] = g[k];
+      }
+      return out;
+    }
     auto [dx, dw, db, dsc, dsh] =
         op.call(grads[0], saved[0], as_optional(saved[1]), as_optional(saved[2]), as_optional(saved[3]),
                 as_optional(saved[4]), saved[5], saved[6], ctx->saved_data["num_groups"].toInt(),

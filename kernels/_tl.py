@@ -105,7 +105,7 @@ def model_distribution(
     elif VAR == 0:
         lv = v
     elif VAR == 1:
-        lv = plv + 0.0 * xt
+        lv = plv + tl.zeros_like(xt)  # broadcast; 0.0 * xt would turn an inf/NaN x_t into a NaN variance
     else:
-        lv = tl.load(tables_ptr + R_FLLV * T + t) + 0.0 * xt
+        lv = tl.load(tables_ptr + R_FLLV * T + t) + tl.zeros_like(xt)
     return pred, mean, lv

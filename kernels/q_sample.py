@@ -55,7 +55,7 @@ def q_sample(x_start, t, noise, tables, *, block=None, num_warps=None):
         x0,
         eps,
         t.contiguous(),
-        tables,
+        tables.contiguous(),  # the kernel takes the row stride to be T
         out,
         D,
         tables.shape[1],

@@ -131,6 +131,20 @@ def test_op_input_checks():
         ops.group_norm_silu(torch.randn(2, 48, 4, 4), None, None, 32)
     with pytest.raises(ValueError, match=r"scale must have shape \[N x C\]"):
         ops.group_norm_scale_shift_silu(torch.randn(2, 64, 4, 4), None, None, torch.zeros(2, 32), torch.zeros(2, 64), 32)
+    # indexing takes int64/int32 only: uint8 or bool would act as a mask, int16 fails
+    for dtype in (torch.uint8, torch.int16, torch.bool, torch.float32):
+        with pytest.raises(ValueError, match="int64"):
+            ops.q_sample(x, t.to(dtype), x, tables)
+    # parameters on another device: the dispatcher would route a meta one to the
+    # fake kernel and return uninitialised memory
+    x64 = torch.randn(2, 64, 4, 4)
+    meta = torch.empty(64, device="meta")
+    with pytest.raises(ValueError, match="GroupNorm weight is on meta"):
+        ops.group_norm_silu(x64, meta, None, 32)
+    with pytest.raises(ValueError, match="shift is on meta"):
+        ops.group_norm_scale_shift_silu(x64, None, None, torch.zeros(2, 64), torch.zeros(2, 64, device="meta"), 32)
+    with pytest.raises(TypeError, match="scale must be a torch.Tensor"):
+        ops.group_norm_scale_shift_silu(x64, None, None, 0.5, torch.zeros(2, 64), 32)
 
 
 # ------------------------------------------------------------ dtype contract

@@ -372,6 +372,64 @@ def test_training_loss_gradients_into_the_data_and_noise_equal_the_reference(mea
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_training_loss_double_backward_equals_the_reference():
+    # A gradient penalty on d(loss)/d(model output): under create_graph the
+    # backward differentiates the reference (the kernel's gradient used to be
+    # a plain tensor, so the penalty's own gradient was silently dropped).
+    x0, noise, out, t = _data((2, 3, 4, 4), True)
+    kinds = dict(model_mean_type="epsilon", model_var_type="learned_range", loss_type="rescaled_mse",
+                 num_timesteps=T)
+    grads = []
+    for fn in (_triton._training_loss, ref.training_loss):
+        m = out.clone().requires_grad_(True)
+        loss = fn(m, x0, noise, t, _tables(), **kinds)[0]
+        (gm,) = torch.autograd.grad(loss.sum(), m, create_graph=True)
+        assert gm.requires_grad
+        (loss.sum() + gm.square().sum()).backward()
+        grads.append(m.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_q_sample_reads_non_contiguous_tables():
+    x0, noise, _, t = _data((2, 3, 4, 4), False)
+    tables = _tables()
+    strided = torch.zeros(tables.shape[0], 2 * tables.shape[1], device=DEVICE)[:, ::2]
+    strided.copy_(tables)
+    assert not strided.is_contiguous()
+    torch.testing.assert_close(_triton._q_sample(x0, t, noise, strided), ref.q_sample(x0, t, noise, tables))
+
+
+@pytest.mark.parametrize("var", ["fixed_small", "fixed_large"])
+def test_a_nan_x_t_leaves_the_fixed_variance_alone_like_the_reference(var):
+    x0, noise, out, t = _data((2, 3, 4, 4), False)
+    xt = x0.clone()
+    xt[0, 0, 0, 0] = float("nan")
+    xt[1, 0, 0, 0] = float("inf")
+    kinds = dict(model_mean_type="previous_x", model_var_type=var, clip_denoised=False)
+    with ops.use_backend("triton"):
+        got = ops.p_sample_step(out, xt, t, noise, _tables(), **kinds)[0]
+        got_vb = ops.vb_terms_bpd(out, x0, xt, t, _tables(), **kinds)[0]
+    want = ref.p_sample_step(out, xt, t, noise, _tables(), **kinds)[0]
+    want_vb = ref.vb_terms_bpd(out, x0, xt, t, _tables(), **kinds)[0]
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got_vb.isnan(), want_vb.isnan())
+    torch.testing.assert_close(got, want, equal_nan=True)
+
+
+def test_float64_inputs_get_the_references_float64_math():
+    x0, noise, out, t = (v.double() if v.is_floating_point() else v for v in _data((2, 3, 4, 4), True))
+    kinds = dict(model_mean_type="epsilon", model_var_type="learned_range")
+    with ops.use_backend("triton"):
+        got = [ops.q_sample(x0, t, noise, _tables()),
+               ops.p_sample_step(out, x0, t, noise, _tables(), **kinds, clip_denoised=True)[0],
+               ops.training_loss(out, x0, noise, t, _tables(), **kinds, loss_type="mse", num_timesteps=T)[0]]
+    want = [ref.q_sample(x0, t, noise, _tables()),
+            ref.p_sample_step(out, x0, t, noise, _tables(), **kinds, clip_denoised=True)[0],
+            ref.training_loss(out, x0, noise, t, _tables(), **kinds, loss_type="mse", num_timesteps=T)[0]]
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == torch.float64
+        assert torch.equal(g, w)
+
+
 def test_sampling_ops_fall_back_to_the_reference_when_gradients_are_needed():
     x0, noise, out, t = _data((2, 3, 4, 4), True)
     out.requires_grad_(True)

@@ -215,8 +215,17 @@ def _check_norm(x, weight, bias, num_groups):
     if num_groups <= 0 or C % num_groups:
         raise ValueError(f"GroupNorm: {C} channels cannot be split into {num_groups} groups")
     for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None and tuple(p.shape) != (C,):
-            raise ValueError(f"GroupNorm {name} must have shape ({C},), got {tuple(p.shape)}")
+        if p is not None:
+            _check_param(f"GroupNorm {name}", p, (C,), x)
+
+
+def _check_param(name, p, shape, x, shape_text=None):
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(p).__name__}")
+    if tuple(p.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape_text or shape}, got {tuple(p.shape)}")
+    if p.device != x.device:
+        raise ValueError(f"{name} is on {p.device} but x is on {x.device}")
 
 
 def stored_channels_last(x):
@@ -275,10 +284,8 @@ def group_norm_silu(x, weight, bias, num_groups, eps=1e-5):
 def group_norm_scale_shift_silu(x, weight, bias, scale, shift, num_groups, eps=1e-5):
     """SiLU(GroupNorm(x) * (1 + scale) + shift); see :func:`iddpm_fast.reference.group_norm_scale_shift_silu`."""
     _check_norm(x, weight, bias, num_groups)
-    want = tuple(x.shape[:2])
     for name, v in (("scale", scale), ("shift", shift)):
-        if tuple(v.shape) != want:
-            raise ValueError(f"{name} must have shape [N x C] = {want}, got {tuple(v.shape)}")
+        _check_param(name, v, tuple(x.shape[:2]), x, shape_text=f"[N x C] = {tuple(x.shape[:2])}")
     return resolve("group_norm_scale_shift_silu", x.device)(x, weight, bias, scale, shift, num_groups, eps)
 
 

@@ -31,8 +31,9 @@ def check_like(name, x, ref_name, other):
 def check_t(t, x, tables):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"t must be a torch.Tensor of timestep indices, got {type(t).__name__}")
-    if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
-        raise ValueError(f"t must be an integer tensor of timestep indices, got {t.dtype}")
+    if t.dtype not in (torch.int64, torch.int32):
+        # (indexing takes int64/int32; uint8 and bool would act as masks, int16 fails)
+        raise ValueError(f"t must be an integer tensor (int64 or int32) of timestep indices, got {t.dtype}")
     if t.dim() != 1 or t.shape[0] != x.shape[0]:
         raise ValueError(f"t must be 1-D with one timestep per sample ({x.shape[0]}), got shape {tuple(t.shape)}")
     if t.device != x.device:

@@ -160,7 +160,6 @@ class _TrainingLoss(torch.autograd.Function):
         return k.training_loss_fwd(model_output, x_start, noise, t, tables, *kinds)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, grad_mse, grad_vb):
         from ..kernels import training_loss as k
 
@@ -168,11 +167,33 @@ class _TrainingLoss(torch.autograd.Function):
         if not ctx.needs_input_grad[0] or (grad_loss is None and grad_mse is None and grad_vb is None):
             return (None,) + nones
         model_output, x_start, noise, t, tables = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: the kernel's gradient has no derivative of its
+            # own, so autograd differentiates the reference instead (gradient
+            # penalties, double backward).
+            from .. import reference
+
+            names = ("model_mean_type", "model_var_type", "loss_type", "num_timesteps")
+            values = reference.training_loss(model_output, x_start, noise, t, tables, **dict(zip(names, ctx.kinds)))
+            used = [(v, g) for v, g in zip(values, (grad_loss, grad_mse, grad_vb)) if g is not None]
+            (grad,) = torch.autograd.grad([v for v, _ in used], model_output, [g for _, g in used],
+                                          create_graph=True, allow_unused=True)
+            return (grad,) + nones
         grad = k.training_loss_bwd(model_output, x_start, noise, t, tables, grad_loss, grad_mse, grad_vb, *ctx.kinds)
         return (grad,) + nones
 
 
+def _float64(*tensors):
+    """True when a float64 tensor is among the arguments: the kernels compute
+    in float32, the reference in float64 for float64 inputs (its spec)."""
+    return any(isinstance(x, torch.Tensor) and x.dtype == torch.float64 for x in tensors)
+
+
 def _q_sample(x_start, t, noise, tables):
+    if _float64(x_start, noise):
+        from .. import reference
+
+        return reference.q_sample(x_start, t, noise, tables)
     if _eager():
         return _QSample.apply(x_start, t, noise, tables)
     return q_sample_triton(x_start, t, noise, tables)
@@ -181,10 +202,11 @@ def _q_sample(x_start, t, noise, tables):
 def _training_loss(model_output, x_start, noise, t, tables, *, model_mean_type, model_var_type, loss_type,
                    num_timesteps):
     args = (model_output, x_start, noise, t, tables, model_mean_type, model_var_type, loss_type, num_timesteps)
-    if _wants_grad(x_start, noise):
+    if _wants_grad(x_start, noise) or _float64(model_output, x_start, noise):
         # The kernels differentiate with respect to the model output only; a
         # gradient into the data or the noise (say, from an encoder trained
         # with the model) needs the reference, where autograd sees every term.
+        # float64 inputs get the reference's float64 math.
         from .. import reference
 
         return reference.training_loss(*args[:5], model_mean_type=model_mean_type, model_var_type=model_var_type,
@@ -270,7 +292,7 @@ def _with_reference_for_grad(name, triton_fn, *grad_inputs_idx):
 
     def run(*args, **kwargs):
         nonlocal launcher
-        if _wants_grad(*(args[i] for i in grad_inputs_idx)):
+        if _wants_grad(*(args[i] for i in grad_inputs_idx)) or _float64(*args):
             from .. import reference
 
             return getattr(reference, name)(*args, **kwargs)
