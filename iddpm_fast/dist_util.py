@@ -111,6 +111,15 @@ def setup_dist():
             th.cuda.set_device(local_rank() % th.cuda.device_count())
         dist.init_process_group(backend=backend, init_method="env://")
         return
+    if int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        # Some launcher variables but not all: a group of one here would make
+        # every process train as rank 0 and write the same files.
+        missing = [name for name in _LAUNCHER_VARS if not os.environ.get(name)]
+        raise RuntimeError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not set: start the processes with torchrun "
+            "(or set all of " + ", ".join(_LAUNCHER_VARS) + ")"
+        )
 
     # A group of one. The file store needs no port and touches no network.
     _remove_store_dir()

@@ -41,6 +41,7 @@ Deliberate differences from the original, documented in the README:
   the same global batch.
 """
 
+import contextlib
 import copy
 import glob
 import json
@@ -351,6 +352,13 @@ class TrainLoop:
         """Timesteps, weights and noise for this rank's batch (see the module docstring)."""
         if self.world_size == 1:
             return None
+        if n_local != self.batch_size:
+            # The global draw is sliced by rank position: a short or long local
+            # batch would take another rank's timesteps and noise (or too few).
+            raise ValueError(
+                f"with {self.world_size} processes every rank's batch must hold exactly batch_size="
+                f"{self.batch_size} examples, got {n_local} on rank {self.rank} (drop the last partial batch)"
+            )
         t_all, w_all = self.schedule_sampler.sample(self.global_batch, self.device)
         lo = self.rank * n_local
         return t_all[lo : lo + n_local], w_all[lo : lo + n_local]
@@ -369,6 +377,37 @@ class TrainLoop:
             # Same generator state on every rank: draw the global batch's noise, keep our slice.
             noise_all = th.randn((self.global_batch, *batch.shape[1:]), device=self.device, dtype=batch.dtype)
             noise_all = noise_all[self.rank * n : (self.rank + 1) * n]
+        with self._rank_rng():
+            finite = self._microbatches(batch, cond, n, drawn, noise_all)
+        if self.use_ddp:
+            flag = th.tensor([1.0 if finite else 0.0], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = bool(flag.item())
+        return finite
+
+    def _rank_rng(self):
+        """
+        With several ranks, the model's own draws (dropout) come from a
+        generator seeded per rank, so ranks draw independent dropout masks
+        (with one shared stream, example i of every rank had the same masks).
+        The seeds are one draw from the shared stream, which every rank makes,
+        so the stream stays the same on all ranks, and resumes exactly.
+        """
+        if self.world_size == 1:
+            return contextlib.nullcontext()
+        seed = int(th.randint(0, 2**62, (self.world_size,))[self.rank])
+        devices = [self.device] if self.device.type == "cuda" else []
+        fork = th.random.fork_rng(devices=devices)
+
+        @contextlib.contextmanager
+        def seeded():
+            with fork:
+                th.manual_seed(seed)
+                yield
+
+        return seeded()
+
+    def _microbatches(self, batch, cond, n, drawn, noise_all):
         finite = True
         for i in range(0, n, self.microbatch):
             micro = batch[i : i + self.microbatch]
@@ -401,10 +440,6 @@ class TrainLoop:
                 # rank; the update is skipped below on all ranks together.
                 loss = th.nan_to_num(losses["loss"], 0.0, 0.0, 0.0).sum() * 0.0
             self.scaler.scale(loss).backward()
-        if self.use_ddp:
-            flag = th.tensor([1.0 if finite else 0.0], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            finite = bool(flag.item())
         return finite
 
     def _autocast(self):

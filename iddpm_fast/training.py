@@ -145,8 +145,10 @@ class _StepBatches:
     next `global_batch` indices of a per-epoch permutation (seeded by
     (seed, epoch)); every rank keeps its contiguous slice. With random_flip,
     each image of a step's batch is mirrored left-right with probability 1/2
-    by draws seeded by (seed, step, rank), so the flips too are those of the
-    uninterrupted run, whatever the number of DataLoader workers.
+    by draws seeded by (seed, step), so the flips too are those of the
+    uninterrupted run, whatever the number of DataLoader workers; they are
+    drawn for the global batch and sliced by rank, as the timesteps and noise
+    are, so N ranks flip what one process with the global batch flips.
     """
 
     def __init__(self, dataset, batch_size, world_size, rank, seed, start_step, num_workers, random_flip=False):
@@ -190,8 +192,9 @@ class _StepBatches:
     def __next__(self):
         batch, cond = next(self._it)
         if self.random_flip:
-            seed = np.random.SeedSequence([self.seed, self.step, self.rank, 0xF11B]).generate_state(1)[0]
-            flip = torch.rand(batch.shape[0], generator=torch.Generator().manual_seed(int(seed))) < 0.5
+            seed = np.random.SeedSequence([self.seed, self.step, 0xF11B]).generate_state(1)[0]
+            flip = torch.rand(self.global_batch, generator=torch.Generator().manual_seed(int(seed))) < 0.5
+            flip = flip[self.rank * self.batch_size : self.rank * self.batch_size + batch.shape[0]]
             batch = torch.where(flip.view(-1, *([1] * (batch.dim() - 1))), batch.flip(-1), batch)
         self.step += 1
         return batch, cond

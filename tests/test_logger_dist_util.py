@@ -339,6 +339,18 @@ def test_load_state_dict_names_a_damaged_checkpoint(tmp_path, damage):
         dist_util.load_state_dict(str(path), map_location="cpu")
 
 
+def test_setup_dist_refuses_a_partial_launcher_environment(monkeypatch):
+    # RANK/WORLD_SIZE without MASTER_ADDR/PORT: each process would otherwise
+    # make a group of one and train as rank 0, all writing the same files.
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="MASTER_ADDR, MASTER_PORT are not set"):
+        dist_util.setup_dist()
+    assert not dist.is_initialized()
+
+
 @pytest.fixture
 def single_process_group():
     assert not dist.is_initialized()

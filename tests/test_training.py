@@ -112,6 +112,10 @@ def test_random_flips_are_a_function_of_seed_and_step():
     assert (mirrored | kept).all() and 4 <= int((mirrored & ~kept).sum()) <= 28
     other = batches(0, True, 4, seed=4)
     assert any(not torch.equal(a, b) for a, b in zip(other, batches(0, False, 4, seed=4)))
+    # two ranks of 4 see (and flip) what one process with a global batch of 8 does
+    ranks = [_StepBatches(dataset, 4, 2, r, 3, 0, 0, random_flip=True) for r in (0, 1)]
+    for whole in flipped[:3]:
+        assert torch.equal(torch.cat([next(it)[0] for it in ranks]), whole)
 
 
 def test_resumed_run_continues_its_logs(tmp_path):
@@ -269,6 +273,27 @@ def test_microbatch_gradients_are_averaged(tmp_path):
         loop.run_loop()
         results.append({k: v.clone() for k, v in model.state_dict().items()})
     _assert_same_state(results[0], results[1], exact=False)
+
+
+def test_ranks_draw_their_own_dropout_masks_from_a_shared_stream(tmp_path):
+    # With several ranks the timesteps and noise come from one stream every rank
+    # shares; the model's own draws (dropout) must differ between ranks, and the
+    # shared stream must stay the same on every rank afterwards.
+    model, diffusion = _tiny_model_and_diffusion()
+    loop = _loop(tmp_path, model, diffusion, max_steps=1)
+    loop.world_size = 2
+    draws, after = [], []
+    for rank in (0, 1):
+        loop.rank = rank
+        torch.manual_seed(5)
+        with loop._rank_rng():
+            draws.append(torch.rand(8))
+        after.append(torch.rand(4))
+    assert not torch.equal(draws[0], draws[1])
+    assert torch.equal(after[0], after[1])
+    # a local batch of another size would take another rank's slice of the global draw
+    with pytest.raises(ValueError, match="exactly batch_size=16 examples, got 12 on rank 1"):
+        loop._draw_global(12)
 
 
 def test_nonfinite_loss_stops_with_the_last_good_checkpoint(tmp_path):
