@@ -227,7 +227,11 @@ def main(argv=None):
         tune_malloc()
     else:  # also for the train()/sample()/nll() this process runs next
         os.environ["IDDPM_FAST_MALLOC_TUNING"] = "0"
-    return run(args)
+    try:
+        return run(args)
+    except KeyboardInterrupt as exc:
+        print(f"\n{exc or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

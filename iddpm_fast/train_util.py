@@ -48,6 +48,10 @@ import json
 import math
 import os
 import random
+import shutil
+import signal
+import sys
+import threading
 import time
 
 import numpy as np
@@ -251,8 +255,14 @@ class TrainLoop:
             impl = {k: self.opt.defaults.get(k) for k in ("fused", "foreach")}
             try:
                 self.opt.load_state_dict(dist_util.load_state_dict(opt_checkpoint, map_location=self.device))
+                saved = self.opt.param_groups[0]
+                if (saved["lr"], saved["weight_decay"]) != (self.lr, self.weight_decay):
+                    logger.log(f"optimizer state saved with lr={saved['lr']}, weight_decay={saved['weight_decay']}; "
+                               f"continuing with this run's lr={self.lr}, weight_decay={self.weight_decay}")
                 for group in self.opt.param_groups:
-                    group.update(impl)
+                    # This run's flags, not the saved ones (the original kept the saved
+                    # lr, so `--lr` on a resumed run did nothing without annealing).
+                    group.update(impl, lr=self.lr, weight_decay=self.weight_decay)
             except ValueError as exc:
                 # e.g. improved-diffusion's fp16 runs saved the state of one flattened master parameter
                 logger.warn(f"optimizer state in {opt_checkpoint} does not fit this model ({exc}); starting AdamW afresh")
@@ -295,33 +305,81 @@ class TrainLoop:
         if self.progress and self.rank == 0:
             from tqdm.auto import tqdm
 
-            total = self.max_steps or self.lr_anneal_steps or None
-            bar = tqdm(total=total, initial=self.global_step, desc="train", dynamic_ncols=True)
+            limits = [n for n in (self.max_steps, self.lr_anneal_steps) if n]
+            bar = tqdm(total=min(limits) if limits else None, initial=self.global_step, desc="train",
+                       dynamic_ncols=True)
         try:
-            while not self._done():
-                batch, cond = next(self.data)
-                self.run_step(batch, cond)
-                self.step += 1
-                if self._nonfinite_run >= self.nonfinite_patience:
-                    self._diverged()
-                if bar is not None:
-                    bar.update(1)
-                    loss = logger.getkvs().get("loss")
-                    if loss is not None:
-                        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-                if self.step % self.log_interval == 0:
-                    logger.dumpkvs()
-                if self.save_interval and self.global_step % self.save_interval == 0:
-                    self.save()
-                    if os.environ.get("DIFFUSION_TRAINING_TEST", ""):
-                        return
-                if self.sample_interval and self.sample_fn is not None and self.global_step % self.sample_interval == 0:
-                    self.write_samples()
+            with self._stop_after_step_on_interrupt():
+                self._steps(bar)
         finally:
             if bar is not None:
                 bar.close()
         if self._last_saved_step != self.global_step and self.step > 0:
             self.save()
+        if self._interrupted:
+            raise KeyboardInterrupt(
+                f"training interrupted after step {self.global_step}; its checkpoint is saved in "
+                f"{self._checkpoint_dir()}: rerun the same command to resume"
+            )
+
+    @contextlib.contextmanager
+    def _stop_after_step_on_interrupt(self):
+        """
+        Ctrl-C (SIGINT) lets the current step finish, then the loop stops and
+        saves a checkpoint before raising KeyboardInterrupt; a second Ctrl-C
+        stops at once. Only in the main thread (where Python handles signals).
+        """
+        self._interrupted = False
+        self._interrupt_requested = False
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request(signum, frame):
+            if self._interrupt_requested:
+                raise KeyboardInterrupt
+            self._interrupt_requested = True
+            print("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
+
+        previous = signal.signal(signal.SIGINT, request)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+    def _stop_agreed(self):
+        """Whether to stop after this step: an interrupt on any rank stops all of them at the same step."""
+        if self.world_size == 1:
+            return self._interrupt_requested
+        flag = th.tensor([1.0 if self._interrupt_requested else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _steps(self, bar):
+        while not self._done():
+            batch, cond = next(self.data)
+            self.run_step(batch, cond)
+            self.step += 1
+            if self._nonfinite_run >= self.nonfinite_patience:
+                self._diverged()
+            if bar is not None:
+                bar.update(1)
+                loss = logger.getkvs().get("loss")
+                if loss is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            # The global step, so that a resumed run logs the rows of the uninterrupted one.
+            if self.global_step % self.log_interval == 0:
+                logger.dumpkvs()
+            if self.save_interval and self.global_step % self.save_interval == 0:
+                self.save()
+                if os.environ.get("DIFFUSION_TRAINING_TEST", ""):
+                    return
+            if self.sample_interval and self.sample_fn is not None and self.global_step % self.sample_interval == 0:
+                self.write_samples()
+            if self._stop_agreed():
+                self._interrupted = True
+                return
 
     def run_step(self, batch, cond):
         t0 = time.perf_counter()
@@ -511,6 +569,10 @@ class TrainLoop:
         if self.rank == 0:
             folder = self._checkpoint_dir()
             os.makedirs(folder, exist_ok=True)
+            if self._last_saved_step is None:
+                removed = remove_stale_temporaries(folder)
+                if removed:
+                    logger.log(f"removed {len(removed)} temporary file(s) of interrupted checkpoint writes: {removed}")
             logger.log(f"saving checkpoint at step {step} to {folder}")
             atomic_save(self._params_to_state_dict(self.master_params), os.path.join(folder, f"model{step:06d}.pt"))
             for rate, params in zip(self.ema_rate, self.ema_params):
@@ -644,9 +706,34 @@ def atomic_save(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        # torch.save reports a full disk as "unexpected pos ..." from its zip writer.
+        free = shutil.disk_usage(folder).free if os.path.isdir(folder) else None
+        where = f" ({free / 2**20:.1f} MiB free there)" if free is not None else ""
+        raise RuntimeError(f"could not write checkpoint {path}{where}: {exc}; the earlier checkpoints are intact") from exc
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files of checkpoint writes killed half way (their
+    process is gone); returns their names."""
+    removed = []
+    for path in glob.glob(os.path.join(folder, ".*.pt.tmp*")):
+        pid = path.rsplit(".tmp", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # a live process is writing it
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        os.remove(path)
+        removed.append(os.path.basename(path))
+    return removed
 
 
 def _get_rng_state():

@@ -132,9 +132,15 @@ def resolve_config(config):
         raise ValueError("use_fp16=True contradicts amp='bf16'; pick one")
     if cfg["use_fp16"]:
         cfg["amp"] = "fp16"
-    for key in ("batch_size", "image_size", "num_channels"):
+    for key in ("batch_size", "image_size", "num_channels", "log_interval"):
         if int(cfg[key]) <= 0:
             raise ValueError(f"{key} must be positive, got {cfg[key]}")
+    for key in ("max_steps", "lr_anneal_steps", "save_interval", "sample_interval", "num_samples", "nll_samples",
+                "num_workers"):
+        if int(cfg[key]) < 0:
+            raise ValueError(f"{key} must be >= 0, got {cfg[key]}")
+    if int(cfg["microbatch"]) == 0 or int(cfg["microbatch"]) < -1:
+        raise ValueError(f"microbatch must be -1 (off) or positive, got {cfg['microbatch']}")
     return cfg
 
 
@@ -222,11 +228,42 @@ def _configure_logging(out_dir, resume_step=None):
 def _resume_checkpoint(cfg, log_dir):
     """The checkpoint this run resumes from: resume_checkpoint, else (with
     auto_resume) the newest complete one in the log directory, else ""."""
-    if cfg["resume_checkpoint"]:
-        return cfg["resume_checkpoint"]
-    if cfg["auto_resume"] and log_dir:
-        return latest_checkpoint(log_dir) or ""
-    return ""
+    newest = latest_checkpoint(log_dir) if cfg["auto_resume"] and log_dir else None
+    given = cfg["resume_checkpoint"]
+    if given:
+        # Rerunning a fine-tuning command must continue its own newer
+        # checkpoints, not start over from the given one (and overwrite them).
+        if newest and parse_resume_step_from_filename(newest) > parse_resume_step_from_filename(given):
+            return newest
+        return given
+    return newest or ""
+
+
+# Flags that define the model and its diffusion: resuming a run with other
+# values cannot continue it (dropout and use_checkpoint may change).
+_RUN_DEFINING = tuple(k for k in _MODEL_KEYS if k not in ("dropout", "use_checkpoint")) + (
+    "channel_mult", "in_channels", "num_classes")
+
+
+def _check_resumed_config(run_config, resume):
+    """Refuse to resume a run whose saved config defines another model or
+    diffusion; log the other flags that changed."""
+    from .sampling import _same, _saved_config
+
+    saved, source = _saved_config(resume)
+    if saved is None:
+        return  # e.g. a checkpoint written by improved-diffusion
+    bad = [k for k in _RUN_DEFINING if k in saved and not _same(run_config.get(k), saved[k])]
+    if bad:
+        diffs = ", ".join(f"{k}={run_config.get(k)!r} (saved: {saved[k]!r})" for k in bad)
+        raise ValueError(
+            f"cannot resume {resume}: {diffs} differ from its run's config ({source}). Give the same flags, "
+            "or train this configuration in another out_dir."
+        )
+    changed = [k for k in sorted(saved) if k in run_config and k not in ("resume_checkpoint", "out_dir")
+               and not _same(run_config[k], saved[k])]
+    if changed:
+        logger.log("resuming with changed flags: " + ", ".join(f"{k} {saved[k]!r} -> {run_config[k]!r}" for k in changed))
 
 
 def _respaced(cfg, respacing):
@@ -265,6 +302,11 @@ def train(**config):
     # files: a resumed run's logs continue from its checkpoint's step.
     log_dir = cfg["out_dir"] or os.getenv("OPENAI_LOGDIR") or ""
     resume = _resume_checkpoint(cfg, log_dir)
+    if not resume and log_dir and latest_checkpoint(log_dir):
+        raise ValueError(
+            f"{log_dir} already holds the checkpoints of a run (newest: {os.path.basename(latest_checkpoint(log_dir))}); "
+            "resume it (auto_resume=True, the default) or give another out_dir"
+        )
     start_step = parse_resume_step_from_filename(resume) if resume else 0
     out_dir = _configure_logging(log_dir, start_step if resume else None)
     _seed_everything(int(cfg["seed"]))
@@ -288,6 +330,8 @@ def train(**config):
     )
     model.to(device)
     run_config = {**cfg, "in_channels": channels, "num_classes": num_classes}
+    if resume:
+        _check_resumed_config(run_config, resume)
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -311,7 +355,9 @@ def train(**config):
     sampler = create_named_schedule_sampler(cfg["schedule_sampler"], diffusion)
     sample_shape = (int(cfg["num_samples"]), channels, int(cfg["image_size"]), int(cfg["image_size"]))
     grid_diffusion = _respaced(cfg, cfg["sample_respacing"])
-    label_count = num_classes or 1000
+    # Grid labels: the data's classes (a folder's or an .npz's), not the 1000 of the original's default
+    # embedding, most of which this run never trains.
+    label_count = num_classes or getattr(dataset, "num_classes", None) or 1000
 
     def write_samples(loop, step):
         ema_model = _ema_model(loop)
@@ -357,9 +403,13 @@ def train(**config):
         logger.dumpkvs()
 
     result = {"out_dir": out_dir, "step": loop.global_step, "checkpoint": latest_checkpoint(out_dir), "samples": None, "nll_bpd": None}
-    if rank == 0:
-        result["samples"] = write_samples(loop, loop.global_step)
+    if rank == 0 and int(cfg["num_samples"]) > 0:
+        grid = os.path.join(out_dir, f"samples_{loop.global_step:06d}.png")
+        last_interval = int(cfg["sample_interval"]) and loop.global_step % int(cfg["sample_interval"]) == 0
+        # (sample_interval already drew this step's grid when it divides the last step)
+        result["samples"] = grid if last_interval and os.path.exists(grid) else write_samples(loop, loop.global_step)
         logger.log(f"samples: {result['samples']}")
+    if rank == 0:
         if int(cfg["nll_samples"]) > 0:
             result["nll_bpd"] = _held_out_nll(cfg, loop, data_dir, channels, device)
     result["seconds"] = time.time() - started
@@ -396,6 +446,7 @@ def _held_out_nll(cfg, loop, data_dir, channels, device):
     value = float(bpd.mean())
     steps = cfg["nll_respacing"] or f"all {diffusion.num_timesteps}"
     logger.log(f"held-out NLL: {value:.4f} bits/dim ({n} images, {steps} steps, EMA {loop.ema_rate[0]})")
+    logger.logkv("step", loop.global_step)
     logger.logkv("held_out_nll_bpd", value)
     logger.dumpkvs()
     return value

@@ -87,6 +87,12 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     iddpm_fast.train(**cfg, max_steps=6, out_dir=part)  # auto-resumes from model000003.pt
     for name in ("model000006.pt", "ema_0.99_000006.pt"):
         _assert_same_state(_params(os.path.join(full, name)), _params(os.path.join(part, name)))
+    # after the resume the rows fall at the uninterrupted run's steps (the first run's last,
+    # partial window was flushed when it stopped)
+    def steps(out):
+        return [r["step"] for r in _rows(out) if r.get("loss") and int(r["step"]) >= 3]
+
+    assert steps(part) == steps(full) == ["3", "5"]
     sampler_full = _params(os.path.join(full, "train_state000006.pt"))["sampler"]
     sampler_part = _params(os.path.join(part, "train_state000006.pt"))["sampler"]
     assert torch.equal(sampler_full["loss_history"], sampler_part["loss_history"])
@@ -182,6 +188,77 @@ def test_sigkill_then_resume(tmp_path):
     iddpm_fast.train(**dict(TINY, max_steps=killed_at + 2, save_interval=2, dropout=0.0, out_dir=ref))
     name = f"model{killed_at + 2:06d}.pt"
     _assert_same_state(_params(os.path.join(ref, name)), _params(os.path.join(out, name)))
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes(tmp_path):
+    out = str(tmp_path / "interrupted")
+    args = dict(max_steps=1000, save_interval=1000, log_interval=1, dropout=0.0)
+    cmd = [sys.executable, "-m", "iddpm_fast", "train"] + _cli_args(out, **args)
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(_rows(out) if os.path.exists(os.path.join(out, "progress.csv")) else []) < 3:
+        if proc.poll() is not None:
+            pytest.fail(f"training exited early: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "rerun the same command to resume" in err and "Traceback" not in err
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None  # saved at the step it stopped after, though save_interval is 1000
+    stopped_at = int(os.path.basename(ckpt)[5:11])
+    assert stopped_at >= 3
+    resumed = subprocess.run([sys.executable, "-m", "iddpm_fast", "train"]
+                             + _cli_args(out, **dict(args, max_steps=stopped_at + 1)),
+                             env=_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert os.path.exists(os.path.join(out, f"model{stopped_at + 1:06d}.pt"))
+
+
+def test_resuming_follows_this_runs_flags_and_refuses_another_model(tmp_path):
+    out = str(tmp_path / "run")
+    iddpm_fast.train(**dict(TINY, max_steps=3, out_dir=out))
+    # lr and weight_decay of the resumed run apply (the saved optimizer groups held the old ones)
+    iddpm_fast.train(**dict(TINY, max_steps=4, out_dir=out, lr=5e-4, weight_decay=0.01))
+    groups = _params(os.path.join(out, "opt000004.pt"))["param_groups"]
+    assert all(g["lr"] == 5e-4 and g["weight_decay"] == 0.01 for g in groups)
+    with open(os.path.join(out, "log.txt")) as f:
+        assert "resuming with changed flags: lr 0.002 -> 0.0005" in f.read()
+    with pytest.raises(ValueError, match=r"num_channels=64 \(saved: 32\)"):
+        iddpm_fast.train(**dict(TINY, max_steps=5, out_dir=out, num_channels=64))
+    with pytest.raises(ValueError, match="already holds the checkpoints of a run"):
+        iddpm_fast.train(**dict(TINY, max_steps=5, out_dir=out, auto_resume=False))
+    # a fine-tuning command (resume_checkpoint) rerun continues its own newer checkpoints
+    tuned = str(tmp_path / "tuned")
+    start = os.path.join(out, "model000004.pt")
+    iddpm_fast.train(**dict(TINY, max_steps=6, out_dir=tuned, resume_checkpoint=start))
+    first = _params(os.path.join(tuned, "model000006.pt"))
+    result = iddpm_fast.train(**dict(TINY, max_steps=7, out_dir=tuned, resume_checkpoint=start))
+    assert result["step"] == 7
+    _assert_same_state(first, _params(os.path.join(tuned, "model000006.pt")))  # not overwritten
+    with open(os.path.join(tuned, "log.txt")) as f:
+        assert f"loading model from checkpoint: {os.path.join(tuned, 'model000006.pt')}" in f.read()
+
+
+def test_bad_numeric_options_fail_before_training(tmp_path):
+    for bad in (dict(log_interval=0), dict(max_steps=-1), dict(sample_interval=-1), dict(microbatch=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            iddpm_fast.train(**dict(TINY, out_dir=str(tmp_path / "x"), **bad))
+    res = iddpm_fast.train(**dict(TINY, max_steps=1, num_samples=0, out_dir=str(tmp_path / "no_samples")))
+    assert res["samples"] is None and res["step"] == 1
+
+
+def test_stale_checkpoint_temporaries_are_removed(tmp_path):
+    from iddpm_fast.train_util import remove_stale_temporaries
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".model000050.pt.tmp{dead.pid}"
+    mine = tmp_path / f".model000050.pt.tmp{os.getpid()}"
+    stale.write_bytes(b"half")
+    mine.write_bytes(b"writing")
+    assert remove_stale_temporaries(str(tmp_path)) == [stale.name]
+    assert not stale.exists() and mine.exists()
 
 
 def test_two_process_ddp_equals_one_process(tmp_path):
