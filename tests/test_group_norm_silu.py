@@ -522,6 +522,9 @@ def test_cuda_one_pass_kernels_agree_with_the_split_kernels(shape, groups, layou
         assert ran_bwd == (on and _one_pass_applies(shape, groups, layout, dtype, True, sms)), (flag, ran_bwd)
     names = ["y", "mean", "rstd", "dx", "dweight", "dbias", "dscale", "dshift"]
     for name, a, c in zip(names, results["1"], results["0"]):
+        if c.numel() == 0:  # d scale / d shift without scale and shift
+            assert a.numel() == 0, name
+            continue
         eps = torch.finfo(a.dtype).eps
         # Sums over a channel (float32, other orders): cancellation allows more.
         tol = max(16 * eps, 1e-5) if name in ("y", "mean", "rstd", "dx") else max(16 * eps, 1e-4)

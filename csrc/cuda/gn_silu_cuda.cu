@@ -987,10 +987,23 @@ inline VecPlan plan_vec_partials(const GnShape& s, int V) {
   return p;
 }
 
-// IDDPM_FAST_GN_CUDA_ONEPASS=1 turns the one-pass kernels on;
-// IDDPM_FAST_GN_CUDA_VEC=0 (the per-element kernels, for diagnosis) keeps them off.
-inline bool onepass_switched_on() {
-  return cuda_vec::switched_on("IDDPM_FAST_GN_CUDA_ONEPASS") && !cuda_vec::switched_off("IDDPM_FAST_GN_CUDA_VEC");
+// Whether to try the one-pass kernels (each still checks that it applies).
+// IDDPM_FAST_GN_CUDA_ONEPASS=1: wherever they apply; =0: never;
+// IDDPM_FAST_GN_CUDA_VEC=0 (the per-element kernels, for diagnosis): never.
+// Unset, where an H100 timed them faster than the split kernels
+// (bench/results/h100-20261126, profile_gpu.py ab_gn, device time): groups
+// of at most 2048 elements in every layout and dtype (the 16x16 and 8x8
+// levels of a 128-channel UNet: forward 1.2-2.0x, backward 1.2-4.6x faster,
+// forward + backward 2.8-7.9x stock where the split kernels gave 0.8-5.6x),
+// and float32 NCHW (32x32 levels: forward 1.6x, backward 1.2-1.3x); bf16 and
+// channels-last 32x32 levels stay on the split kernels, which were faster there.
+template <typename T>
+inline bool onepass_wanted(const GnShape& s) {
+  if (cuda_vec::switched_off("IDDPM_FAST_GN_CUDA_VEC") || cuda_vec::switched_off("IDDPM_FAST_GN_CUDA_ONEPASS")) {
+    return false;
+  }
+  if (cuda_vec::switched_on("IDDPM_FAST_GN_CUDA_ONEPASS")) return true;
+  return s.D * s.L <= 2048 || (std::is_same<T, float>::value && !s.channels_last);
 }
 
 // Launches a one-pass kernel on `blocks` blocks (N * G, over the groups per
@@ -1010,11 +1023,9 @@ struct OnePassLaunch {
 // float16 or bfloat16 x; x and y 16-byte aligned; a group (or a slab of
 // groups) of at most 8 16-byte packs per thread (gn_onepass::plan); and at
 // least one block per multiprocessor (with fewer groups the split kernels, which spread a group
-// over many blocks, use more of the GPU). Off unless
-// IDDPM_FAST_GN_CUDA_ONEPASS=1 (read per call; it switches the one-pass
-// backward too): the kernels are tested on the CPU through an emulation of
-// their thread blocks but have not yet been timed against the split kernels
-// on a GPU.
+// over many blocks, use more of the GPU); and where onepass_wanted (the
+// default policy, or IDDPM_FAST_GN_CUDA_ONEPASS, read per call, which
+// switches the one-pass backward too).
 template <typename T>
 bool onepass_forward(const GnShape& s, const at::Tensor& x, const at::Tensor& y, const at::Tensor& w,
                      const at::Tensor& b, const at::Tensor& sc, const at::Tensor& sh, double eps,
@@ -1022,7 +1033,7 @@ bool onepass_forward(const GnShape& s, const at::Tensor& x, const at::Tensor& y,
   if constexpr (std::is_same<T, double>::value) {
     return false;
   } else {
-    if (!onepass_switched_on()) return false;
+    if (!onepass_wanted<T>(s)) return false;
     if (!cuda_vec::aligned16(x.data_ptr()) || !cuda_vec::aligned16(y.data_ptr())) return false;
     const int sms = sm_count();
     gn_onepass::Plan p = gn_onepass::plan(s.N, s.G, s.D, s.L, s.channels_last, vec_width<T>());
@@ -1050,7 +1061,7 @@ bool onepass_backward(const GnShape& s, const at::Tensor& dy, const at::Tensor& 
   if constexpr (std::is_same<T, double>::value) {
     return false;
   } else {
-    if (!onepass_switched_on()) return false;
+    if (!onepass_wanted<T>(s)) return false;
     for (const at::Tensor* t : {&dy, &x, &dx}) {
       if (!cuda_vec::aligned16(t->data_ptr())) return false;
     }
