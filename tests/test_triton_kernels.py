@@ -67,6 +67,17 @@ def test_q_sample_matches_reference(shape, dtype):
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_q_sample_half_precision_large_blocks(dtype):
+    # 2-byte dtypes take 4096-element programs once a sample has that many
+    # elements: 3x40x40 = 4800 leaves a partial second block.
+    x0, noise, _, t = _data((2, 3, 40, 40), False, dtype=dtype)
+    got = _triton._q_sample(x0, t, noise, _tables())
+    want = ref.q_sample(x0, t, noise, _tables())
+    rtol, atol = _tol(dtype)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+
+
 def test_q_sample_non_contiguous_and_backward():
     tables = _tables()
     x0 = torch.randn(3, 5, 4, 2, device=DEVICE).transpose(1, 3)  # [3, 2, 4, 5], strided
