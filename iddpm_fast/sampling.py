@@ -118,6 +118,8 @@ def _setup(cfg):
     if cfg.get("out_dir"):
         logger.configure(dir=cfg["out_dir"], format_strs=["stdout", "log"] if dist_util.get_rank() == 0 else [])
     elif _unchosen_log_dir():
+        if logger.Logger.CURRENT is not None and logger.get_dir() in _OWN_LOG_DIRS:
+            logger.get_current().close()  # the previous call's files
         # Like a fresh run of the original script: OPENAI_LOGDIR, else a new
         # /tmp/openai-<time> folder, so that a second sample() or nll() call in
         # one process does not overwrite the first one's files. A folder the

@@ -253,8 +253,17 @@ class TrainLoop:
             # A saved param group carries its implementation flags; improved-diffusion's
             # say fused=None, which would switch this optimizer's fused kernel off.
             impl = {k: self.opt.defaults.get(k) for k in ("fused", "foreach")}
+            # A file that cannot be read is an error (dist_util names it); only a
+            # state that does not fit this model starts AdamW afresh.
+            state = dist_util.load_state_dict(opt_checkpoint, map_location=self.device)
             try:
-                self.opt.load_state_dict(dist_util.load_state_dict(opt_checkpoint, map_location=self.device))
+                self.opt.load_state_dict(state)
+                if impl["fused"]:
+                    # torch < 1.12 saved `step` as an int, which load_state_dict makes a CPU
+                    # tensor; the fused kernel wants float32 on the parameter's device.
+                    for param, st in self.opt.state.items():
+                        if "step" in st:
+                            st["step"] = th.as_tensor(st["step"], dtype=th.float32).to(param.device)
                 saved = self.opt.param_groups[0]
                 if (saved["lr"], saved["weight_decay"]) != (self.lr, self.weight_decay):
                     logger.log(f"optimizer state saved with lr={saved['lr']}, weight_decay={saved['weight_decay']}; "
@@ -342,6 +351,9 @@ class TrainLoop:
             print("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)",
                   file=sys.stderr, flush=True)
 
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            yield  # (nohup, background jobs): SIGINT stays ignored
+            return
         previous = signal.signal(signal.SIGINT, request)
         try:
             yield
@@ -352,9 +364,7 @@ class TrainLoop:
         """Whether to stop after this step: an interrupt on any rank stops all of them at the same step."""
         if self.world_size == 1:
             return self._interrupt_requested
-        flag = th.tensor([1.0 if self._interrupt_requested else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return getattr(self, "_stop_all", False)  # agreed in forward_backward's all_reduce
 
     def _steps(self, bar):
         while not self._done():
@@ -438,9 +448,13 @@ class TrainLoop:
         with self._rank_rng():
             finite = self._microbatches(batch, cond, n, drawn, noise_all)
         if self.use_ddp:
-            flag = th.tensor([1.0 if finite else 0.0], device=self.device)
+            # One collective for both: skip the update unless every rank's loss
+            # was finite; stop after this step if any rank was interrupted.
+            stop = getattr(self, "_interrupt_requested", False)
+            flag = th.tensor([1.0 if finite else 0.0, 0.0 if stop else 1.0], device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            finite = bool(flag.item())
+            all_finite, none_stopped = (flag == 1).tolist()
+            finite, self._stop_all = all_finite, not none_stopped
         return finite
 
     def _rank_rng(self):
@@ -448,12 +462,15 @@ class TrainLoop:
         With several ranks, the model's own draws (dropout) come from a
         generator seeded per rank, so ranks draw independent dropout masks
         (with one shared stream, example i of every rank had the same masks).
-        The seeds are one draw from the shared stream, which every rank makes,
-        so the stream stays the same on all ranks, and resumes exactly.
+        The seed is a function of the initial seed, the step and the rank, so
+        a resumed run draws the same masks.
         """
         if self.world_size == 1:
             return contextlib.nullcontext()
-        seed = int(th.randint(0, 2**62, (self.world_size,))[self.rank])
+        # From (the generator's seed, step, rank), drawing nothing from the
+        # shared stream: on CPUs the training noise comes from it, and one more
+        # draw per step would make N ranks draw other noise than one process.
+        seed = int(np.random.SeedSequence([th.initial_seed(), self.global_step, self.rank, 0xD80]).generate_state(1)[0])
         devices = [self.device] if self.device.type == "cuda" else []
         fork = th.random.fork_rng(devices=devices)
 

@@ -139,8 +139,6 @@ def resolve_config(config):
                 "num_workers"):
         if int(cfg[key]) < 0:
             raise ValueError(f"{key} must be >= 0, got {cfg[key]}")
-    if int(cfg["microbatch"]) == 0 or int(cfg["microbatch"]) < -1:
-        raise ValueError(f"microbatch must be -1 (off) or positive, got {cfg['microbatch']}")
     return cfg
 
 
@@ -233,7 +231,11 @@ def _resume_checkpoint(cfg, log_dir):
     if given:
         # Rerunning a fine-tuning command must continue its own newer
         # checkpoints, not start over from the given one (and overwrite them).
-        if newest and parse_resume_step_from_filename(newest) > parse_resume_step_from_filename(given):
+        # A checkpoint inside the out_dir itself is a deliberate rollback.
+        inside = os.path.abspath(os.path.dirname(given)) == os.path.abspath(log_dir or ".")
+        if newest and not inside and parse_resume_step_from_filename(newest) > parse_resume_step_from_filename(given):
+            logger.log(f"{log_dir} holds newer checkpoints of this run: continuing from {newest} "
+                       f"instead of resume_checkpoint {given}")
             return newest
         return given
     return newest or ""
@@ -245,7 +247,7 @@ _RUN_DEFINING = tuple(k for k in _MODEL_KEYS if k not in ("dropout", "use_checkp
     "channel_mult", "in_channels", "num_classes")
 
 
-def _check_resumed_config(run_config, resume):
+def _check_resumed_config(run_config, resume, keys=_RUN_DEFINING, log_changes=True):
     """Refuse to resume a run whose saved config defines another model or
     diffusion; log the other flags that changed."""
     from .sampling import _same, _saved_config
@@ -253,7 +255,7 @@ def _check_resumed_config(run_config, resume):
     saved, source = _saved_config(resume)
     if saved is None:
         return  # e.g. a checkpoint written by improved-diffusion
-    bad = [k for k in _RUN_DEFINING if k in saved and not _same(run_config.get(k), saved[k])]
+    bad = [k for k in keys if k in saved and not _same(run_config.get(k), saved[k])]
     if bad:
         diffs = ", ".join(f"{k}={run_config.get(k)!r} (saved: {saved[k]!r})" for k in bad)
         raise ValueError(
@@ -262,7 +264,7 @@ def _check_resumed_config(run_config, resume):
         )
     changed = [k for k in sorted(saved) if k in run_config and k not in ("resume_checkpoint", "out_dir")
                and not _same(run_config[k], saved[k])]
-    if changed:
+    if changed and log_changes:
         logger.log("resuming with changed flags: " + ", ".join(f"{k} {saved[k]!r} -> {run_config[k]!r}" for k in changed))
 
 
@@ -308,6 +310,11 @@ def train(**config):
             "resume it (auto_resume=True, the default) or give another out_dir"
         )
     start_step = parse_resume_step_from_filename(resume) if resume else 0
+    if resume:
+        # Before the logs are cut back to the checkpoint's step (in_channels and
+        # num_classes, which come from the data, are checked once it is loaded).
+        early = [k for k in _RUN_DEFINING if k in cfg and k not in ("in_channels", "num_classes")]
+        _check_resumed_config(cfg, resume, early, log_changes=False)
     out_dir = _configure_logging(log_dir, start_step if resume else None)
     _seed_everything(int(cfg["seed"]))
 

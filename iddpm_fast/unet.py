@@ -191,7 +191,9 @@ class ResBlock(TimestepBlock):
 
     def _forward(self, x, emb):
         h = self.in_layers(x)
-        if _float32_under_fp16_autocast(emb.device.type, self.emb_layers[-1].weight):
+        if _fp16_autocast_on(emb.device.type) and _float32_under_fp16_autocast(
+            emb.device.type, self.emb_layers[-1].weight
+        ):
             with torch.autocast(emb.device.type, enabled=False):
                 emb_out = self.emb_layers(emb.float()).type(h.dtype)
         else:
@@ -366,11 +368,20 @@ def _float32_under_fp16_autocast(device_type, weight):
     scale settled lower than the original's. Elsewhere (no autocast, bf16,
     weights that are not float32) nothing changes.
     """
-    return (
-        weight.dtype == torch.float32
-        and torch.is_autocast_enabled(device_type)
-        and torch.get_autocast_dtype(device_type) == torch.float16
-    )
+    return _fp16_autocast_on(device_type) and weight.dtype == torch.float32
+
+
+if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+
+    def _fp16_autocast_on(device_type):
+        return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
+
+else:  # older torch: per-device functions
+
+    def _fp16_autocast_on(device_type):
+        if device_type == "cpu":
+            return torch.is_autocast_cpu_enabled() and torch.get_autocast_cpu_dtype() == torch.float16
+        return torch.is_autocast_enabled() and torch.get_autocast_gpu_dtype() == torch.float16
 
 
 class UNetModel(nn.Module):

@@ -224,8 +224,27 @@ def test_resuming_follows_this_runs_flags_and_refuses_another_model(tmp_path):
     assert all(g["lr"] == 5e-4 and g["weight_decay"] == 0.01 for g in groups)
     with open(os.path.join(out, "log.txt")) as f:
         assert "resuming with changed flags: lr 0.002 -> 0.0005" in f.read()
+    rows = _rows(out)
     with pytest.raises(ValueError, match=r"num_channels=64 \(saved: 32\)"):
         iddpm_fast.train(**dict(TINY, max_steps=5, out_dir=out, num_channels=64))
+    assert _rows(out) == rows  # refused before the logs were cut back to the checkpoint's step
+    # a checkpoint inside the out_dir is a deliberate rollback, not replaced by the newest
+    with open(os.path.join(out, "log.txt")) as f:
+        before = f.read()
+    iddpm_fast.train(**dict(TINY, max_steps=4, out_dir=out, resume_checkpoint=os.path.join(out, "model000003.pt"),
+                            lr=5e-4, weight_decay=0.01))
+    with open(os.path.join(out, "log.txt")) as f:
+        assert f"loading model from checkpoint: {os.path.join(out, 'model000003.pt')}" in f.read()[len(before):]
+    # an unreadable optimizer file is an error naming it, not a silent fresh AdamW
+    opt = os.path.join(out, "opt000004.pt")
+    with open(opt, "rb") as f:
+        data = f.read()
+    with open(opt, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="opt000004.pt"):
+        iddpm_fast.train(**dict(TINY, max_steps=5, out_dir=out, lr=5e-4, weight_decay=0.01))
+    with open(opt, "wb") as f:
+        f.write(data)
     with pytest.raises(ValueError, match="already holds the checkpoints of a run"):
         iddpm_fast.train(**dict(TINY, max_steps=5, out_dir=out, auto_resume=False))
     # a fine-tuning command (resume_checkpoint) rerun continues its own newer checkpoints
@@ -241,7 +260,7 @@ def test_resuming_follows_this_runs_flags_and_refuses_another_model(tmp_path):
 
 
 def test_bad_numeric_options_fail_before_training(tmp_path):
-    for bad in (dict(log_interval=0), dict(max_steps=-1), dict(sample_interval=-1), dict(microbatch=0)):
+    for bad in (dict(log_interval=0), dict(max_steps=-1), dict(sample_interval=-1), dict(num_samples=-1)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             iddpm_fast.train(**dict(TINY, out_dir=str(tmp_path / "x"), **bad))
     res = iddpm_fast.train(**dict(TINY, max_steps=1, num_samples=0, out_dir=str(tmp_path / "no_samples")))
@@ -368,6 +387,9 @@ def test_ranks_draw_their_own_dropout_masks_from_a_shared_stream(tmp_path):
         after.append(torch.rand(4))
     assert not torch.equal(draws[0], draws[1])
     assert torch.equal(after[0], after[1])
+    # ...and draws nothing from it: on CPUs the training noise comes from that stream
+    torch.manual_seed(5)
+    assert torch.equal(after[0], torch.rand(4))
     # a local batch of another size would take another rank's slice of the global draw
     with pytest.raises(ValueError, match="exactly batch_size=16 examples, got 12 on rank 1"):
         loop._draw_global(12)
