@@ -121,21 +121,7 @@ _OVERRIDABLE = (
 
 
 # The original's public per-timestep arrays (float64 numpy, [T]).
-_ARRAY_ATTRS = (
-    "betas",
-    "alphas_cumprod",
-    "alphas_cumprod_prev",
-    "alphas_cumprod_next",
-    "sqrt_alphas_cumprod",
-    "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod",
-    "sqrt_recip_alphas_cumprod",
-    "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance",
-    "posterior_log_variance_clipped",
-    "posterior_mean_coef1",
-    "posterior_mean_coef2",
-)
+_ARRAY_ATTRS = ref.PUBLIC_ARRAYS
 
 
 def _randn_like(x):
@@ -239,16 +225,7 @@ class GaussianDiffusion:
         if all(getattr(self, name) is self._arrays[name] for name in _ARRAY_ATTRS):
             return self._arrays
         a = {name: np.asarray(getattr(self, name), dtype=np.float64) for name in _ARRAY_ATTRS}
-        fixed_large = np.append(a["posterior_variance"][1], a["betas"][1:])
-        a.update(
-            log_betas=np.log(a["betas"]),
-            one_minus_alphas_cumprod=1.0 - a["alphas_cumprod"],
-            recip_posterior_mean_coef1=1.0 / a["posterior_mean_coef1"],
-            posterior_mean_coef2_over_coef1=a["posterior_mean_coef2"] / a["posterior_mean_coef1"],
-            fixed_large_variance=fixed_large,
-            fixed_large_log_variance=np.log(fixed_large),
-        )
-        return a
+        return {**a, **ref.derived_rows(a)}
 
     @property
     def _kinds(self):

@@ -61,6 +61,17 @@ TABLE_ROWS = (
     "fixed_large_log_variance",
 )
 ROW = {name: i for i, name in enumerate(TABLE_ROWS)}
+# Rows the original computed from its public arrays at each call (see derived_rows).
+DERIVED_ROWS = (
+    "log_betas",
+    "one_minus_alphas_cumprod",
+    "recip_posterior_mean_coef1",
+    "posterior_mean_coef2_over_coef1",
+    "fixed_large_variance",
+    "fixed_large_log_variance",
+)
+# The original's public per-timestep arrays (GaussianDiffusion attributes).
+PUBLIC_ARRAYS = tuple(name for name in TABLE_ROWS if name not in DERIVED_ROWS)
 
 MEAN_TYPES = ("previous_x", "start_x", "epsilon")
 VAR_TYPES = ("learned", "fixed_small", "fixed_large", "learned_range")
@@ -83,34 +94,42 @@ def diffusion_arrays(betas):
     ac_prev = np.append(1.0, ac[:-1])
     ac_next = np.append(ac[1:], 0.0)
     post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
-    coef1 = betas * np.sqrt(ac_prev) / (1.0 - ac)
-    coef2 = (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)
-    # The posterior variance is 0 at t=0; its log is clipped to the t=1 value.
-    # FIXED_LARGE uses the same value at t=0 for a better decoder likelihood.
-    fixed_large = np.append(post_var[1], betas[1:])
-    arrays = {
+    public = {
         "betas": betas,
-        "log_betas": np.log(betas),
         "alphas_cumprod": ac,
         "alphas_cumprod_prev": ac_prev,
         "alphas_cumprod_next": ac_next,
-        "one_minus_alphas_cumprod": 1.0 - ac,
         "sqrt_alphas_cumprod": np.sqrt(ac),
         "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - ac),
         "log_one_minus_alphas_cumprod": np.log(1.0 - ac),
         "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / ac),
         "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / ac - 1),
         "posterior_variance": post_var,
+        # The posterior variance is 0 at t=0; its log is clipped to the t=1 value.
         "posterior_log_variance_clipped": np.log(np.append(post_var[1], post_var[1:])),
-        "posterior_mean_coef1": coef1,
-        "posterior_mean_coef2": coef2,
-        "recip_posterior_mean_coef1": 1.0 / coef1,
-        "posterior_mean_coef2_over_coef1": coef2 / coef1,
+        "posterior_mean_coef1": betas * np.sqrt(ac_prev) / (1.0 - ac),
+        "posterior_mean_coef2": (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac),
+    }
+    assert tuple(public) == PUBLIC_ARRAYS
+    rows = {**public, **derived_rows(public)}
+    return {name: rows[name] for name in TABLE_ROWS}
+
+
+def derived_rows(public):
+    """
+    The DERIVED_ROWS from the PUBLIC_ARRAYS (a dict of float64 arrays), as the
+    original's methods derive them from its attributes at each call.
+    """
+    # FIXED_LARGE uses the posterior variance at t=0 for a better decoder likelihood.
+    fixed_large = np.append(public["posterior_variance"][1], public["betas"][1:])
+    return {
+        "log_betas": np.log(public["betas"]),
+        "one_minus_alphas_cumprod": 1.0 - public["alphas_cumprod"],
+        "recip_posterior_mean_coef1": 1.0 / public["posterior_mean_coef1"],
+        "posterior_mean_coef2_over_coef1": public["posterior_mean_coef2"] / public["posterior_mean_coef1"],
         "fixed_large_variance": fixed_large,
         "fixed_large_log_variance": np.log(fixed_large),
     }
-    assert tuple(arrays) == TABLE_ROWS
-    return arrays
 
 
 def build_tables(arrays, device=None):
