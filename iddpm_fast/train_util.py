@@ -319,13 +319,13 @@ class TrainLoop:
                        dynamic_ncols=True)
         try:
             with self._stop_after_step_on_interrupt():
-                self._steps(bar)
+                interrupted = self._steps(bar)
         finally:
             if bar is not None:
                 bar.close()
         if self._last_saved_step != self.global_step and self.step > 0:
             self.save()
-        if self._interrupted:
+        if interrupted:
             raise KeyboardInterrupt(
                 f"training interrupted after step {self.global_step}; its checkpoint is saved in "
                 f"{self._checkpoint_dir()}: rerun the same command to resume"
@@ -338,10 +338,10 @@ class TrainLoop:
         saves a checkpoint before raising KeyboardInterrupt; a second Ctrl-C
         stops at once. Only in the main thread (where Python handles signals).
         """
-        self._interrupted = False
         self._interrupt_requested = False
-        if threading.current_thread() is not threading.main_thread():
-            yield
+        in_main = threading.current_thread() is threading.main_thread()
+        if not in_main or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            yield  # signals are handled in the main thread; an ignored SIGINT (nohup) stays ignored
             return
 
         def request(signum, frame):
@@ -351,9 +351,6 @@ class TrainLoop:
             print("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)",
                   file=sys.stderr, flush=True)
 
-        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-            yield  # (nohup, background jobs): SIGINT stays ignored
-            return
         previous = signal.signal(signal.SIGINT, request)
         try:
             yield
@@ -367,6 +364,7 @@ class TrainLoop:
         return getattr(self, "_stop_all", False)  # agreed in forward_backward's all_reduce
 
     def _steps(self, bar):
+        """The loop's steps; True when it stopped for an interrupt."""
         while not self._done():
             batch, cond = next(self.data)
             self.run_step(batch, cond)
@@ -384,12 +382,12 @@ class TrainLoop:
             if self.save_interval and self.global_step % self.save_interval == 0:
                 self.save()
                 if os.environ.get("DIFFUSION_TRAINING_TEST", ""):
-                    return
+                    return False
             if self.sample_interval and self.sample_fn is not None and self.global_step % self.sample_interval == 0:
                 self.write_samples()
             if self._stop_agreed():
-                self._interrupted = True
-                return
+                return True
+        return False
 
     def run_step(self, batch, cond):
         t0 = time.perf_counter()
@@ -457,6 +455,7 @@ class TrainLoop:
             finite, self._stop_all = all_finite, not none_stopped
         return finite
 
+    @contextlib.contextmanager
     def _rank_rng(self):
         """
         With several ranks, the model's own draws (dropout) come from a
@@ -466,21 +465,15 @@ class TrainLoop:
         a resumed run draws the same masks.
         """
         if self.world_size == 1:
-            return contextlib.nullcontext()
+            yield
+            return
         # From (the generator's seed, step, rank), drawing nothing from the
         # shared stream: on CPUs the training noise comes from it, and one more
         # draw per step would make N ranks draw other noise than one process.
         seed = int(np.random.SeedSequence([th.initial_seed(), self.global_step, self.rank, 0xD80]).generate_state(1)[0])
-        devices = [self.device] if self.device.type == "cuda" else []
-        fork = th.random.fork_rng(devices=devices)
-
-        @contextlib.contextmanager
-        def seeded():
-            with fork:
-                th.manual_seed(seed)
-                yield
-
-        return seeded()
+        with th.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            th.manual_seed(seed)
+            yield
 
     def _microbatches(self, batch, cond, n, drawn, noise_all):
         finite = True
@@ -727,7 +720,9 @@ def atomic_save(obj, path):
         # torch.save reports a full disk as "unexpected pos ..." from its zip writer.
         free = shutil.disk_usage(folder).free if os.path.isdir(folder) else None
         where = f" ({free / 2**20:.1f} MiB free there)" if free is not None else ""
-        raise RuntimeError(f"could not write checkpoint {path}{where}: {exc}; the earlier checkpoints are intact") from exc
+        raise RuntimeError(
+            f"could not write checkpoint {path}{where}: {exc}; the earlier checkpoints are intact"
+        ) from exc
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
