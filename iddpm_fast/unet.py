@@ -191,9 +191,7 @@ class ResBlock(TimestepBlock):
 
     def _forward(self, x, emb):
         h = self.in_layers(x)
-        if _fp16_autocast_on(emb.device.type) and _float32_under_fp16_autocast(
-            emb.device.type, self.emb_layers[-1].weight
-        ):
+        if _float32_under_fp16_autocast(emb.device.type, self.emb_layers, -1):
             with torch.autocast(emb.device.type, enabled=False):
                 emb_out = self.emb_layers(emb.float()).type(h.dtype)
         else:
@@ -356,7 +354,7 @@ class QKVAttention(nn.Module):
         model.total_ops += torch.DoubleTensor([ops])
 
 
-def _float32_under_fp16_autocast(device_type, weight):
+def _float32_under_fp16_autocast(device_type, layers, index):
     """
     Whether to turn fp16 autocast off for a part improved-diffusion's fp16
     mode kept in float32: its ``convert_to_fp16`` halves only the torso's
@@ -366,9 +364,11 @@ def _float32_under_fp16_autocast(device_type, weight):
     convolution's weight gradient (about 0.2 per element times 2^20)
     overflows fp16's 65504: the first updates were skipped and the loss
     scale settled lower than the original's. Elsewhere (no autocast, bf16,
-    weights that are not float32) nothing changes.
+    weights that are not float32) nothing changes. ``layers[index]`` is the
+    layer whose weight's dtype decides, looked up only under fp16 autocast
+    (indexing an nn.Sequential costs more than the autocast query).
     """
-    return _fp16_autocast_on(device_type) and weight.dtype == torch.float32
+    return _fp16_autocast_on(device_type) and layers[index].weight.dtype == torch.float32
 
 
 if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
@@ -588,7 +588,7 @@ class UNetModel(nn.Module):
             )
 
     def _embed(self, timesteps, y):
-        if _float32_under_fp16_autocast(timesteps.device.type, self.time_embed[0].weight):
+        if _float32_under_fp16_autocast(timesteps.device.type, self.time_embed, 0):
             with torch.autocast(timesteps.device.type, enabled=False):
                 emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
         else:
@@ -616,7 +616,7 @@ class UNetModel(nn.Module):
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        if _float32_under_fp16_autocast(x.device.type, self.out[-1].weight):
+        if _float32_under_fp16_autocast(x.device.type, self.out, -1):
             with torch.autocast(x.device.type, enabled=False):
                 return self.out(h.float())
         return self.out(h.type(x.dtype))
