@@ -247,12 +247,13 @@ _RUN_DEFINING = tuple(k for k in _MODEL_KEYS if k not in ("dropout", "use_checkp
     "channel_mult", "in_channels", "num_classes")
 
 
-def _check_resumed_config(run_config, resume, keys=_RUN_DEFINING, log_changes=True):
-    """Refuse to resume a run whose saved config defines another model or
-    diffusion; log the other flags that changed."""
-    from .sampling import _same, _saved_config
+def _check_resumed_config(run_config, resume, saved, keys=_RUN_DEFINING, log_changes=True):
+    """Refuse to resume a run whose saved config (``sampling._saved_config``'s
+    (config, source) of `resume`) defines another model or diffusion; log the
+    other flags that changed."""
+    from .sampling import _same
 
-    saved, source = _saved_config(resume)
+    saved, source = saved
     if saved is None:
         return  # e.g. a checkpoint written by improved-diffusion
     bad = [k for k in keys if k in saved and not _same(run_config.get(k), saved[k])]
@@ -304,17 +305,21 @@ def train(**config):
     # files: a resumed run's logs continue from its checkpoint's step.
     log_dir = cfg["out_dir"] or os.getenv("OPENAI_LOGDIR") or ""
     resume = _resume_checkpoint(cfg, log_dir)
-    if not resume and log_dir and latest_checkpoint(log_dir):
+    other_run = None if resume or not log_dir else latest_checkpoint(log_dir)
+    if other_run:
         raise ValueError(
-            f"{log_dir} already holds the checkpoints of a run (newest: {os.path.basename(latest_checkpoint(log_dir))}); "
+            f"{log_dir} already holds the checkpoints of a run (newest: {os.path.basename(other_run)}); "
             "resume it (auto_resume=True, the default) or give another out_dir"
         )
     start_step = parse_resume_step_from_filename(resume) if resume else 0
     if resume:
+        from .sampling import _saved_config
+
+        saved = _saved_config(resume)
         # Before the logs are cut back to the checkpoint's step (in_channels and
         # num_classes, which come from the data, are checked once it is loaded).
         early = [k for k in _RUN_DEFINING if k in cfg and k not in ("in_channels", "num_classes")]
-        _check_resumed_config(cfg, resume, early, log_changes=False)
+        _check_resumed_config(cfg, resume, saved, early, log_changes=False)
     out_dir = _configure_logging(log_dir, start_step if resume else None)
     _seed_everything(int(cfg["seed"]))
 
@@ -338,7 +343,7 @@ def train(**config):
     model.to(device)
     run_config = {**cfg, "in_channels": channels, "num_classes": num_classes}
     if resume:
-        _check_resumed_config(run_config, resume)
+        _check_resumed_config(run_config, resume, saved)
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.json"), "w") as f:
