@@ -34,6 +34,7 @@ SHAPES = {
     "odd HxW": ((2, 64, 7, 9), 32),
     "batch 1": ((1, 32, 8, 8), 32),
     "1-D attention input": ((2, 96, 10), 32),
+    "1x1 map": ((3, 64, 1, 1), 32),  # the CPU op runs it as channels-last
     "UNet 16x16": ((2, 128, 16, 16), 32),
     "channels not a multiple of the vector width": ((3, 12, 5, 5), 4),
     "HxW over one CUDA slice": ((1, 4, 48, 48), 2),  # 2304 positions: several slices per channel
@@ -220,8 +221,9 @@ def test_inf_in_x_gives_nan_like_pytorch(layout, L):
 @needs_ext
 def test_silu_of_huge_pre_activations_saturates_like_pytorch():
     # Below z = -80 the capped exp left sigmoid at e^-80, so z * sigmoid(z)
-    # grew with |z| in the vector lanes (-180 at z = -1e37) but not in the
-    # scalar tail.
+    # grew with |z| (-180 at z = -1e37). Rows of 17 end in a zero-padded
+    # partial vector, whose padding lanes (NaN for an infinite bias) must
+    # not reach the sums.
     x = torch.randn(2, 4, 17)
     w = torch.ones(4)
     for value in (-1e37, -1e30, -100.0, -85.0, -79.0, 1e37, float("-inf")):

@@ -59,7 +59,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_silu_forward_cpu(const at::Ten
   s.silu = silu;
   TORCH_CHECK(x_in.device().is_cpu(), message(op, " (CPU kernel): x must be on the CPU, got ", x_in.device()));
   at::Tensor x = dense(x_in);
-  s.channels_last = stored_channels_last(x);
+  // One position per channel: [N, C, 1] is laid out as [N, 1, C], and the
+  // channels-last kernels vectorise along C instead of running N * C rows of
+  // one element.
+  s.channels_last = stored_channels_last(x) || s.L == 1;
   const auto st = stat_type(x);
   at::Tensor y = at::empty_like(x);
   at::Tensor mean = at::zeros({s.N, s.G}, x.options().dtype(st));
@@ -90,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
   TORCH_CHECK(x_in.device().is_cpu(), message(op, " (CPU kernel): x must be on the CPU, got ", x_in.device()));
   check_backward_inputs(op, grad_y, x_in, mean_in, rstd_in, s);
   at::Tensor x = dense(x_in);
-  s.channels_last = stored_channels_last(x);
+  s.channels_last = stored_channels_last(x) || s.L == 1;  // as in the forward
   at::Tensor dy = dense_like(grad_y, x);
   const auto st = stat_type(x);
   const bool has_scale = scale.has_value() && scale->defined();
@@ -127,16 +130,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
       const scalar_t* pb_ = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
       const scalar_t* psc_ = sc.defined() ? sc.data_ptr<scalar_t>() : nullptr;
       const scalar_t* pr = rstd.data_ptr<scalar_t>();
+      // Group by group (no division c / D per element: at 4x4 that loop
+      // cost about a tenth of the backward).
       for (int64_t n = 0; n < s.N; ++n) {
-        for (int64_t c = 0; c < s.C; ++c) {
-          const int64_t i = n * s.C + c, g = n * s.G + c / s.D;
-          const double dz_xhat = static_cast<double>(pr[g]) * ds[i];
-          const double k = psc_ ? 1.0 + static_cast<double>(psc_[i]) : 1.0;
-          pw[c] += k * dz_xhat;
-          pb[c] += k * db[i];
-          if (has_scale) {
-            const double gamma = pw_ ? static_cast<double>(pw_[c]) : 1.0, beta = pb_ ? static_cast<double>(pb_[c]) : 0.0;
-            psc[i] = gamma * dz_xhat + beta * db[i];
+        for (int64_t g = 0; g < s.G; ++g) {
+          const double r = static_cast<double>(pr[n * s.G + g]);
+          for (int64_t c = g * s.D; c < (g + 1) * s.D; ++c) {
+            const int64_t i = n * s.C + c;
+            const double dz_xhat = r * ds[i];
+            const double k = psc_ ? 1.0 + static_cast<double>(psc_[i]) : 1.0;
+            pw[c] += k * dz_xhat;
+            pb[c] += k * db[i];
+            if (has_scale) {
+              const double gamma = pw_ ? static_cast<double>(pw_[c]) : 1.0;
+              const double beta = pb_ ? static_cast<double>(pb_[c]) : 0.0;
+              psc[i] = gamma * dz_xhat + beta * db[i];
+            }
           }
         }
       }

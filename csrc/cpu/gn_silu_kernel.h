@@ -83,6 +83,34 @@ inline void vstore(T* p, const Vec& v) {
   }
 }
 
+// The last n < kV elements of a row, zero-padded to a vector, and a vector
+// stored back to n elements: rows whose length is not a multiple of the
+// vector width (2x2, 7x7, 14x14 maps, 1-D attention rows) go through the
+// vector code to the end (a scalar std::exp per leftover element had made a
+// 2x2 map ~10x slower per element than an 8x8 one).
+template <typename T>
+inline Vec vload_tail(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p, n);
+  } else {
+    T buf[kV];
+    std::fill_n(buf, kV, T(0.f));
+    std::copy_n(p, n, buf);
+    return vload(buf);
+  }
+}
+
+template <typename T>
+inline void vstore_tail(T* p, const Vec& v, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    v.store(p, n);
+  } else {
+    T buf[kV];
+    vstore(buf, v);
+    std::copy_n(buf, n, p);
+  }
+}
+
 // 1 / d for d >= 1: the hardware reciprocal estimate refined by one Newton
 // step (~1 ulp); a full-precision division made the op compute-bound.
 inline Vec vrecip(const Vec& d) {
@@ -255,6 +283,15 @@ void forward_row(T* y, const T* x, int64_t n, const acc_t<T>* m, const acc_t<T>*
       Vec z = at::vec::fmadd(vload(x + j) - mv, av, bv);
       vstore(y + j, Act ? z * vsigmoid(z) : z);
     }
+    if (j < n) {
+      const int64_t r = n - j;
+      Vec mv = PerElem ? Vec::loadu(m + j, r) : m0;
+      Vec av = PerElem ? Vec::loadu(a + j, r) : a0;
+      Vec bv = PerElem ? Vec::loadu(b + j, r) : b0;
+      Vec z = at::vec::fmadd(vload_tail(x + j, r) - mv, av, bv);
+      vstore_tail(y + j, Act ? z * vsigmoid(z) : z, r);
+      j = n;
+    }
   }
   for (; j < n; ++j) {
     const int64_t i = PerElem ? j : 0;
@@ -288,6 +325,24 @@ inline __attribute__((always_inline)) void backward_row_scalar(acc_t<T>* dz, con
         d.store(dz + j);
         as = at::vec::fmadd(d, xc, as);
         ab = ab + d;
+      }
+      if (j < stop) {
+        // The padding lanes are zeroed before they reach the sums (an
+        // infinite mean would make them NaN).
+        const int64_t r = stop - j;
+        Vec xc = vload_tail(x + j, r) - mv;
+        Vec d = vload_tail(dy + j, r);
+        if constexpr (Act) {
+          Vec z = at::vec::fmadd(xc, av, bv);
+          Vec s = vsigmoid(z);
+          d = d * s * at::vec::fmadd(z, one - s, one);
+        }
+        d = Vec::set(Vec(0.f), d, r);
+        xc = Vec::set(Vec(0.f), xc, r);
+        d.store(dz + j, r);
+        as = at::vec::fmadd(d, xc, as);
+        ab = ab + d;
+        j = stop;
       }
       // Shuffle-tree horizontal sums: on 8x8 rows (64 elements) a lane-by-
       // lane float64 sum cost about as much as the row.
@@ -366,6 +421,16 @@ void dx_row(T* dx, const acc_t<T>* dz, const T* x, int64_t n, const acc_t<T>* m,
       Vec out = at::vec::fmadd(kv, Vec::loadu(dz + j), at::vec::fmadd(c2v, vload(x + j) - mv, c3v));
       vstore(dx + j, out);
     }
+    if (j < n) {
+      const int64_t r = n - j;
+      Vec mv = PerElem ? Vec::loadu(m + j, r) : m0;
+      Vec kv = PerElem ? Vec::loadu(k + j, r) : k0;
+      Vec c2v = PerElem ? Vec::loadu(c2 + j, r) : c20;
+      Vec c3v = PerElem ? Vec::loadu(c3 + j, r) : c30;
+      Vec out = at::vec::fmadd(kv, Vec::loadu(dz + j, r), at::vec::fmadd(c2v, vload_tail(x + j, r) - mv, c3v));
+      vstore_tail(dx + j, out, r);
+      j = n;
+    }
   }
   for (; j < n; ++j) {
     const int64_t i = PerElem ? j : 0;
@@ -432,27 +497,33 @@ void forward_impl(const T* X, T* Y, acc_t<T>* MEAN, acc_t<T>* RSTD, const Params
     return;
   }
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> sums(C);
+    std::vector<double> sums(C), mean(G);
     std::vector<A> scratch(C), center(C), a(C), b(C);
+    // The per-channel loops below run group by group (c = g * D + d): a
+    // division c / D per channel made them cost more than the data passes at
+    // 4x4 and 8x8.
     for (int64_t n = begin; n < end; ++n) {
       const T* xn = X + n * L * C;
       std::fill(sums.begin(), sums.end(), 0.0);
       rows_moment<false>(xn, L, C, static_cast<const A*>(nullptr), sums.data(), scratch.data());
-      std::vector<double> mean(G, 0.0), var(G, 0.0);
-      for (int64_t c = 0; c < C; ++c) mean[c / D] += sums[c];
-      for (int64_t g = 0; g < G; ++g) mean[g] /= M;
-      for (int64_t c = 0; c < C; ++c) center[c] = static_cast<A>(mean[c / D]);
+      for (int64_t g = 0; g < G; ++g) {
+        double total = 0.0;
+        for (int64_t c = g * D; c < (g + 1) * D; ++c) total += sums[c];
+        mean[g] = total / M;
+        std::fill(center.begin() + g * D, center.begin() + (g + 1) * D, static_cast<A>(mean[g]));
+      }
       std::fill(sums.begin(), sums.end(), 0.0);
       rows_moment<true>(xn, L, C, center.data(), sums.data(), scratch.data());
-      for (int64_t c = 0; c < C; ++c) var[c / D] += sums[c];
       for (int64_t g = 0; g < G; ++g) {
-        const A rstd = static_cast<A>(1.0 / std::sqrt(var[g] / M + eps));
+        double var = 0.0;
+        for (int64_t c = g * D; c < (g + 1) * D; ++c) var += sums[c];
+        const A rstd = static_cast<A>(1.0 / std::sqrt(var / M + eps));
         MEAN[n * G + g] = static_cast<A>(mean[g]);
         RSTD[n * G + g] = rstd;
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        P.fold(n, c, RSTD[n * G + c / D], a[c], b[c]);
-        center[c] = MEAN[n * G + c / D];
+        for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+          P.fold(n, c, rstd, a[c], b[c]);
+          center[c] = MEAN[n * G + g];
+        }
       }
       for (int64_t l = 0; l < L; ++l) {
         if (s.silu) {
@@ -523,12 +594,15 @@ void backward_impl(const T* DY, const T* X, T* DX, const acc_t<T>* MEAN, const a
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     std::vector<A> dz(L * C), m(C), a(C), b(C), ss(C), sb(C), k(C), c2v(C), c3v(C);
     for (int64_t n = begin; n < end; ++n) {
-      for (int64_t c = 0; c < C; ++c) {
-        P.fold(n, c, RSTD[n * G + c / D], a[c], b[c]);
-        m[c] = MEAN[n * G + c / D];
-        DS[n * C + c] = 0;
-        DB[n * C + c] = 0;
+      for (int64_t g = 0; g < G; ++g) {
+        const A rstd = RSTD[n * G + g], mean = MEAN[n * G + g];
+        for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+          P.fold(n, c, rstd, a[c], b[c]);
+          m[c] = mean;
+        }
       }
+      std::fill(DS + n * C, DS + (n + 1) * C, 0.0);
+      std::fill(DB + n * C, DB + (n + 1) * C, 0.0);
       const T* xn = X + n * L * C;
       const T* dyn = DY + n * L * C;
       for (int64_t start = 0; start < L; start += kFlushPositions) {
