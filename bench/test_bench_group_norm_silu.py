@@ -22,7 +22,7 @@ from iddpm_fast import _ext, ops
 from iddpm_fast import reference as ref
 from iddpm_fast.ops import _cpp
 
-CPU_SHAPES = [(16, 64, 32, 32), (16, 128, 16, 16), (16, 256, 8, 8)]
+CPU_SHAPES = [(16, 64, 32, 32), (16, 128, 16, 16), (16, 256, 8, 8), (16, 256, 4, 4)]
 GPU_SHAPES = [(128, 128, 32, 32), (128, 256, 16, 16), (128, 512, 8, 8)]
 PROVIDERS = ["eager", "reference", "torch_compile", "fused"]
 FORMATS = {
