@@ -91,33 +91,80 @@ def _label(device, group, case, provider):
             values.append(value.strip("[]").replace(", ", "x"))
     group = group.replace("group_norm_silu", "GN-SiLU").replace("forward+backward", "fwd+bwd")
     group = group.replace("forward", "fwd").replace("channels_last", "CL")
-    return f"{device[:12]} | {group} {' '.join(values)} [{provider}]"
+    prefix = f"{device[:12]} | " if device else ""
+    return f"{prefix}{group} {' '.join(values)} [{provider}]"
+
+
+# The providers that are this library's own (the rest are baselines).
+OURS = ("fused", "fast")
+
+
+def _latest_cases(rows):
+    """_cases(rows) keeping, per (device, group, case), the newest file only
+    (file names end in a sortable time stamp)."""
+    latest = {}
+    for (device, file, group, case), by in sorted(_cases(rows).items()):
+        key = (device, group, case)
+        if key not in latest or file > latest[key][0]:
+            latest[key] = (file, by)
+    return {key: by for key, (_, by) in sorted(latest.items())}
 
 
 def render_chart(rows, path, width=900):
-    """Horizontal bars: speed-up over the reference of every non-reference provider."""
+    """
+    One row per case and per provider of this library's own (``OURS``), in
+    a section per device, from the newest run of each case: bars on a log
+    scale centred on 1x, for the speed-up over the reference (green, red
+    when slower) and over torch.compile of the reference (blue, orange when
+    slower) where that was measured.
+    """
+    import math
+
     from PIL import Image, ImageDraw
 
-    bars = []
-    for (device, _, group, case), by in sorted(_cases(rows).items()):
-        ref = by.get("reference")
-        for provider, median in sorted(by.items()):
-            if ref and provider != "reference":
-                bars.append((_label(device, group, case, provider), ref / median))
-    height = 40 + 22 * max(len(bars), 1)
+    sections = {}
+    for (device, group, case), by in _latest_cases(rows).items():
+        for provider in OURS:
+            if provider not in by:
+                continue
+            ref, comp = by.get("reference"), by.get("torch_compile")
+            ratios = (ref / by[provider] if ref else None, comp / by[provider] if comp else None)
+            if ratios != (None, None):
+                sections.setdefault(device, []).append((_label("", group, case, provider), ratios))
+    row_h, head_h, top = 26, 26, 50
+    n_rows = sum(len(v) for v in sections.values())
+    height = top + head_h * len(sections) + row_h * max(n_rows, 1) + 10
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
-    draw.text((10, 8), "speed-up over the reference (same run); line = 1x", fill="black")
-    label_w, top = 430, 30
-    top_value = max([b[1] for b in bars] + [1.0]) * 1.1
-    scale = (width - label_w - 60) / top_value
-    for i, (label, ratio) in enumerate(bars):
-        y = top + 22 * i
-        draw.text((5, y + 4), label[:72], fill="black")
-        colour = (44, 160, 44) if ratio >= 1 else (214, 39, 40)
-        draw.rectangle([label_w, y + 3, label_w + ratio * scale, y + 17], fill=colour)
-        draw.text((label_w + ratio * scale + 5, y + 4), f"{ratio:.2f}x", fill="black")
-    draw.line([label_w + scale, top, label_w + scale, height - 5], fill="black")
+    draw.text((10, 8), "speed-up of iddpm_fast's ops, newest run per case (log scale; line = 1x)", fill="black")
+    draw.text((10, 24), "upper bar: over the reference (reference.py, eager); lower bar: over torch.compile of it",
+              fill="black")
+    label_w = 390
+    span = max([abs(math.log2(r)) for v in sections.values() for _, rs in v for r in rs if r] + [1.0])
+    half = (width - label_w - 70) / 2
+    per_unit = half / span
+    centre = label_w + half + 10
+    y = top
+    for device, items in sections.items():
+        draw.rectangle([0, y, width, y + head_h - 4], fill=(230, 230, 230))
+        draw.text((8, y + 6), device, fill="black")
+        for tick in range(-int(span), int(span) + 1):
+            x = centre + tick * per_unit
+            draw.text((x - 10, y + 6), f"{2.0 ** tick:g}x", fill=(90, 90, 90))
+        y += head_h
+        for label, (vs_ref, vs_comp) in items:
+            draw.text((5, y + 7), label[:62], fill="black")
+            for k, (ratio, good, bad) in enumerate(((vs_ref, (44, 160, 44), (214, 39, 40)),
+                                                    (vs_comp, (31, 119, 180), (255, 127, 14)))):
+                if not ratio:
+                    continue
+                x = centre + math.log2(ratio) * per_unit
+                y0 = y + 3 + 11 * k
+                draw.rectangle([min(centre, x), y0, max(centre, x), y0 + 9], fill=good if ratio >= 1 else bad)
+                tx = x + 4 if ratio >= 1 else x - 44
+                draw.text((tx, y0 - 1), f"{ratio:.2f}x", fill="black")
+            y += row_h
+    draw.line([centre, top, centre, height - 5], fill="black")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)
     return path

@@ -36,6 +36,32 @@ def test_report_table_and_chart(tmp_path):
     assert (tmp_path / "REPORT.md").read_text().count("| cpu-test |") == 3
 
 
+def test_chart_uses_the_newest_run_of_each_case(tmp_path):
+    from PIL import Image
+
+    from iddpm_fast.bench_report import _latest_cases, render_chart
+
+    for stamp, fused in (("20260101-000000", 0.008), ("20260102-000000", 0.002)):
+        data = {
+            "iddpm_fast": {"device": "cpu-test"},
+            "benchmarks": [
+                {"name": "t[reference]", "group": "op fwd", "params": {"provider": "reference", "n": 16},
+                 "stats": {"median": 0.004}},
+                {"name": "t[fused]", "group": "op fwd", "params": {"provider": "fused", "n": 16},
+                 "stats": {"median": fused}},
+            ],
+        }
+        (tmp_path / f"cpu-{stamp}.json").write_text(json.dumps(data))
+    rows = load_results(str(tmp_path))
+    assert len(rows) == 4
+    (by,) = _latest_cases(rows).values()
+    assert by == {"reference": 0.004, "fused": 0.002}
+    one = Image.open(render_chart(rows, str(tmp_path / "one.png"))).size
+    # A case slower than its reference (the older run alone) draws too, to the left of 1x.
+    older = [r for r in rows if r["file"].endswith("0101-000000.json")]
+    assert Image.open(render_chart(older, str(tmp_path / "older.png"))).size == one
+
+
 def test_report_without_results_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="run `pytest bench/ --benchmark` first"):
         report(str(tmp_path))
