@@ -111,17 +111,24 @@ inline void vstore_tail(T* p, const Vec& v, int64_t n) {
   }
 }
 
-// 1 / d for d >= 1: the hardware reciprocal estimate refined by one Newton
-// step (~1 ulp); a full-precision division made the op compute-bound.
+// 1 / d for d >= 1: the hardware reciprocal estimate refined by Newton
+// steps (~1 ulp); a full-precision division made the op compute-bound.
+// AVX2's estimate has 12 bits: after one step r (2 - d r), 1 / 1 came out as
+// 1 - 6e-8, and the SiLU derivative's z * (1 - sigmoid(z)) was then off by
+// 6e-8 * z for large z. A second step in the form r + r (1 - d r), whose
+// correction 1 - d r an FMA computes exactly, lands on 1 (a second
+// r (2 - d r) does not: 2 - d r rounds back to 1). AVX-512's 14-bit
+// estimate gives exactly 1 after one step.
 inline Vec vrecip(const Vec& d) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 dv = d;
   const __m512 r = _mm512_rcp14_ps(dv);
   return _mm512_mul_ps(r, _mm512_fnmadd_ps(dv, r, _mm512_set1_ps(2.f)));
 #elif defined(CPU_CAPABILITY_AVX2)
-  const __m256 dv = d;
-  const __m256 r = _mm256_rcp_ps(dv);
-  return _mm256_mul_ps(r, _mm256_fnmadd_ps(dv, r, _mm256_set1_ps(2.f)));
+  const __m256 dv = d, one = _mm256_set1_ps(1.f);
+  __m256 r = _mm256_rcp_ps(dv);
+  r = _mm256_mul_ps(r, _mm256_fnmadd_ps(dv, r, _mm256_set1_ps(2.f)));
+  return _mm256_fmadd_ps(r, _mm256_fnmadd_ps(dv, r, one), r);
 #else
   return Vec(1.f) / d;
 #endif
@@ -140,8 +147,10 @@ inline Vec vsigmoid(const Vec& z) {
   // -z kept above -87 so that 2^n stays a normal number; sigmoid is 1 in
   // float32 there anyway). About 11 instructions where exp_u20 takes about 20
   // (the SiLU had been ~40% of the op's time). On AVX-512 a z of exactly +inf
-  // (an infinite bias or weight) gives NaN where torch gives inf: a floor on
-  // -z there cost a few percent of the op for that case alone.
+  // (an infinite bias or weight) takes the polynomial through NaN and comes
+  // out as torch's inf only because scalef(NaN, -inf) gives 0 on the CPUs
+  // tried: a floor on -z would make it certain but cost a few percent of the
+  // op for that case alone.
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kP[7] = {1.535336188319500e-4f, 1.339887440266574e-3f, 9.618437357674640e-3f,
                            5.550332471162809e-2f, 2.402264791363012e-1f, 6.931472028550421e-1f, 1.f};
