@@ -9,7 +9,14 @@
 #   ORIGINAL=/path/to/improved-diffusion BUDGET_S=540 bench/gpu.sh
 #
 # Stages run in order of importance and each gets at most what is left of
-# BUDGET_S, so the script ends in time and keeps what finished.
+# BUDGET_S, so the script ends in time and keeps what finished. STAGES picks
+# some of them by name (default: all), e.g. to spend a short lease on what
+# has not been measured yet:
+#
+#   STAGES="build diffusion_ops_rest group_norm_silu" BUDGET_S=400 bench/gpu.sh
+#
+# names: build tests sanitize profile group_norm_silu bias_add compare_sample
+#        diffusion_ops sample_step train_step compare_train diffusion_ops_rest
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stamp=$(date +%Y%m%d-%H%M%S)
@@ -22,6 +29,8 @@ py=${PYTHON:-python3}
 log_build=$out/gpu-build-$stamp.txt log_tests=$out/gpu-tests-$stamp.txt log_bench=$out/gpu-bench-$stamp.txt
 
 left() { echo $((budget - SECONDS)); }
+stages=" ${STAGES:-all} "
+want() { [[ $stages == *" all "* || $stages == *" $1 "* ]]; }
 stage() {  # stage CAP_S LOG CMD...: run CMD with min(CAP, time left) seconds, appending to LOG
     local cap=$1 log=$2; shift 2
     local t; t=$(left); ((t > cap)) && t=$cap
@@ -32,16 +41,20 @@ stage() {  # stage CAP_S LOG CMD...: run CMD with min(CAP, time left) seconds, a
 }
 
 { nvidia-smi; $py -c "import torch, triton, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; } >"$log_build" 2>&1
-stage 200 "$log_build" $py setup.py -q build_ext --inplace
-stage 60 "$log_build" $py -m iddpm_fast info
+if want build; then
+    stage 200 "$log_build" $py setup.py -q build_ext --inplace
+    stage 60 "$log_build" $py -m iddpm_fast info
+fi
 
-stage 170 "$log_tests" $py -m pytest -q -p no:cacheprovider -n 4 --maxfail=40 -rfEs \
+want tests && stage 170 "$log_tests" $py -m pytest -q -p no:cacheprovider -n 4 --maxfail=40 -rfEs \
     tests/test_group_norm_silu.py tests/test_bias_add.py tests/test_unet.py tests/test_dropout.py tests/test_cuda_graphs.py \
     tests/test_ops_seam.py tests/test_triton_kernels.py
 # The one-pass GroupNorm kernels under compute-sanitizer (out-of-bounds / misaligned accesses,
 # then shared-memory races: what their CPU emulation cannot show), where the toolkit has it.
 san=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
-if [[ -n "$san" ]]; then
+if ! want sanitize; then
+    :
+elif [[ -n "$san" ]]; then
     stage 60 "$log_tests" "$san" --tool memcheck --error-exitcode 1 $py bench/sanitize_onepass.py
     stage 45 "$log_tests" "$san" --tool racecheck --error-exitcode 1 $py bench/sanitize_onepass.py --quick
 else
@@ -51,30 +64,30 @@ fi
 # the sampling step (fused/stock convolution biases; CUDA graphs with bf16/autocast weights),
 # the training step with the stock/fused/one-pass GroupNorm, q_sample's block size, and
 # the fused training loss (host time; one-launch vs two-kernel forward).
-stage 120 "$log_bench" $py bench/profile_gpu.py --what ab_gn,ab_sample,ab_train,ab_qsample,host_loss,ab_loss
+want profile && stage 120 "$log_bench" $py bench/profile_gpu.py --what ab_gn,ab_sample,ab_train,ab_qsample,host_loss,ab_loss
 
 bench() { stage "$1" "$log_bench" $py -m pytest -q -p no:cacheprovider "bench/test_bench_$2.py" --benchmark \
     --benchmark-max-time=0.5 "${@:3}"; }
-bench 150 group_norm_silu
-bench 50 bias_add
-if [[ -n "${ORIGINAL:-}" ]]; then
+want group_norm_silu && bench 150 group_norm_silu
+want bias_add && bench 50 bias_add
+if [[ -n "${ORIGINAL:-}" ]] && want compare_sample; then
     stage 120 "$log_bench" $py bench/compare_original.py --original "$ORIGINAL" --what sample \
         --json "$out/compare-original-sample-$stamp.json"
 fi
-bench 130 diffusion_ops -k "training_loss_fwd_bwd or q_sample or p_sample_step"
-bench 60 sample_step
-bench 80 train_step
-if [[ -n "${ORIGINAL:-}" ]]; then
+want diffusion_ops && bench 130 diffusion_ops -k "training_loss_fwd_bwd or q_sample or p_sample_step"
+want sample_step && bench 60 sample_step
+want train_step && bench 80 train_step
+if [[ -n "${ORIGINAL:-}" ]] && want compare_train; then
     stage 90 "$log_bench" $py bench/compare_original.py --original "$ORIGINAL" --what train \
         --json "$out/compare-original-train-$stamp.json"
 fi
 # The other diffusion-op suites (loss forward and backward alone, DDIM, p_mean_variance,
 # likelihood): last, in their own session, so that a timeout here loses only their JSON.
-bench 150 diffusion_ops -k "not (training_loss_fwd_bwd or q_sample or p_sample_step)"
+want diffusion_ops_rest && bench 150 diffusion_ops -k "not (training_loss_fwd_bwd or q_sample or p_sample_step)"
 new_json=$(find bench/results -maxdepth 1 -name '*.json' -newer "$log_build")
 [[ -n "$new_json" ]] && mv $new_json "$out"/
 if [[ -n "${OUT:-}" ]]; then
-    cp "$log_build" "$log_tests" "$log_bench" "$OUT"/
+    for f in "$log_build" "$log_tests" "$log_bench"; do [[ -f $f ]] && cp "$f" "$OUT"/; done
     tar czf "$OUT/gpu-$stamp.tar.gz" -C bench/results "gpu-$stamp"
 fi
 echo "done in $SECONDS s"
