@@ -83,6 +83,7 @@ def pytest_terminal_summary(terminalreporter, config):
             bench.stats.median,
             bench.extra_info.get("min_bytes"),
             bench.extra_info.get("device_ms"),
+            bench.extra_info.get("kernel_ms"),
         )
     if not cases:
         return
@@ -90,10 +91,10 @@ def pytest_terminal_summary(terminalreporter, config):
     tr.write_sep("=", "iddpm_fast: median time, speed-up (same run) and GB/s against the minimal bytes")
     tr.write_line(
         f"{'case':66s} {'provider':14s} {'median':>12s} {'vs ref':>8s} {'vs compile':>10s} {'vs eager':>8s} {'GB/s':>7s}"
-        f" {'device':>10s} {'dev GB/s':>8s}"
+        f" {'device':>10s} {'dev GB/s':>8s} {'kernels':>10s} {'kern GB/s':>9s}"
     )
     for key, by in sorted(cases.items()):
-        for provider, (median, nbytes, device_ms) in sorted(by.items()):
+        for provider, (median, nbytes, device_ms, kern_ms) in sorted(by.items()):
             cols = []
             for base, width in (("reference", 8), ("torch_compile", 10), ("eager", 8)):
                 other = by.get(base)
@@ -102,8 +103,12 @@ def pytest_terminal_summary(terminalreporter, config):
             # Device time (CUDA events, back-to-back calls) where the suite measured it.
             dev = f"{device_ms:8.3f}ms" if device_ms else f"{'-':>10s}"
             dev_gbs = f"{nbytes / device_ms / 1e6:8.1f}" if nbytes and device_ms else f"{'-':>8s}"
+            # The kernels' own time (profiler), without the host's.
+            kern = f"{kern_ms:8.3f}ms" if kern_ms else f"{'-':>10s}"
+            kern_gbs = f"{nbytes / kern_ms / 1e6:9.1f}" if nbytes and kern_ms else f"{'-':>9s}"
             tr.write_line(
                 f"{' '.join(key)[:66]:66s} {provider:14s} {median * 1e3:10.3f}ms {' '.join(cols)} {gbs} {dev} {dev_gbs}"
+                f" {kern} {kern_gbs}"
             )
     path = getattr(config, "_iddpm_bench_json", None)
     if path:
@@ -129,6 +134,33 @@ def time_on_device(benchmark, run, calls=50):
     end.record()
     torch.cuda.synchronize()
     benchmark.extra_info["device_ms"] = start.elapsed_time(end) / calls
+    try:
+        benchmark.extra_info["kernel_ms"] = kernel_ms(run, calls=min(calls, 20))
+    except Exception as exc:  # a profiler that cannot run here must not cost the benchmark
+        benchmark.extra_info["kernel_ms_error"] = f"{type(exc).__name__}: {exc}"[:200]
+
+
+def kernel_ms(run, calls=20):
+    """Milliseconds per call that the GPU spends in `run`'s kernels and
+    copies (torch.profiler, CUDA activity only): the sum of their durations,
+    with no host time in it. The events figure above is the wall time of
+    back-to-back calls, which equals the device time only while the GPU is
+    the bottleneck; where Python and launches take longer than the kernels
+    (small tensors, the host of a fast GPU), it measures the host, and only
+    this figure says how close the kernels come to the copy bandwidth."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            run()
+        torch.cuda.synchronize()
+    total_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+    if total_us <= 0:
+        raise RuntimeError("the profiler recorded no CUDA kernels")
+    return total_us / 1e3 / calls
 
 
 @pytest.fixture

@@ -40,6 +40,8 @@ def load_results(folder):
                 # Device time (CUDA events, back-to-back calls) and the minimal bytes, where recorded.
                 "device_ms": (bench.get("extra_info") or {}).get("device_ms"),
                 "min_bytes": (bench.get("extra_info") or {}).get("min_bytes"),
+                # The kernels' own time (profiler: no host time in it), where recorded.
+                "kernel_ms": (bench.get("extra_info") or {}).get("kernel_ms"),
             })
     return rows
 
@@ -55,16 +57,22 @@ def _cases(rows):
 def render_markdown(rows):
     """
     A markdown table: median per provider and its ratio to reference /
-    torch.compile; where a GPU run recorded it, the device time (CUDA events
+    torch.compile; where a GPU run recorded them, the device time (CUDA events
     over back-to-back calls, without the per-call synchronisation in the
-    median) and the GB/s it gives for the minimal bytes.
+    median) and the kernels' own time (profiler, no host time: the figure
+    to hold against the copy bandwidth when the host is the slower side),
+    each with the GB/s it gives for the minimal bytes.
     """
     device_info = {(r["device"], r["file"], r["group"], r["case"], r["provider"]): r for r in rows}
     with_device = any(r.get("device_ms") for r in rows)
+    with_kernels = any(r.get("kernel_ms") for r in rows)
     head = "| device | benchmark | case | provider | median | vs reference | vs torch.compile |"
     rule = "|---|---|---|---|---:|---:|---:|"
     if with_device:
         head += " device time | device GB/s |"
+        rule += "---:|---:|"
+    if with_kernels:
+        head += " kernel time | kernel GB/s |"
         rule += "---:|---:|"
     lines = [head, rule]
     for (device, file, group, case), by in sorted(_cases(rows).items()):
@@ -74,10 +82,12 @@ def render_markdown(rows):
                 f"| {device} | {group} | {case} | {provider} | {median * 1e3:.3f} ms | "
                 f"{f'{ref / median:.2f}x' if ref else '-'} | {f'{comp / median:.2f}x' if comp else '-'} |"
             )
-            if with_device:
-                info = device_info[(device, file, group, case, provider)]
-                ms, nbytes = info.get("device_ms"), info.get("min_bytes")
-                line += f" {f'{ms:.3f} ms' if ms else '-'} | {f'{nbytes / ms / 1e6:.0f}' if ms and nbytes else '-'} |"
+            info = device_info[(device, file, group, case, provider)]
+            nbytes = info.get("min_bytes")
+            for wanted, key in ((with_device, "device_ms"), (with_kernels, "kernel_ms")):
+                if wanted:
+                    ms = info.get(key)
+                    line += f" {f'{ms:.3f} ms' if ms else '-'} | {f'{nbytes / ms / 1e6:.0f}' if ms and nbytes else '-'} |"
             lines.append(line)
     return "\n".join(lines) + "\n"
 

@@ -62,6 +62,28 @@ def test_chart_uses_the_newest_run_of_each_case(tmp_path):
     assert Image.open(render_chart(older, str(tmp_path / "older.png"))).size == one
 
 
+def test_report_shows_kernel_time_where_recorded(tmp_path):
+    from iddpm_fast.bench_report import render_markdown
+
+    data = {
+        "iddpm_fast": {"device": "gpu-test"},
+        "benchmarks": [
+            {"name": "t[reference]", "group": "op fwd", "params": {"provider": "reference", "n": 16},
+             "stats": {"median": 0.004}, "extra_info": {"min_bytes": 8e6, "device_ms": 2.0, "kernel_ms": 0.5}},
+            {"name": "t[fused]", "group": "op fwd", "params": {"provider": "fused", "n": 16},
+             "stats": {"median": 0.002}, "extra_info": {"min_bytes": 8e6, "device_ms": 1.0}},
+        ],
+    }
+    (tmp_path / "gpu.json").write_text(json.dumps(data))
+    md = render_markdown(load_results(str(tmp_path)))
+    assert "kernel time | kernel GB/s |" in md
+    ref = next(line for line in md.splitlines() if "| reference |" in line)
+    fused = next(line for line in md.splitlines() if "| fused |" in line)
+    # 8 MB in 2 ms of events is 4 GB/s; in 0.5 ms of kernels, 16 GB/s.
+    assert ref.endswith("| 2.000 ms | 4 | 0.500 ms | 16 |")
+    assert fused.endswith("| 1.000 ms | 8 | - | - |")
+
+
 def test_report_without_results_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="run `pytest bench/ --benchmark` first"):
         report(str(tmp_path))
@@ -118,12 +140,27 @@ def test_device_time_is_recorded_on_cuda_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(len(calls)))
+    # The kernels' own time comes from the profiler (kernel_ms), after the events.
+    profiled = []
+    monkeypatch.setattr(conf, "kernel_ms", lambda run, calls: profiled.append(calls) or 0.125)
     calls.clear()
     bench = _FakeBenchmark()
     conf.time_on_device(bench, lambda: calls.append(1), calls=20)
     assert len(calls) == 21  # one warm-up call, then 20 timed
     assert syncs == [1, 21]  # after the warm-up and after the last call, never in between
     assert bench.extra_info["device_ms"] == pytest.approx(500.0 / 20)
+    assert bench.extra_info["kernel_ms"] == 0.125 and profiled == [20]
+    # A profiler that fails leaves the events' figure and says why.
+
+    def broken(run, calls):
+        raise RuntimeError("no CUPTI")
+
+    monkeypatch.setattr(conf, "kernel_ms", broken)
+    clock = iter([10.0, 10.5])
+    bench = _FakeBenchmark()
+    conf.time_on_device(bench, lambda: None, calls=20)
+    assert bench.extra_info["device_ms"] == pytest.approx(25.0)
+    assert bench.extra_info["kernel_ms_error"] == "RuntimeError: no CUPTI" and "kernel_ms" not in bench.extra_info
     calls.clear()
     disabled = _FakeBenchmark(disabled=True)
     conf.time_on_device(disabled, lambda: calls.append(1))
