@@ -405,13 +405,39 @@ class GaussianDiffusion:
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
         return ref.predict_eps_from_xstart(x_t, t, pred_xstart, self.tables(x_t.device)).to(_promote(x_t).dtype)
 
-    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None):
+    def condition_mean(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
+        """
+        guided-diffusion's classifier guidance for ancestral sampling: the
+        mean moved by the variance times ``cond_fn(x, t, **model_kwargs)``
+        (the gradient of a log-probability with respect to x).
+        """
+        gradient = cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {}))
+        return p_mean_var["mean"].float() + p_mean_var["variance"] * gradient.float()
+
+    def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
+        """
+        guided-diffusion's classifier guidance for DDIM (score conditioning):
+        eps minus sqrt(1 - alphabar_t) times ``cond_fn``'s gradient, and the
+        x_0 prediction and posterior mean that follow from it.
+        """
+        alpha_bar = ref.gather(self.tables(x.device), "alphas_cumprod", t, x.dim())
+        eps = self._predict_eps_from_xstart(x, t, p_mean_var["pred_xstart"])
+        eps = eps - (1 - alpha_bar).sqrt() * cond_fn(x, self._scale_timesteps(t), **(model_kwargs or {}))
+        out = dict(p_mean_var)
+        out["pred_xstart"] = self._predict_xstart_from_eps(x, t, eps)
+        out["mean"], _, _ = self.q_posterior_mean_variance(x_start=out["pred_xstart"], x_t=x, t=t)
+        return out
+
+    def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, cond_fn=None):
         """
         Sample x_{t-1} from the model at timestep t.
 
+        :param cond_fn: optional guidance as in guided-diffusion: a function of
+            (x, t, **model_kwargs) returning the gradient that moves the mean
+            (see :meth:`condition_mean`); it runs the unfused path.
         :return: dict with 'sample' (x_{t-1}) and 'pred_xstart' (x_0 prediction).
         """
-        if self._fusable(denoised_fn):
+        if cond_fn is None and self._fusable(denoised_fn):
             _checks.check_float("x", x)
             self._check_t(t, x)
             model_output = self._call_model(model, x, t, model_kwargs)
@@ -424,6 +450,8 @@ class GaussianDiffusion:
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
         )
         noise = _randn_like(x)
+        if cond_fn is not None:
+            out["mean"] = self.condition_mean(cond_fn, out, x, t, model_kwargs=model_kwargs)
         nonzero_mask = (t != 0).float().view(-1, *([1] * (x.dim() - 1)))
         sample = out["mean"] + nonzero_mask * th.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
@@ -438,6 +466,7 @@ class GaussianDiffusion:
         model_kwargs=None,
         device=None,
         progress=False,
+        cond_fn=None,
     ):
         """
         Generate samples from the model by ancestral sampling.
@@ -458,6 +487,7 @@ class GaussianDiffusion:
             model_kwargs=model_kwargs,
             device=device,
             progress=progress,
+            cond_fn=cond_fn,
         ):
             pass
         return final["sample"]
@@ -500,6 +530,7 @@ class GaussianDiffusion:
         model_kwargs=None,
         device=None,
         progress=False,
+        cond_fn=None,
     ):
         """
         Like :meth:`p_sample_loop`, but yield the :meth:`p_sample` dict of
@@ -515,15 +546,20 @@ class GaussianDiffusion:
             clip_denoised=clip_denoised,
             denoised_fn=denoised_fn,
             model_kwargs=model_kwargs,
+            # Only when given, so that a p_sample overridden with the
+            # original's signature still works.
+            **({} if cond_fn is None else {"cond_fn": cond_fn}),
         )
 
-    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0):
+    def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0,
+                    cond_fn=None):
         """
         Sample x_{t-1} from the model with DDIM (eta=0: deterministic).
 
-        Same usage as :meth:`p_sample`.
+        Same usage as :meth:`p_sample`; ``cond_fn`` guides by
+        :meth:`condition_score`.
         """
-        if self._fusable(denoised_fn):
+        if cond_fn is None and self._fusable(denoised_fn):
             _checks.check_float("x", x)
             self._check_t(t, x)
             model_output = self._call_model(model, x, t, model_kwargs)
@@ -536,6 +572,8 @@ class GaussianDiffusion:
         out = self.p_mean_variance(
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
         )
+        if cond_fn is not None:
+            out = self.condition_score(cond_fn, out, x, t, model_kwargs=model_kwargs)
         noise = _randn_like(x)
         eps = self._predict_eps_from_xstart(_promote(x), t, out["pred_xstart"])
         sample = ref.ddim_step_from_eps(_promote(x), t, out["pred_xstart"], eps, noise, self.tables(x.device), eta)
@@ -562,6 +600,7 @@ class GaussianDiffusion:
         device=None,
         progress=False,
         eta=0.0,
+        cond_fn=None,
     ):
         """Generate samples with DDIM. Same usage as :meth:`p_sample_loop`."""
         final = None
@@ -575,6 +614,7 @@ class GaussianDiffusion:
             device=device,
             progress=progress,
             eta=eta,
+            cond_fn=cond_fn,
         ):
             pass
         return final["sample"]
@@ -590,6 +630,7 @@ class GaussianDiffusion:
         device=None,
         progress=False,
         eta=0.0,
+        cond_fn=None,
     ):
         """Like :meth:`ddim_sample_loop`, yielding every step's :meth:`ddim_sample` dict."""
         yield from self._progressive(
@@ -603,6 +644,7 @@ class GaussianDiffusion:
             denoised_fn=denoised_fn,
             model_kwargs=model_kwargs,
             eta=eta,
+            **({} if cond_fn is None else {"cond_fn": cond_fn}),
         )
 
     # ------------------------------------------------------------------

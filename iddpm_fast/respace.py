@@ -105,6 +105,13 @@ class SpacedDiffusion(GaussianDiffusion):
     def _call_model(self, model, x, t, model_kwargs):
         return super()._call_model(self._wrap_model(model), x, t, model_kwargs)
 
+    def condition_mean(self, cond_fn, *args, **kwargs):
+        # cond_fn sees the original process's timesteps, as the model does.
+        return super().condition_mean(self._wrap_model(cond_fn), *args, **kwargs)
+
+    def condition_score(self, cond_fn, *args, **kwargs):
+        return super().condition_score(self._wrap_model(cond_fn), *args, **kwargs)
+
     def _wrap_model(self, model):
         if isinstance(model, _WrappedModel):
             return model

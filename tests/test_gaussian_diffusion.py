@@ -130,6 +130,78 @@ def test_denoised_fn_is_applied():
     assert len(calls) == 2 and torch.equal(out["pred_xstart"], torch.zeros(2, 3, 8, 8))
 
 
+def _guidance(seen, scale=0.3):
+    """A guided-diffusion-style cond_fn: the gradient of a log-probability
+    (here -scale/2 |x - 0.5|^2, so -scale (x - 0.5)), recording its timesteps."""
+
+    def cond_fn(x, t, y=None):
+        seen.append((t.detach().clone(), y))
+        with torch.enable_grad():
+            x_in = x.detach().requires_grad_(True)
+            logp = -0.5 * scale * ((x_in - 0.5) ** 2).sum()
+            return torch.autograd.grad(logp, x_in)[0]
+
+    return cond_fn
+
+
+@pytest.mark.parametrize("respacing", ["", "5"])
+def test_cond_fn_guides_ancestral_and_ddim_steps_as_guided_diffusion(respacing):
+    # guided-diffusion's formulas, written out here: ancestral steps move the
+    # mean by variance * gradient (noise drawn before cond_fn runs); DDIM
+    # steps shift eps by -sqrt(1 - alphabar) * gradient and take x_0 and the
+    # step from that eps (noise drawn after).
+    d, net = _diffusion(timestep_respacing=respacing), TinyNet()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 0])
+    kwargs = {"y": torch.tensor([1, 2])}
+    model = lambda x, ts, y=None: net(x, ts)  # noqa: E731
+    seen = []
+    torch.manual_seed(5)
+    got = d.p_sample(model, x, t, model_kwargs=kwargs, cond_fn=_guidance(seen))
+    torch.manual_seed(5)
+    out = d.p_mean_variance(model, x, t, model_kwargs=kwargs)
+    noise = torch.randn_like(x)
+    grad = -0.3 * (x - 0.5)
+    mean = out["mean"] + out["variance"] * grad
+    want = mean + (t != 0).float().view(-1, 1, 1, 1) * torch.exp(0.5 * out["log_variance"]) * noise
+    torch.testing.assert_close(got["sample"], want, rtol=1e-6, atol=1e-6)
+    # The guidance sees the original process's timesteps, as the model does, and model_kwargs.
+    want_t = torch.tensor([d.timestep_map[3], d.timestep_map[0]]) if respacing else t
+    assert torch.equal(seen[0][0], want_t) and torch.equal(seen[0][1], kwargs["y"])
+
+    torch.manual_seed(6)
+    got = d.ddim_sample(model, x, t, model_kwargs=kwargs, cond_fn=_guidance(seen), eta=0.5)
+    torch.manual_seed(6)
+    out = d.p_mean_variance(model, x, t, model_kwargs=kwargs)
+    ac = torch.tensor(d.alphas_cumprod, dtype=torch.float32)[t].view(-1, 1, 1, 1)
+    ac_prev = torch.tensor(d.alphas_cumprod_prev, dtype=torch.float32)[t].view(-1, 1, 1, 1)
+    eps = (torch.sqrt(1 / ac) * x - out["pred_xstart"]) / torch.sqrt(1 / ac - 1)
+    eps = eps - (1 - ac).sqrt() * grad
+    x0 = torch.sqrt(1 / ac) * x - torch.sqrt(1 / ac - 1) * eps
+    sigma = 0.5 * torch.sqrt((1 - ac_prev) / (1 - ac)) * torch.sqrt(1 - ac / ac_prev)
+    noise = torch.randn_like(x)
+    mean_pred = x0 * torch.sqrt(ac_prev) + torch.sqrt(1 - ac_prev - sigma**2) * eps
+    want = mean_pred + (t != 0).float().view(-1, 1, 1, 1) * sigma * noise
+    torch.testing.assert_close(got["sample"], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["pred_xstart"], x0, rtol=1e-5, atol=1e-5)
+
+
+def test_cond_fn_reaches_every_step_of_the_loops():
+    d, net = _diffusion(timestep_respacing="4"), TinyNet()
+    for loop in (d.p_sample_loop, d.ddim_sample_loop):
+        seen = []
+        torch.manual_seed(0)
+        guided = loop(net, (1, 3, 8, 8), cond_fn=_guidance(seen, scale=5.0))
+        torch.manual_seed(0)
+        plain = loop(net, (1, 3, 8, 8))
+        assert len(seen) == 4
+        assert sorted(int(s[0]) for s, _ in seen) == sorted(d.timestep_map)
+        assert not torch.allclose(guided, plain)
+    # Without cond_fn nothing changes (the fused path where one runs).
+    torch.manual_seed(0)
+    again = d.ddim_sample_loop(net, (1, 3, 8, 8))
+    assert torch.equal(again, plain)
+
+
 def test_a_subclass_overriding_p_mean_variance_is_honoured():
     class Guided(SpacedDiffusion):
         def p_mean_variance(self, model, x, t, **kw):
