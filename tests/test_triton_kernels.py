@@ -550,6 +550,142 @@ def test_vb_terms_match_reference(mean, var, clip):
     torch.testing.assert_close(pred, want_pred, rtol=1e-5, atol=1e-5)
 
 
+# ------------------------------------------- layouts, dtypes, the 6x64x64 case
+
+
+def _lay(v, layout):
+    """v's values in a non-contiguous tensor: channels-last, or every other
+    element of a twice-as-wide buffer."""
+    if layout == "channels_last":
+        return v.contiguous(memory_format=torch.channels_last)
+    wide = torch.zeros(*v.shape[:-1], 2 * v.shape[-1], dtype=v.dtype, device=v.device)
+    return wide[..., ::2].copy_(v)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_op_takes_non_contiguous_inputs_in_every_dtype(layout, dtype):
+    """Each Triton op on non-contiguous inputs of each dtype against the
+    reference on contiguous float32 copies of the same values (tolerances of
+    the dtype: outputs are rounded to it)."""
+    x0, noise, out, t = _data((2, 3, 5, 6), True, dtype)
+    tables = _tables()
+    x_t = (noise.float() * 0.9 + x0.float() * 0.3).to(dtype)
+    log_scales = torch.full_like(x0, -3.0)
+    X0, N, O, XT, LS = (_lay(v, layout) for v in (x0, noise, out, x_t, log_scales))
+    assert not (X0.is_contiguous() or O.is_contiguous())
+    f32 = [v.float() for v in (x0, noise, out, x_t, log_scales)]
+    x0f, nf, of, xtf, lsf = f32
+    rtol, atol = _tol(dtype)
+    tol = dict(rtol=4 * rtol, atol=4 * atol)
+    kinds = dict(model_mean_type="epsilon", model_var_type="learned_range")
+    checks = [
+        ("q_sample", _triton.q_sample_triton(X0, t, N, tables), ref.q_sample(x0f, t, nf, tables)),
+        ("posterior", _triton.q_posterior_mean_variance_triton(X0, XT, t, tables),
+         ref.q_posterior_mean_variance(x0f, xtf, t, tables)),
+        ("p_mean_variance", _triton.p_mean_variance_triton(O, XT, t, tables, "epsilon", "learned_range", True),
+         ref.p_mean_variance(of, xtf, t, tables, **kinds, clip_denoised=True)),
+        ("p_sample_step", _triton.p_sample_step_triton(O, XT, t, N, tables, "epsilon", "learned_range", True),
+         ref.p_sample_step(of, xtf, t, nf, tables, **kinds, clip_denoised=True)),
+        ("ddim_step", _triton.ddim_step_triton(O, XT, t, N, tables, 0.5, "epsilon", "learned_range", True),
+         ref.ddim_step(of, xtf, t, nf, tables, eta=0.5, **kinds, clip_denoised=True)),
+        ("log_likelihood", _triton.discretized_gaussian_log_likelihood_triton(X0, XT, LS),
+         ref.discretized_gaussian_log_likelihood(x0f, xtf, lsf)),
+        ("nll_bpd", _triton.discretized_gaussian_nll_bpd_triton(X0, XT, LS),
+         ref.discretized_gaussian_nll_bpd(x0f, xtf, lsf)),
+    ]
+    for name, got, want in checks:
+        got = got if isinstance(got, (tuple, list)) else (got,)
+        want = want if isinstance(want, (tuple, list)) else (want,)
+        # The likelihoods' tanh is 2 sigmoid(2u) - 1 in the kernel: 1e-4, as in
+        # test_posterior_and_likelihood_match_reference.
+        close = dict(rtol=max(tol["rtol"], 1e-4), atol=max(tol["atol"], 1e-4)) if "l" in name[:3] else tol
+        for g, w in zip(got, want):
+            assert g.shape == w.shape, name
+            torch.testing.assert_close(g.float(), w.float(), **close, msg=name)
+    # The bound's terms: a KL of nearby Gaussians cancels, so (as in
+    # test_vb_terms_match_reference) within twice the float32 reference's own
+    # distance to float64, plus the dtype's rounding of x_0's prediction.
+    vb, pred = _triton.vb_terms_bpd_triton(O, X0, XT, t, tables, "epsilon", "learned_range", True)
+    want_vb, want_pred = ref.vb_terms_bpd(of, x0f, xtf, t, tables, **kinds, clip_denoised=True)
+    truth, _ = ref.vb_terms_bpd(of.double(), x0f.double(), xtf.double(), t, tables.double(), **kinds,
+                                clip_denoised=True)
+    slack = 0 if dtype == torch.float32 else 4 * atol * truth.abs().max()
+    assert ((vb.double() - truth).abs() <= 2 * (want_vb.double() - truth).abs() + 1e-5 * truth.abs() + 1e-6
+            + slack).all()
+    torch.testing.assert_close(pred.float(), want_pred, **tol)
+    # The training loss and its gradient (per-sample terms in float32).
+    loss_kinds = dict(**kinds, loss_type="rescaled_mse", num_timesteps=T)
+    o = O.detach().clone().requires_grad_(True) if layout == "channels_last" else _lay(out, layout).requires_grad_(True)
+    got = _triton._training_loss(o, X0, N, t, tables, **loss_kinds)
+    of_ = of.clone().requires_grad_(True)
+    want = ref.training_loss(of_, x0f, nf, t, tables, **loss_kinds)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    weights = torch.tensor([0.5, 2.0], device=DEVICE)
+    (g_got,) = torch.autograd.grad((got[0] * weights).sum(), o)
+    (g_want,) = torch.autograd.grad((want[0] * weights).sum(), of_)
+    assert g_got.dtype == dtype and g_got.shape == out.shape
+    torch.testing.assert_close(g_got.float(), g_want, **tol)
+
+
+def test_6x64x64_model_output():
+    # The issue's 6x64x64 case: a 3-channel 64x64 image and its learned-variance
+    # output, several programs per sample, through the loss (both directions)
+    # and the ancestral step.
+    x0, noise, out, t = _data((2, 3, 64, 64), True)
+    tables = _tables()
+    kinds = dict(model_mean_type="epsilon", model_var_type="learned_range")
+    a = out.clone().requires_grad_(True)
+    got = _triton._training_loss(a, x0, noise, t, tables, **kinds, loss_type="rescaled_mse", num_timesteps=T)
+    b = out.clone().requires_grad_(True)
+    want = ref.training_loss(b, x0, noise, t, tables, **kinds, loss_type="rescaled_mse", num_timesteps=T)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    (ga,) = torch.autograd.grad(got[0].sum(), a)
+    (gb,) = torch.autograd.grad(want[0].sum(), b)
+    # Against float64: within twice the float32 reference's own error.
+    c = out.double().requires_grad_(True)
+    truth = ref.training_loss(c, x0.double(), noise.double(), t, tables.double(), **kinds, loss_type="rescaled_mse",
+                              num_timesteps=T)
+    (gc,) = torch.autograd.grad(truth[0].sum(), c)
+    assert (ga.double() - gc).abs().max() <= 2 * (gb.double() - gc).abs().max() + 1e-9
+    x_t = ref.q_sample(x0, t, noise, tables)
+    for g, w in zip(_triton.p_sample_step_triton(out, x_t, t, noise, tables, "epsilon", "learned_range", True),
+                    ref.p_sample_step(out, x_t, t, noise, tables, **kinds, clip_denoised=True)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_q_sample_and_the_loss_backward():
+    """torch.compile(fullgraph=True) of q_sample (forward and its gradient)
+    and of the training loss through its backward op (aot_eager traces the
+    registered autograd, so training_loss_backward_triton runs compiled)."""
+    x0, noise, out, t = _data((2, 3, 4, 4), True)
+    tables = _tables()
+
+    def qs(x, n):
+        return (_triton.q_sample_triton(x, t, n, tables) * 3).sum()
+
+    def loss(o):
+        terms = _triton.training_loss_triton(o, x0, noise, t, tables, "epsilon", "learned_range", "rescaled_mse", T)
+        return (terms[0] * torch.tensor([0.5, 2.0], device=DEVICE)).sum() + terms[1].sum()
+
+    for fn, args in ((qs, (x0, noise)), (loss, (out,))):
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        eager_args = [a.clone().requires_grad_(True) for a in args]
+        comp_args = [a.clone().requires_grad_(True) for a in args]
+        want = fn(*eager_args)
+        got = compiled(*comp_args)
+        torch.testing.assert_close(got, want)
+        for g, w in zip(torch.autograd.grad(got, comp_args), torch.autograd.grad(want, eager_args)):
+            torch.testing.assert_close(g, w)
+    grads = [torch.tensor([0.5, 2.0], device=DEVICE), torch.ones(2, device=DEVICE), torch.zeros(2, device=DEVICE)]
+    torch.library.opcheck(_triton.training_loss_backward_triton,
+                          (out, x0, noise, t, tables, *grads, "epsilon", "learned_range", "rescaled_mse", T),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def test_calc_bpd_loop_with_the_triton_backend_equals_the_reference():
     d = create_gaussian_diffusion(steps=T, learn_sigma=True, noise_schedule="cosine", timestep_respacing="6")
     torch.manual_seed(0)
