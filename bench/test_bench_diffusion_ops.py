@@ -1,8 +1,10 @@
 """
 The diffusion ops that get fused, per provider, at the shapes of issue #3:
-the hybrid training loss (forward, backward, both), q_sample, the sampling
-steps (ancestral and DDIM), the model's distribution (p_mean_variance) and
-the discretised Gaussian log-likelihood.
+the hybrid training loss (forward, backward, both), q_sample (forward, and
+forward + backward), the posterior q(x_{t-1} | x_t, x_0), the sampling steps
+(ancestral and DDIM), the model's distribution (p_mean_variance), the
+discretised Gaussian log-likelihood (elementwise, and per sample in
+bits/dim) and one term of the variational bound (vb_terms_bpd).
 
 Bytes a perfect fused kernel must move (for GB/s): the loss forward reads x0,
 noise and the model output (2C channels) and writes three [B] float32
@@ -235,3 +237,78 @@ def test_discretized_gaussian_log_likelihood(benchmark, compiled, device_timer, 
                  min_bytes=x.numel() * 4 * 4)  # reads x, means, log_scales; writes log p
     want = ref.discretized_gaussian_log_likelihood(x, means, log_scales)
     torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_q_sample_fwd_bwd(benchmark, compiled, device_timer, provider, shape):
+    device = _device()
+    tables, x0, noise, _, t = _inputs(shape, device)
+    x0.requires_grad_(True)
+    noise.requires_grad_(True)
+    fn = _provider_fn(provider, "q_sample", compiled, device)
+    gy = torch.randn_like(x0)
+
+    def run():
+        return torch.autograd.grad(fn(x0, t, noise, tables), (x0, noise), gy)
+
+    # forward: reads x0, noise, writes x_t; backward: reads d x_t, writes d x0 and d noise
+    gx, gn = _measure(benchmark, device_timer, device, run, "q_sample fwd+bwd", min_bytes=x0.numel() * 6 * 4)
+    want = torch.autograd.grad(ref.q_sample(x0, t, noise, tables), (x0, noise), gy)
+    torch.testing.assert_close(gx, want[0])
+    torch.testing.assert_close(gn, want[1])
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_q_posterior_mean_variance(benchmark, compiled, device_timer, provider, shape):
+    device = _device()
+    tables, x0, noise, _, t = _inputs(shape, device)
+    x_t = ref.q_sample(x0, t, noise, tables)
+    fn = _provider_fn(provider, "q_posterior_mean_variance", compiled, device)
+
+    def run():
+        with torch.no_grad():
+            return fn(x0, x_t, t, tables)
+
+    # reads x0 and x_t; writes the mean (the variance and the clipped log-variance are per sample)
+    got = _measure(benchmark, device_timer, device, run, "q_posterior_mean_variance fwd",
+                   min_bytes=x0.numel() * 3 * 4 + 2 * shape[0] * 4)
+    for a, e in zip(got, ref.q_posterior_mean_variance(x0, x_t, t, tables)):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_discretized_gaussian_nll_bpd(benchmark, compiled, device_timer, provider, shape):
+    device = _device()
+    _, x0, _, out, _ = _inputs(shape, device)
+    C = shape[1]
+    x = torch.round((x0 + 1) * 127.5) / 127.5 - 1
+    means, log_scales = (x + 0.01 * out[:, :C]).contiguous(), (-3.5 + 0.25 * out[:, C:]).contiguous()
+    fn = _provider_fn(provider, "discretized_gaussian_nll_bpd", compiled, device)
+    y = _measure(benchmark, device_timer, device, lambda: fn(x, means, log_scales),
+                 "discretized_gaussian_nll_bpd fwd",
+                 min_bytes=x.numel() * 3 * 4 + shape[0] * 4)  # reads x, means, log_scales; writes [B] bits/dim
+    torch.testing.assert_close(y, ref.discretized_gaussian_nll_bpd(x, means, log_scales), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_vb_terms_bpd(benchmark, compiled, device_timer, provider, shape):
+    device = _device()
+    tables, x0, noise, out, t = _inputs(shape, device)
+    x_t = ref.q_sample(x0, t, noise, tables)
+    kinds = dict(model_mean_type="epsilon", model_var_type="learned_range", clip_denoised=True)
+    fn = _provider_fn(provider, "vb_terms_bpd", compiled, device)
+
+    def run():
+        with torch.no_grad():
+            return fn(out, x0, x_t, t, tables, **kinds)
+
+    # one term of calc_bpd_loop: reads x0, x_t and the model output (2C); writes [B] bits/dim and pred_xstart
+    vb, pred = _measure(benchmark, device_timer, device, run, "vb_terms_bpd fwd",
+                        min_bytes=(x0.numel() * 3 + out.numel()) * 4 + shape[0] * 4)
+    want_vb, want_pred = ref.vb_terms_bpd(out, x0, x_t, t, tables, **kinds)
+    torch.testing.assert_close(vb, want_vb, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(pred, want_pred, rtol=1e-4, atol=1e-5)

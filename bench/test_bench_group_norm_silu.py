@@ -144,3 +144,64 @@ def test_group_norm(benchmark, compiled, device_timer, provider, shape, fmt, mod
 
     fn = _provider("group_norm", provider, eager, compiled)
     _bench_norm(benchmark, device_timer, "group_norm", fn, shape, fmt, mode, provider)
+
+
+# The out_layers' variant with use_scale_shift_norm: GroupNorm, then
+# h * (1 + scale) + shift with per-(sample, channel) scale and shift from the
+# timestep embedding, then SiLU. The gradients include d scale and d shift.
+def _eager_scale_shift(x, w, b, scale, shift, groups):
+    h = F.group_norm(x, groups, w.to(x.dtype), b.to(x.dtype))
+    return F.silu(h * (1 + scale[..., None, None]) + shift[..., None, None])
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+@pytest.mark.parametrize("fmt", ["fp32", "bf16_channels_last"])
+@pytest.mark.parametrize("shape", _shapes(), ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_group_norm_scale_shift_silu(benchmark, compiled, device_timer, provider, shape, fmt, mode):
+    op = "group_norm_scale_shift_silu"
+    device = _device()
+    dtype, memory_format = FORMATS[fmt]
+    g = torch.Generator().manual_seed(0)
+    x = (-2.3 + 0.5 * torch.randn(shape, generator=g)).to(device, dtype).contiguous(memory_format=memory_format)
+    w = torch.randn(shape[1], generator=g).to(device)
+    b = torch.randn(shape[1], generator=g).to(device)
+    scale = (0.1 * torch.randn(shape[:2], generator=g)).to(device, dtype)
+    shift = (0.1 * torch.randn(shape[:2], generator=g)).to(device, dtype)
+    dy = torch.randn(shape, generator=g).to(device, dtype).contiguous(memory_format=memory_format)
+    if provider == "fused":
+        if ops.resolve_name(op, device) != "cpp":
+            pytest.skip(f"the C++ extension does not run on {device.type} here: {_ext.load()}")
+        fn = _cpp.group_norm_scale_shift_silu
+    elif provider == "eager":
+        fn = _eager_scale_shift
+    else:  # scale and shift [N, C], as the reference takes them
+        fn = ref.group_norm_scale_shift_silu
+        fn = compiled(fn) if provider == "torch_compile" else fn
+    backward = mode != "forward"
+    inputs = (x, w, b, scale, shift)
+    for t in inputs:
+        t.requires_grad_(backward)
+
+    def run():
+        if backward:
+            y = fn(*inputs, 32)
+            return y, torch.autograd.grad(y, inputs, dy)
+        with torch.no_grad():
+            return fn(*inputs, 32), None
+
+    def step():
+        out = run()
+        _sync(device)
+        return out
+
+    step()
+    benchmark.group = f"{op} {mode} {fmt}"
+    size = x.numel() * x.element_size()
+    benchmark.extra_info["min_bytes"] = size * (5 if backward else 2)
+    y, _grads = benchmark(step)
+    device_timer(benchmark, run)
+    want = ref.group_norm_scale_shift_silu(x.detach().float(), w.detach(), b.detach(), scale.detach().float(),
+                                           shift.detach().float(), 32)
+    tol = 1e-4 if dtype == torch.float32 else 0.05
+    torch.testing.assert_close(y.detach().float(), want, rtol=tol, atol=tol)
