@@ -10,7 +10,7 @@ call:
 - ``auto`` (default): the first *available* registered kind in the device's
   preference order (CUDA: triton, cpp, reference; CPU: cpp, reference).
   When a registered fused implementation is skipped because it cannot run,
-  a warning names the reason, once per (op, reason).
+  a warning names the reason, once per (kind, device type, reason).
 - ``IDDPM_FAST_BACKEND=triton|cpp|reference`` (or :func:`use_backend`)
   forces that kind for every op that declares it; an op that declares it but
   cannot provide it raises :class:`BackendUnavailableError` with the reason.
@@ -118,11 +118,14 @@ def resolve_name(name, device):
         if why is None:
             return kind
         if kind in op.impls:
-            key = (name, why)
+            # Once per kind, device and reason: a missing C++ extension is one
+            # warning, not one per op it serves (a UNet step had given four).
+            key = (kind, device_type, why)
             if key not in _warned and not _compiling():
                 _warned.add(key)
                 warnings.warn(
-                    f"iddpm_fast: {name} falls back from {kind} on {device_type}: {why}",
+                    f"iddpm_fast: {name} falls back from {kind} on {device_type}: {why} "
+                    f"(any other op with the same reason falls back too, without another warning)",
                     RuntimeWarning,
                     stacklevel=4,
                 )
