@@ -375,6 +375,27 @@ def test_cmake_build_and_ctest(tmp_path):
     assert "100% tests passed" in res.stdout
 
 
+def test_a_cpu_without_avx2_gets_the_reference_and_the_reason(monkeypatch):
+    """The CPU kernels are compiled with AVX2/FMA/F16C: on a CPU without them
+    (simulated: /proc/cpuinfo without those flags) the extension is not
+    loaded, and the ops warn with that reason and run the reference."""
+    import io
+
+    monkeypatch.setattr(_ext.platform, "machine", lambda: "x86_64")
+    cpuinfo = "processor\t: 0\nflags\t\t: fpu sse sse2 ssse3 sse4_1 sse4_2 avx\n"
+    monkeypatch.setattr(_ext, "open", lambda *a, **k: io.StringIO(cpuinfo), raising=False)
+    assert _ext._cpu_reason() == "this CPU lacks avx2/fma/f16c, which the extension's CPU kernels are compiled for"
+    monkeypatch.delenv("IDDPM_FAST_NO_EXT", raising=False)
+    monkeypatch.setitem(_ext._state, "done", False)
+    monkeypatch.setitem(_ext._state, "reason", None)
+    monkeypatch.setattr(ops._backend, "_warned", set())
+    assert _ext.load().startswith("this CPU lacks avx2")
+    x, w, b = torch.randn(2, 8, 3, 3), torch.randn(8), torch.randn(8)
+    with pytest.warns(RuntimeWarning, match="group_norm_silu falls back from cpp on cpu: this CPU lacks avx2"):
+        y = ops.group_norm_silu(x, w, b, 4)
+    assert torch.equal(y, ref.group_norm_silu(x, w, b, 4))
+
+
 def test_package_works_without_the_extension(tmp_path):
     """Simulate a machine where the extension cannot be had: the package
     imports, the ops warn once naming the reason and run the reference, and
