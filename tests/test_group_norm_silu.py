@@ -375,6 +375,36 @@ def test_cmake_build_and_ctest(tmp_path):
     assert "100% tests passed" in res.stdout
 
 
+def test_setup_py_builds_the_extension_ahead_of_time(tmp_path):
+    """`pip install --no-build-isolation .`: with torch importable, setup.py
+    compiles csrc/ into iddpm_fast._C, and that library loads and registers
+    the ops. (CI installs with build isolation, which takes the first-use
+    build instead: only this test runs the ahead-of-time path there.)"""
+    import glob
+
+    if _ext._cpu_reason() is not None or not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no compiler, or a CPU the kernels are not compiled for")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "IDDPM_FAST_NO_EXT"}
+    res = subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_ext", "-b", str(tmp_path / "lib"), "-t", str(tmp_path / "tmp")],
+        cwd=root, env=env, capture_output=True, text=True, timeout=1500,
+    )
+    libs = glob.glob(str(tmp_path / "lib" / "iddpm_fast" / "_C*.so"))
+    assert res.returncode == 0 and len(libs) == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    code = f"""
+import torch
+torch.ops.load_library({libs[0]!r})
+x = torch.randn(2, 8, 3, 3)
+y, mean, rstd = torch.ops.iddpm_fast.gn_silu_forward(x, None, None, None, None, 4, 1e-5, True)
+want = torch.nn.functional.silu(torch.nn.functional.group_norm(x, 4))
+assert torch.ops.iddpm_fast.cpu_kernel_isa() in ("avx2", "avx512")
+assert (y - want).abs().max() < 1e-5
+print("ok")
+"""
+    _python_prints_ok(code)
+
+
 def test_a_cpu_without_avx2_gets_the_reference_and_the_reason(monkeypatch):
     """The CPU kernels are compiled with AVX2/FMA/F16C: on a CPU without them
     (simulated: /proc/cpuinfo without those flags) the extension is not
