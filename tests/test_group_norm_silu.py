@@ -375,6 +375,36 @@ def test_cmake_build_and_ctest(tmp_path):
     assert "100% tests passed" in res.stdout
 
 
+def test_first_use_build_prints_one_line_and_loads(tmp_path):
+    """`pip install .` (build isolation: no extension in the wheel) compiles
+    it on first use with ninja into a cache folder, saying so in one line on
+    stderr, once; a second process finds it built and says nothing."""
+    if os.environ.get("IDDPM_FAST_NO_EXT") == "1":
+        pytest.skip("extension disabled by IDDPM_FAST_NO_EXT=1")
+    if not (shutil.which("c++") or shutil.which("g++")) or not shutil.which("ninja") or _ext._cpu_reason():
+        pytest.skip("no C++ compiler or ninja here, or a CPU the kernels are not compiled for")
+    code = r"""
+import torch
+from iddpm_fast import _ext, ops, reference as ref
+_ext._try_prebuilt = lambda: "no prebuilt iddpm_fast._C"
+assert _ext.load() is None and _ext.load() is None
+assert _ext.how_loaded() == "jit"
+x, w, b = torch.randn(2, 8, 3, 3), torch.randn(8), torch.randn(8)
+assert ops.resolve_name("group_norm_silu", x.device) == "cpp"
+torch.testing.assert_close(ops.group_norm_silu(x, w, b, 4), ref.group_norm_silu(x, w, b, 4))
+print("ok")
+"""
+    env = dict(os.environ, PYTHONPATH=os.getcwd(), IDDPM_FAST_EXT_DIR=str(tmp_path / "ext"))
+    env.pop("IDDPM_FAST_NO_EXT", None)
+    lines = []
+    for _ in range(2):
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1500)
+        assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+        lines.append([line for line in res.stderr.splitlines() if "compiling the C++ extension" in line])
+    assert len(lines[0]) == 1 and str(tmp_path / "ext") in lines[0][0], lines
+    assert lines[1] == [], lines
+
+
 def test_setup_py_builds_the_extension_ahead_of_time(tmp_path):
     """`pip install --no-build-isolation .`: with torch importable, setup.py
     compiles csrc/ into iddpm_fast._C, and that library loads and registers
