@@ -157,9 +157,17 @@ def kernel_ms(run, calls=20):
         for _ in range(calls):
             run()
         torch.cuda.synchronize()
-    total_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+    # Device events only (kernels, copies, memsets), not user annotations'
+    # GPU-side copies of record_function ranges, which would count twice.
+    events = [e for e in prof.events()
+              if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    total_us = sum(e.time_range.elapsed_us() for e in events)
     if total_us <= 0:
         raise RuntimeError("the profiler recorded no CUDA kernels")
+    # A profiler that drops events (seen in long runs with many sessions)
+    # would understate the time: every call launches the same kernels.
+    if len(events) % calls:
+        raise RuntimeError(f"the profiler recorded {len(events)} device events for {calls} calls")
     return total_us / 1e3 / calls
 
 

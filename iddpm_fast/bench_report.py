@@ -80,7 +80,8 @@ def render_markdown(rows):
             ref, comp = by.get("reference"), by.get("torch_compile")
             line = (
                 f"| {device} | {group} | {case} | {provider} | {median * 1e3:.3f} ms | "
-                f"{f'{ref / median:.2f}x' if ref else '-'} | {f'{comp / median:.2f}x' if comp else '-'} |"
+                f"{f'{ref / median:.2f}x' if ref and median else '-'} | "
+                f"{f'{comp / median:.2f}x' if comp and median else '-'} |"
             )
             info = device_info[(device, file, group, case, provider)]
             nbytes = info.get("min_bytes")
@@ -137,8 +138,10 @@ def render_chart(rows, path, width=900):
         for provider in OURS:
             if provider not in by:
                 continue
-            ref, comp = by.get("reference"), by.get("torch_compile")
-            ratios = (ref / by[provider] if ref else None, comp / by[provider] if comp else None)
+            ours, ref, comp = by[provider], by.get("reference"), by.get("torch_compile")
+            if not ours:  # a zero median: no ratio to draw
+                continue
+            ratios = (ref / ours if ref else None, comp / ours if comp else None)
             if ratios != (None, None):
                 sections.setdefault(device, []).append((_label("", group, case, provider), ratios))
     row_h, head_h, top = 26, 26, 50

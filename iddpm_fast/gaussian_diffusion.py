@@ -487,7 +487,9 @@ class GaussianDiffusion:
             model_kwargs=model_kwargs,
             device=device,
             progress=progress,
-            cond_fn=cond_fn,
+            # Only when given: a p_sample_loop_progressive overridden with
+            # the original's signature must still work.
+            **({} if cond_fn is None else {"cond_fn": cond_fn}),
         ):
             pass
         return final["sample"]
@@ -614,7 +616,7 @@ class GaussianDiffusion:
             device=device,
             progress=progress,
             eta=eta,
-            cond_fn=cond_fn,
+            **({} if cond_fn is None else {"cond_fn": cond_fn}),
         ):
             pass
         return final["sample"]

@@ -202,6 +202,39 @@ def test_cond_fn_reaches_every_step_of_the_loops():
     assert torch.equal(again, plain)
 
 
+def test_overrides_with_the_originals_signatures_still_work_without_cond_fn():
+    # cond_fn is passed on only when given: a subclass written against
+    # improved-diffusion (no cond_fn parameter) keeps working.
+    calls = []
+
+    class Old(SpacedDiffusion):
+        def p_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
+                                      model_kwargs=None, device=None, progress=False):
+            calls.append("p_loop")
+            yield from super().p_sample_loop_progressive(model, shape, noise=noise, device=device)
+
+        def ddim_sample_loop_progressive(self, model, shape, noise=None, clip_denoised=True, denoised_fn=None,
+                                         model_kwargs=None, device=None, progress=False, eta=0.0):
+            calls.append("ddim_loop")
+            yield from super().ddim_sample_loop_progressive(model, shape, noise=noise, device=device, eta=eta)
+
+        def p_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None):
+            calls.append("p_sample")
+            return super().p_sample(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
+
+        def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0):
+            calls.append("ddim_sample")
+            return super().ddim_sample(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs, eta=eta)
+
+    d = Old(space_timesteps(50, "3"), betas=gd.get_named_beta_schedule("cosine", 50),
+            model_mean_type=gd.ModelMeanType.EPSILON, model_var_type=gd.ModelVarType.LEARNED_RANGE,
+            loss_type=gd.LossType.MSE)
+    net = TinyNet()
+    d.p_sample_loop(net, (1, 3, 4, 4), device="cpu")
+    d.ddim_sample_loop(net, (1, 3, 4, 4), device="cpu")
+    assert calls == ["p_loop"] + ["p_sample"] * 3 + ["ddim_loop"] + ["ddim_sample"] * 3
+
+
 def test_a_subclass_overriding_p_mean_variance_is_honoured():
     class Guided(SpacedDiffusion):
         def p_mean_variance(self, model, x, t, **kw):

@@ -357,9 +357,15 @@ def test_cmake_build_and_ctest(tmp_path):
     and ctest passes: the build setup.py does not exercise. (Its test glob
     had taken in tests/cpp/gn_onepass_emulation.cpp, a Python extension,
     and the CMake build stopped at Python.h.)"""
+    from torch.utils import cpp_extension
+
     cmake = shutil.which("cmake")
-    if cmake is None or shutil.which("ctest") is None:
-        pytest.skip("no cmake/ctest here")
+    if cmake is None or shutil.which("ctest") is None or not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no cmake/ctest or C++ compiler here")
+    if _ext._cpu_reason() is not None:
+        pytest.skip(_ext._cpu_reason())
+    if torch.version.cuda is not None and cpp_extension.CUDA_HOME is None:
+        pytest.skip("a CUDA build of torch without a CUDA toolkit: its CMake config cannot be used")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     build = str(tmp_path / "build")
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
@@ -394,8 +400,10 @@ assert ops.resolve_name("group_norm_silu", x.device) == "cpp"
 torch.testing.assert_close(ops.group_norm_silu(x, w, b, 4), ref.group_norm_silu(x, w, b, 4))
 print("ok")
 """
-    env = dict(os.environ, PYTHONPATH=os.getcwd(), IDDPM_FAST_EXT_DIR=str(tmp_path / "ext"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root, IDDPM_FAST_EXT_DIR=str(tmp_path / "ext"))
     env.pop("IDDPM_FAST_NO_EXT", None)
+    env.pop("IDDPM_FAST_BACKEND", None)
     lines = []
     for _ in range(2):
         res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1500)
@@ -446,6 +454,7 @@ def test_a_cpu_without_avx2_gets_the_reference_and_the_reason(monkeypatch):
     monkeypatch.setattr(_ext, "open", lambda *a, **k: io.StringIO(cpuinfo), raising=False)
     assert _ext._cpu_reason() == "this CPU lacks avx2/fma/f16c, which the extension's CPU kernels are compiled for"
     monkeypatch.delenv("IDDPM_FAST_NO_EXT", raising=False)
+    monkeypatch.delenv("IDDPM_FAST_BACKEND", raising=False)
     monkeypatch.setitem(_ext._state, "done", False)
     monkeypatch.setitem(_ext._state, "reason", None)
     monkeypatch.setattr(ops._backend, "_warned", set())
