@@ -19,6 +19,11 @@
 #        diffusion_ops sample_step train_step compare_train diffusion_ops_rest
 set -uo pipefail
 cd "$(dirname "$0")/.."
+stages=" ${STAGES:-all} "
+known=" all build tests sanitize profile group_norm_silu bias_add compare_sample diffusion_ops sample_step train_step compare_train diffusion_ops_rest "
+for name in $stages; do
+    [[ $known == *" $name "* ]] || { echo "bench/gpu.sh: unknown stage '$name' in STAGES (known:$known)" >&2; exit 2; }
+done
 stamp=$(date +%Y%m%d-%H%M%S)
 out=bench/results/gpu-$stamp
 mkdir -p "$out"
@@ -29,7 +34,6 @@ py=${PYTHON:-python3}
 log_build=$out/gpu-build-$stamp.txt log_tests=$out/gpu-tests-$stamp.txt log_bench=$out/gpu-bench-$stamp.txt
 
 left() { echo $((budget - SECONDS)); }
-stages=" ${STAGES:-all} "
 want() { [[ $stages == *" all "* || $stages == *" $1 "* ]]; }
 stage() {  # stage CAP_S LOG CMD...: run CMD with min(CAP, time left) seconds, appending to LOG
     local cap=$1 log=$2; shift 2
