@@ -26,6 +26,7 @@ def load_results(folder):
                 raise ValueError(f"{path} is not a pytest-benchmark JSON file: {exc}") from None
         device = (data.get("iddpm_fast") or {}).get("device") or data.get("machine_info", {}).get("node", "?")
         for bench in data.get("benchmarks", []):
+            extra = bench.get("extra_info") or {}
             params = dict(bench.get("params") or {})
             provider = params.pop("provider", None)
             if provider is None:
@@ -37,11 +38,9 @@ def load_results(folder):
                 "case": ", ".join(f"{k}={v}" for k, v in sorted(params.items())),
                 "provider": provider,
                 "median_s": bench["stats"]["median"],
-                # Device time (CUDA events, back-to-back calls) and the minimal bytes, where recorded.
-                "device_ms": (bench.get("extra_info") or {}).get("device_ms"),
-                "min_bytes": (bench.get("extra_info") or {}).get("min_bytes"),
-                # The kernels' own time (profiler: no host time in it), where recorded.
-                "kernel_ms": (bench.get("extra_info") or {}).get("kernel_ms"),
+                # Device time (CUDA events, back-to-back calls), the kernels' own time
+                # (profiler: no host time in it) and the minimal bytes, where recorded.
+                **{key: extra.get(key) for key in ("device_ms", "kernel_ms", "min_bytes")},
             })
     return rows
 
@@ -88,13 +87,14 @@ def render_markdown(rows):
             for wanted, key in ((with_device, "device_ms"), (with_kernels, "kernel_ms")):
                 if wanted:
                     ms = info.get(key)
-                    line += f" {f'{ms:.3f} ms' if ms else '-'} | {f'{nbytes / ms / 1e6:.0f}' if ms and nbytes else '-'} |"
+                    gbs = f"{nbytes / ms / 1e6:.0f}" if ms and nbytes else "-"
+                    line += f" {f'{ms:.3f} ms' if ms else '-'} | {gbs} |"
             lines.append(line)
     return "\n".join(lines) + "\n"
 
 
-def _label(device, group, case, provider):
-    """A short bar label: device, group, the case's values not already in the group, provider."""
+def _label(group, case, provider):
+    """A short bar label: group, the case's values not already in the group, provider."""
     values = []
     for key, value in re.findall(r"(\w+)=(\[[^\]]*\]|[^,]+)", case):
         value = value.strip()
@@ -102,8 +102,7 @@ def _label(device, group, case, provider):
             values.append(value.strip("[]").replace(", ", "x"))
     group = group.replace("group_norm_silu", "GN-SiLU").replace("forward+backward", "fwd+bwd")
     group = group.replace("forward", "fwd").replace("channels_last", "CL")
-    prefix = f"{device[:12]} | " if device else ""
-    return f"{prefix}{group} {' '.join(values)} [{provider}]"
+    return f"{group} {' '.join(values)} [{provider}]"
 
 
 # The providers that are this library's own (the rest are baselines).
@@ -143,7 +142,7 @@ def render_chart(rows, path, width=900):
                 continue
             ratios = (ref / ours if ref else None, comp / ours if comp else None)
             if ratios != (None, None):
-                sections.setdefault(device, []).append((_label("", group, case, provider), ratios))
+                sections.setdefault(device, []).append((_label(group, case, provider), ratios))
     row_h, head_h, top = 26, 26, 50
     n_rows = sum(len(v) for v in sections.values())
     height = top + head_h * len(sections) + row_h * max(n_rows, 1) + 10
