@@ -124,6 +124,13 @@ _OVERRIDABLE = (
 _ARRAY_ATTRS = ref.PUBLIC_ARRAYS
 
 
+def _given(**kwargs):
+    """The keyword arguments that are not None: an argument this library added
+    (cond_fn) is passed on only when given, so that a method overridden with
+    improved-diffusion's signature keeps working."""
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
 def _randn_like(x):
     """
     th.randn_like(x), with the random numbers of a contiguous draw of x's
@@ -487,9 +494,7 @@ class GaussianDiffusion:
             model_kwargs=model_kwargs,
             device=device,
             progress=progress,
-            # Only when given: a p_sample_loop_progressive overridden with
-            # the original's signature must still work.
-            **({} if cond_fn is None else {"cond_fn": cond_fn}),
+            **_given(cond_fn=cond_fn),
         ):
             pass
         return final["sample"]
@@ -548,9 +553,7 @@ class GaussianDiffusion:
             clip_denoised=clip_denoised,
             denoised_fn=denoised_fn,
             model_kwargs=model_kwargs,
-            # Only when given, so that a p_sample overridden with the
-            # original's signature still works.
-            **({} if cond_fn is None else {"cond_fn": cond_fn}),
+            **_given(cond_fn=cond_fn),
         )
 
     def ddim_sample(self, model, x, t, clip_denoised=True, denoised_fn=None, model_kwargs=None, eta=0.0,
@@ -616,7 +619,7 @@ class GaussianDiffusion:
             device=device,
             progress=progress,
             eta=eta,
-            **({} if cond_fn is None else {"cond_fn": cond_fn}),
+            **_given(cond_fn=cond_fn),
         ):
             pass
         return final["sample"]
@@ -646,7 +649,7 @@ class GaussianDiffusion:
             denoised_fn=denoised_fn,
             model_kwargs=model_kwargs,
             eta=eta,
-            **({} if cond_fn is None else {"cond_fn": cond_fn}),
+            **_given(cond_fn=cond_fn),
         )
 
     # ------------------------------------------------------------------
