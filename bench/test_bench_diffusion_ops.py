@@ -51,6 +51,18 @@ def _inputs(shape, device):
     return tables, x0, noise, out, t
 
 
+def _decoder_inputs(shape, device):
+    """8-bit data (as the decoder sees it) and the decoder's means and log
+    scales at t = 0: means within a bin or two of the data, a few bins wide.
+    (Many standard deviations out, cdf_plus - cdf_min cancels in the
+    original's formula and any two float32 implementations of its tanh
+    differ there by nats.)"""
+    _, x0, _, out, _ = _inputs(shape, device)
+    C = shape[1]
+    x = torch.round((x0 + 1) * 127.5) / 127.5 - 1
+    return x, (x + 0.01 * out[:, :C]).contiguous(), (-3.5 + 0.25 * out[:, C:]).contiguous()
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -224,13 +236,7 @@ def test_p_mean_variance(benchmark, compiled, device_timer, provider, shape):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_discretized_gaussian_log_likelihood(benchmark, compiled, device_timer, provider, shape):
     device = _device()
-    _, x0, _, out, _ = _inputs(shape, device)
-    C = shape[1]
-    x = torch.round((x0 + 1) * 127.5) / 127.5 - 1  # 8-bit data, as the decoder sees it
-    # The decoder at t = 0: means within a bin or two of the data, a few bins wide. (Many
-    # standard deviations out, cdf_plus - cdf_min cancels in the original's formula and
-    # any two float32 implementations of its tanh differ there by nats.)
-    means, log_scales = (x + 0.01 * out[:, :C]).contiguous(), (-3.5 + 0.25 * out[:, C:]).contiguous()
+    x, means, log_scales = _decoder_inputs(shape, device)
     fn = _provider_fn(provider, "discretized_gaussian_log_likelihood", compiled, device)
     y = _measure(benchmark, device_timer, device, lambda: fn(x, means, log_scales),
                  "discretized_gaussian_log_likelihood fwd",
@@ -282,10 +288,7 @@ def test_q_posterior_mean_variance(benchmark, compiled, device_timer, provider, 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_discretized_gaussian_nll_bpd(benchmark, compiled, device_timer, provider, shape):
     device = _device()
-    _, x0, _, out, _ = _inputs(shape, device)
-    C = shape[1]
-    x = torch.round((x0 + 1) * 127.5) / 127.5 - 1
-    means, log_scales = (x + 0.01 * out[:, :C]).contiguous(), (-3.5 + 0.25 * out[:, C:]).contiguous()
+    x, means, log_scales = _decoder_inputs(shape, device)
     fn = _provider_fn(provider, "discretized_gaussian_nll_bpd", compiled, device)
     y = _measure(benchmark, device_timer, device, lambda: fn(x, means, log_scales),
                  "discretized_gaussian_nll_bpd fwd",

@@ -62,26 +62,29 @@ def _provider(op, provider, eager, compiled):
     return getattr(ref, op)
 
 
-def _bench_norm(benchmark, device_timer, op, fn, shape, fmt, mode, provider):
-    """Times fn (forward, or forward + d x, d weight, d bias) and checks its
-    output against the reference `op` in float32."""
+def _bench_norm(benchmark, device_timer, op, fn, shape, fmt, mode, provider, scale_shift=False):
+    """Times fn (forward, or forward + d x, d weight, d bias, and d scale,
+    d shift with scale_shift: per-(sample, channel) [N, C] inputs after the
+    bias) and checks its output against the reference `op` in float32."""
     device = _device()
     dtype, memory_format = FORMATS[fmt]
     g = torch.Generator().manual_seed(0)
     x = (-2.3 + 0.5 * torch.randn(shape, generator=g)).to(device, dtype).contiguous(memory_format=memory_format)
     w = torch.randn(shape[1], generator=g).to(device)
     b = torch.randn(shape[1], generator=g).to(device)
+    modulation = [(0.1 * torch.randn(shape[:2], generator=g)).to(device, dtype) for _ in range(2 if scale_shift else 0)]
     dy = torch.randn(shape, generator=g).to(device, dtype).contiguous(memory_format=memory_format)
     backward = mode != "forward"
-    for t in (x, w, b):
+    inputs = (x, w, b, *modulation)
+    for t in inputs:
         t.requires_grad_(backward)
 
     def run():
         if backward:
-            y = fn(x, w, b, 32)
-            return y, torch.autograd.grad(y, (x, w, b), dy)
+            y = fn(*inputs, 32)
+            return y, torch.autograd.grad(y, inputs, dy)
         with torch.no_grad():
-            return fn(x, w, b, 32), None
+            return fn(*inputs, 32), None
 
     def step():
         out = run()
@@ -94,7 +97,7 @@ def _bench_norm(benchmark, device_timer, op, fn, shape, fmt, mode, provider):
     benchmark.extra_info["min_bytes"] = size * (5 if backward else 2)
     y, _grads = benchmark(step)
     device_timer(benchmark, run)
-    want = getattr(ref, op)(x.detach().float(), w.detach(), b.detach(), 32)
+    want = getattr(ref, op)(x.detach().float(), w.detach(), b.detach(), *(m.detach().float() for m in modulation), 32)
     tol = 1e-4 if dtype == torch.float32 else 0.05
     torch.testing.assert_close(y.detach().float(), want, rtol=tol, atol=tol)
     if memory_format == torch.channels_last and provider == "fused":
@@ -159,49 +162,6 @@ def _eager_scale_shift(x, w, b, scale, shift, groups):
 @pytest.mark.parametrize("shape", _shapes(), ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_group_norm_scale_shift_silu(benchmark, compiled, device_timer, provider, shape, fmt, mode):
-    op = "group_norm_scale_shift_silu"
-    device = _device()
-    dtype, memory_format = FORMATS[fmt]
-    g = torch.Generator().manual_seed(0)
-    x = (-2.3 + 0.5 * torch.randn(shape, generator=g)).to(device, dtype).contiguous(memory_format=memory_format)
-    w = torch.randn(shape[1], generator=g).to(device)
-    b = torch.randn(shape[1], generator=g).to(device)
-    scale = (0.1 * torch.randn(shape[:2], generator=g)).to(device, dtype)
-    shift = (0.1 * torch.randn(shape[:2], generator=g)).to(device, dtype)
-    dy = torch.randn(shape, generator=g).to(device, dtype).contiguous(memory_format=memory_format)
-    if provider == "fused":
-        if ops.resolve_name(op, device) != "cpp":
-            pytest.skip(f"the C++ extension does not run on {device.type} here: {_ext.load()}")
-        fn = _cpp.group_norm_scale_shift_silu
-    elif provider == "eager":
-        fn = _eager_scale_shift
-    else:  # scale and shift [N, C], as the reference takes them
-        fn = ref.group_norm_scale_shift_silu
-        fn = compiled(fn) if provider == "torch_compile" else fn
-    backward = mode != "forward"
-    inputs = (x, w, b, scale, shift)
-    for t in inputs:
-        t.requires_grad_(backward)
-
-    def run():
-        if backward:
-            y = fn(*inputs, 32)
-            return y, torch.autograd.grad(y, inputs, dy)
-        with torch.no_grad():
-            return fn(*inputs, 32), None
-
-    def step():
-        out = run()
-        _sync(device)
-        return out
-
-    step()
-    benchmark.group = f"{op} {mode} {fmt}"
-    size = x.numel() * x.element_size()
-    benchmark.extra_info["min_bytes"] = size * (5 if backward else 2)
-    y, _grads = benchmark(step)
-    device_timer(benchmark, run)
-    want = ref.group_norm_scale_shift_silu(x.detach().float(), w.detach(), b.detach(), scale.detach().float(),
-                                           shift.detach().float(), 32)
-    tol = 1e-4 if dtype == torch.float32 else 0.05
-    torch.testing.assert_close(y.detach().float(), want, rtol=tol, atol=tol)
+    fn = _provider("group_norm_scale_shift_silu", provider, _eager_scale_shift, compiled)
+    _bench_norm(benchmark, device_timer, "group_norm_scale_shift_silu", fn, shape, fmt, mode, provider,
+                scale_shift=True)
