@@ -8,19 +8,20 @@ from iddpm_fast import cli
 from iddpm_fast.bench_report import load_results, report
 
 
+def _write_run(path, device, medians, extra_info=None):
+    """A pytest-benchmark JSON file with one case ("op fwd", n=16): a median
+    per provider, and extra_info per provider where given."""
+    extra_info = extra_info or {}
+    benchmarks = [
+        {"name": f"test_op[{provider}-16]", "group": "op fwd", "params": {"provider": provider, "n": 16},
+         "stats": {"median": median}, **({"extra_info": extra_info[provider]} if provider in extra_info else {})}
+        for provider, median in medians.items()
+    ]
+    path.write_text(json.dumps({"iddpm_fast": {"device": device}, "benchmarks": benchmarks}))
+
+
 def _write(folder):
-    data = {
-        "iddpm_fast": {"device": "cpu-test"},
-        "benchmarks": [
-            {"name": "test_op[reference-16]", "group": "op fwd", "params": {"provider": "reference", "n": 16},
-             "stats": {"median": 0.004}},
-            {"name": "test_op[torch_compile-16]", "group": "op fwd", "params": {"provider": "torch_compile", "n": 16},
-             "stats": {"median": 0.002}},
-            {"name": "test_op[fused-16]", "group": "op fwd", "params": {"provider": "fused", "n": 16},
-             "stats": {"median": 0.001}},
-        ],
-    }
-    (folder / "run.json").write_text(json.dumps(data))
+    _write_run(folder / "run.json", "cpu-test", {"reference": 0.004, "torch_compile": 0.002, "fused": 0.001})
 
 
 def test_report_table_and_chart(tmp_path):
@@ -42,16 +43,7 @@ def test_chart_uses_the_newest_run_of_each_case(tmp_path):
     from iddpm_fast.bench_report import _latest_cases, render_chart
 
     for stamp, fused in (("20260101-000000", 0.008), ("20260102-000000", 0.002)):
-        data = {
-            "iddpm_fast": {"device": "cpu-test"},
-            "benchmarks": [
-                {"name": "t[reference]", "group": "op fwd", "params": {"provider": "reference", "n": 16},
-                 "stats": {"median": 0.004}},
-                {"name": "t[fused]", "group": "op fwd", "params": {"provider": "fused", "n": 16},
-                 "stats": {"median": fused}},
-            ],
-        }
-        (tmp_path / f"cpu-{stamp}.json").write_text(json.dumps(data))
+        _write_run(tmp_path / f"cpu-{stamp}.json", "cpu-test", {"reference": 0.004, "fused": fused})
     rows = load_results(str(tmp_path))
     assert len(rows) == 4
     (by,) = _latest_cases(rows).values()
@@ -65,16 +57,9 @@ def test_chart_uses_the_newest_run_of_each_case(tmp_path):
 def test_report_shows_kernel_time_where_recorded(tmp_path):
     from iddpm_fast.bench_report import render_markdown
 
-    data = {
-        "iddpm_fast": {"device": "gpu-test"},
-        "benchmarks": [
-            {"name": "t[reference]", "group": "op fwd", "params": {"provider": "reference", "n": 16},
-             "stats": {"median": 0.004}, "extra_info": {"min_bytes": 8e6, "device_ms": 2.0, "kernel_ms": 0.5}},
-            {"name": "t[fused]", "group": "op fwd", "params": {"provider": "fused", "n": 16},
-             "stats": {"median": 0.002}, "extra_info": {"min_bytes": 8e6, "device_ms": 1.0}},
-        ],
-    }
-    (tmp_path / "gpu.json").write_text(json.dumps(data))
+    _write_run(tmp_path / "gpu.json", "gpu-test", {"reference": 0.004, "fused": 0.002},
+               {"reference": {"min_bytes": 8e6, "device_ms": 2.0, "kernel_ms": 0.5},
+                "fused": {"min_bytes": 8e6, "device_ms": 1.0}})
     md = render_markdown(load_results(str(tmp_path)))
     assert "kernel time | kernel GB/s |" in md
     ref = next(line for line in md.splitlines() if "| reference |" in line)
