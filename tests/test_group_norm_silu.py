@@ -42,6 +42,11 @@ SHAPES = {
     "wide channels, odd HxW": ((2, 320, 5, 7), 32),
     # CUDA NCHW: one warp per row, several (and partial) steps per lane.
     "576-position rows": ((1, 32, 24, 24), 8),
+    # CPU NCHW: rows of exactly one AVX-512 vector, taken two channels at a
+    # time; the backward's row sums reduced 8 channels at a time (16 = 8 + 8,
+    # 5 = one pair, one single, a part-filled reduction).
+    "4x4 map, 16 channels per group": ((2, 64, 4, 4), 4),
+    "4x4 map, 5 channels per group": ((2, 40, 4, 4), 8),
 }
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # The CUDA kernels are tested wherever a GPU and a CUDA build exist.
@@ -509,23 +514,30 @@ from iddpm_fast.ops import _cpp
 assert _ext.load() is None
 assert torch.ops.iddpm_fast.cpu_kernel_isa() == "avx2"
 g = torch.Generator().manual_seed(0)
-for shape, groups in [((2, 64, 7, 9), 32), ((3, 12, 5), 4)]:
+# (2, 40, 2, 4): rows of exactly one AVX2 vector, 5 channels per group (the
+# backward's row sums reduced 4 channels at a time: 4 + 1).
+for shape, groups in [((2, 64, 7, 9), 32), ((3, 12, 5), 4), ((2, 40, 2, 4), 8)]:
     for cl in (False, True):
         x = (-2.3 + 0.5 * torch.randn(shape, generator=g, dtype=torch.float64))
         if cl:
             x = x.movedim(1, -1).contiguous().movedim(-1, 1)
         w, b = torch.randn(shape[1], dtype=torch.float64), torch.randn(shape[1], dtype=torch.float64)
         sc, sh = torch.randn(shape[0], shape[1], dtype=torch.float64), torch.randn(shape[0], shape[1], dtype=torch.float64)
+        gy = torch.randn(shape, generator=g, dtype=torch.float64)
         for dt in (torch.float32, torch.bfloat16):
-            xd = x.to(dt).requires_grad_()
-            y = _cpp.group_norm_scale_shift_silu(xd, w.float(), b.float(), sc.to(dt), sh.to(dt), groups)
-            (gx,) = torch.autograd.grad(y.float().sum(), xd)
-            xr = x.to(dt).double().requires_grad_()
-            yr = ref.group_norm_scale_shift_silu(xr, w, b, sc.to(dt).double(), sh.to(dt).double(), groups)
-            (gr,) = torch.autograd.grad(yr.sum(), xr)
+            args = [t.to(dt).requires_grad_() for t in (x, sc, sh)] + [t.float().requires_grad_() for t in (w, b)]
+            xd, scd, shd, wd, bd = args
+            y = _cpp.group_norm_scale_shift_silu(xd, wd, bd, scd, shd, groups)
+            got = torch.autograd.grad(y.float(), args, gy.float())
+            ref_args = [t.detach().double().requires_grad_() for t in args]
+            xr, scr, shr, wr, br = ref_args
+            yr = ref.group_norm_scale_shift_silu(xr, wr, br, scr, shr, groups)
+            want = torch.autograd.grad(yr, ref_args, gy)
             tol = 2e-5 if dt == torch.float32 else 3e-2
             assert (y.double() - yr).abs().max() <= tol * max(1, yr.abs().max()), (shape, cl, dt)
-            assert (gx.double() - gr).abs().max() <= tol * max(1, gr.abs().max()), (shape, cl, dt)
+            for name, a, b in zip(("x", "scale", "shift", "weight", "bias"), got, want):
+                scale = max(1, b.abs().max())
+                assert (a.double() - b).abs().max() <= tol * scale, (shape, cl, dt, name, (a.double() - b).abs().max())
 print("ok")
 """
     _python_prints_ok(code, IDDPM_FAST_CPU_CAPABILITY="avx2")
