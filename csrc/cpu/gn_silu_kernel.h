@@ -243,34 +243,63 @@ void block_shifted_moments(const T* x, int64_t n, double& s1_out, double& s2_out
   s2_out = s2;
 }
 
+// Sums over positions [start, stop) of B consecutive channel vectors from
+// channel c: acc[i] = sum of (x[l, c + i kV ...] - center) (or its square
+// when Sq), each channel summed position by position in float. B independent
+// chains per position keep the adds from waiting on each other.
+template <bool Sq, int B, typename T>
+inline __attribute__((always_inline)) void channel_block_moment(const T* x, int64_t start, int64_t stop, int64_t C,
+                                                                int64_t c, const float* center, Vec* acc) {
+  Vec cv[B];
+  for (int i = 0; i < B; ++i) {
+    cv[i] = center != nullptr ? Vec::loadu(center + c + i * kV) : Vec(0.f);
+    acc[i] = Vec(0.f);
+  }
+  for (int64_t l = start; l < stop; ++l) {
+    const T* row = x + l * C + c;
+    for (int i = 0; i < B; ++i) {
+      const Vec d = vload(row + i * kV) - cv[i];
+      if constexpr (Sq) {
+        acc[i] = at::vec::fmadd(d, d, acc[i]);
+      } else {
+        acc[i] = acc[i] + d;
+      }
+    }
+  }
+}
+
 // out[c] += sum over positions l in [0, m) of (x[l, c] - center[c]) (or its
 // square when Sq); x is [m, C] with channels contiguous; center may be null.
+// Each channel is summed in float over kFlushPositions positions at a time,
+// in position order, then added into out (float64). The loops run channel
+// block by channel block down the positions (strided by C), accumulating in
+// registers: a per-position pass through a scratch row (a load and a store
+// per vector besides x's) had been most of the statistics' cost.
 template <bool Sq, typename T>
 void rows_moment(const T* x, int64_t m, int64_t C, const acc_t<T>* center, double* out, acc_t<T>* scratch) {
   using A = acc_t<T>;
   for (int64_t start = 0; start < m; start += kFlushPositions) {
     const int64_t stop = std::min(m, start + kFlushPositions);
-    std::fill(scratch, scratch + C, A(0));
-    for (int64_t l = start; l < stop; ++l) {
-      const T* row = x + l * C;
-      int64_t c = 0;
-      if constexpr (kVectorised<T>) {
-        for (; c + kV <= C; c += kV) {
-          Vec d = vload(row + c);
-          if (center != nullptr) d = d - Vec::loadu(center + c);
-          Vec s = Vec::loadu(scratch + c);
-          if constexpr (Sq) {
-            s = at::vec::fmadd(d, d, s);
-          } else {
-            s = s + d;
-          }
-          s.store(scratch + c);
-        }
+    int64_t c0 = 0;
+    if constexpr (kVectorised<T>) {
+      constexpr int B = 4;
+      Vec acc[B];
+      for (; c0 + B * kV <= C; c0 += B * kV) {
+        channel_block_moment<Sq, B>(x, start, stop, C, c0, center, acc);
+        for (int i = 0; i < B; ++i) acc[i].store(scratch + c0 + i * kV);
       }
-      for (; c < C; ++c) {
-        A d = static_cast<A>(row[c]) - (center != nullptr ? center[c] : A(0));
-        scratch[c] += Sq ? d * d : d;
+      for (; c0 + kV <= C; c0 += kV) {
+        channel_block_moment<Sq, 1>(x, start, stop, C, c0, center, acc);
+        acc[0].store(scratch + c0);
       }
+    }
+    for (int64_t c = c0; c < C; ++c) {
+      A s = 0;
+      for (int64_t l = start; l < stop; ++l) {
+        const A d = static_cast<A>(x[l * C + c]) - (center != nullptr ? center[c] : A(0));
+        s += Sq ? d * d : d;
+      }
+      scratch[c] = s;
     }
     for (int64_t c = 0; c < C; ++c) out[c] += scratch[c];
   }
@@ -481,8 +510,13 @@ void backward_group_sums(float* dz, const T* dy, const T* x, int64_t D, int64_t 
       acc[H + i] = Vec(0.f);
     }
     for (int64_t i = 0; i < h; ++i) {
+      // Local accumulators: stores to dz may alias acc[] (vector types may
+      // alias anything), which would keep them in memory inside the row loop.
       const int64_t d = d0 + i;
-      backward_block_vec<Act>(dz + d * L, dy + d * L, x + d * L, 0, L, mv, Vec(a[d]), Vec(b[d]), acc[i], acc[H + i]);
+      Vec as(0.f), ab(0.f);
+      backward_block_vec<Act>(dz + d * L, dy + d * L, x + d * L, 0, L, mv, Vec(a[d]), Vec(b[d]), as, ab);
+      acc[i] = as;
+      acc[H + i] = ab;
     }
     reduce_lanes(acc, sums);
     for (int64_t i = 0; i < h; ++i) {
@@ -579,7 +613,10 @@ struct Params {
   void fold(int64_t n, int64_t c, A rstd, A& a, A& b_out) const {
     const A kk = k(n, c);
     a = gamma(c) * rstd * kk;
-    b_out = beta(c) * kk + shift(n, c);
+    // One rounding, written out: left to the compiler, whether this product
+    // and sum were contracted into an FMA depended on where fold was inlined,
+    // and the forward and backward could fold different bits.
+    b_out = std::fma(beta(c), kk, shift(n, c));
   }
 };
 
@@ -591,13 +628,13 @@ void forward_impl(const T* X, T* Y, acc_t<T>* MEAN, acc_t<T>* RSTD, const Params
   const int64_t N = s.N, C = s.C, G = s.G, D = s.D, L = s.L;
   const double M = static_cast<double>(D * L);
   if (!s.channels_last) {
-    // Groups go in batches of about kBatchBytes: first every group's
-    // statistics, then every group's output. The statistics end in a chain of
-    // dependent divisions and a square root; with small groups (4x4 and 8x8
-    // maps: a few hundred elements) waiting on that chain before each group's
-    // output had cost as much as the output itself. Independent chains back to
-    // back overlap, and a batch is still in the cache for the second pass.
-    // About 16 KiB of input per batch (at least one group): in L1 for the second pass.
+    // Groups go in batches of about 16 KiB of input (at least one group):
+    // first every group's statistics, then every group's output. The
+    // statistics end in a chain of dependent divisions and a square root; with
+    // small groups (4x4 and 8x8 maps: a few hundred elements) waiting on that
+    // chain before each group's output had cost as much as the output itself.
+    // Independent chains back to back overlap, and the batch is still in L1
+    // for the second pass.
     const int64_t batch = std::max<int64_t>(1, (16 * 1024) / std::max<int64_t>(1, D * L * int64_t(sizeof(T))));
     at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
       std::vector<A> fa(D), fb(D);
