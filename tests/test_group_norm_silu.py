@@ -47,6 +47,10 @@ SHAPES = {
     # 5 = one pair, one single, a part-filled reduction).
     "4x4 map, 16 channels per group": ((2, 64, 4, 4), 4),
     "4x4 map, 5 channels per group": ((2, 40, 4, 4), 8),
+    # CPU channels-last: several 128-position windows of 16-position tiles,
+    # the last ones partial, with channels past the last full vector.
+    "1-D, 129 positions, tail channels": ((2, 65, 129), 5),
+    "1-D, 257 positions, 17 channels": ((2, 17, 257), 17),
 }
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # The CUDA kernels are tested wherever a GPU and a CUDA build exist.

@@ -234,7 +234,7 @@ void block_shifted_moments(const T* x, int64_t n, double& s1_out, double& s2_out
     for (; j < m; ++j) {
       A d = static_cast<A>(p[j]) - k;
       t1 += d;
-      t2 += d * d;
+      t2 = std::fma(d, d, t2);
     }
     s1 += p1 + t1;
     s2 += p2 + t2;
@@ -297,7 +297,7 @@ void rows_moment(const T* x, int64_t m, int64_t C, const acc_t<T>* center, doubl
       A s = 0;
       for (int64_t l = start; l < stop; ++l) {
         const A d = static_cast<A>(x[l * C + c]) - (center != nullptr ? center[c] : A(0));
-        s += Sq ? d * d : d;
+        s = Sq ? std::fma(d, d, s) : s + d;
       }
       scratch[c] = s;
     }
@@ -334,7 +334,7 @@ void forward_row(T* y, const T* x, int64_t n, const acc_t<T>* m, const acc_t<T>*
   }
   for (; j < n; ++j) {
     const int64_t i = PerElem ? j : 0;
-    A z = (static_cast<A>(x[j]) - m[i]) * a[i] + b[i];
+    A z = std::fma(static_cast<A>(x[j]) - m[i], a[i], b[i]);
     y[j] = static_cast<T>(Act ? z * sigmoid(z) : z);
   }
 }
@@ -479,12 +479,12 @@ inline __attribute__((always_inline)) void backward_row_scalar(acc_t<T>* dz, con
       A xc = static_cast<A>(x[j]) - m;
       A d = static_cast<A>(dy[j]);
       if constexpr (Act) {
-        A z = xc * a + b;
+        A z = std::fma(xc, a, b);
         A s = sigmoid(z);
-        d = d * s * (A(1) + z * (A(1) - s));
+        d = d * s * std::fma(z, A(1) - s, A(1));
       }
       dz[j] = d;
-      ts += d * xc;
+      ts = std::fma(d, xc, ts);
       tb += d;
     }
     ds += ps + ts;
@@ -552,12 +552,12 @@ void backward_row_channels(acc_t<T>* dz, const T* dy, const T* x, int64_t C, con
     A xc = static_cast<A>(x[c]) - m[c];
     A d = static_cast<A>(dy[c]);
     if constexpr (Act) {
-      A z = xc * a[c] + b[c];
+      A z = std::fma(xc, a[c], b[c]);
       A s = sigmoid(z);
-      d = d * s * (A(1) + z * (A(1) - s));
+      d = d * s * std::fma(z, A(1) - s, A(1));
     }
     dz[c] = d;
-    ss[c] += d * xc;
+    ss[c] = std::fma(d, xc, ss[c]);
     sb[c] += d;
   }
 }
@@ -592,7 +592,7 @@ void dx_row(T* dx, const acc_t<T>* dz, const T* x, int64_t n, const acc_t<T>* m,
   }
   for (; j < n; ++j) {
     const int64_t i = PerElem ? j : 0;
-    dx[j] = static_cast<T>(k[i] * dz[j] + c2[i] * (static_cast<A>(x[j]) - m[i]) + c3[i]);
+    dx[j] = static_cast<T>(std::fma(k[i], dz[j], std::fma(c2[i], static_cast<A>(x[j]) - m[i], c3[i])));
   }
 }
 
@@ -696,7 +696,10 @@ inline __attribute__((always_inline)) void backward_channel_block(float* dz, con
 template <bool Act, typename T>
 void backward_channels(acc_t<T>* dz, const T* dy, const T* x, int64_t start, int64_t stop, int64_t C,
                        const acc_t<T>* m, const acc_t<T>* a, const acc_t<T>* b, acc_t<T>* ss, acc_t<T>* sb) {
-  int64_t tail = 0;  // the first channel the row function sums (all of them when not blocked)
+  // Channels [0, tail) go in blocks (each block's first tile of the window
+  // sets its sums), [tail, C) through the row function, whose sums are
+  // zeroed here once per window: one boundary for both.
+  int64_t tail = 0;
   if constexpr (kVectorised<T> && kBlockedBackward) {
     tail = C - C % kV;
   }
@@ -706,14 +709,14 @@ void backward_channels(acc_t<T>* dz, const T* dy, const T* x, int64_t start, int
     const int64_t l1 = std::min(stop, l0 + kTile);
     int64_t c = 0;
     if constexpr (kVectorised<T> && kBlockedBackward) {
-      for (; c + kBlock * kV <= C; c += kBlock * kV) {
+      for (; c + kBlock * kV <= tail; c += kBlock * kV) {
         backward_channel_block<Act, kBlock>(dz, dy, x, l0, l1, C, c, m, a, b, ss, sb, l0 == start);
       }
-      for (; c + kV <= C; c += kV) backward_channel_block<Act, 1>(dz, dy, x, l0, l1, C, c, m, a, b, ss, sb, l0 == start);
+      for (; c < tail; c += kV) backward_channel_block<Act, 1>(dz, dy, x, l0, l1, C, c, m, a, b, ss, sb, l0 == start);
     }
-    for (int64_t l = l0; l < l1 && c < C; ++l) {
-      backward_row_channels<Act>(dz + l * C + c, dy + l * C + c, x + l * C + c, C - c, m + c, a + c, b + c, ss + c,
-                                 sb + c);
+    for (int64_t l = l0; l < l1 && tail < C; ++l) {
+      backward_row_channels<Act>(dz + l * C + tail, dy + l * C + tail, x + l * C + tail, C - tail, m + tail,
+                                 a + tail, b + tail, ss + tail, sb + tail);
     }
   }
 }
