@@ -363,6 +363,20 @@ void forward_group(T* y, const T* x, int64_t D, int64_t L, acc_t<T> m, const acc
   }
 }
 
+// dz = dy * SiLU'(z) with z = xc * a + b (dz = dy unless Act): the
+// backward's per-vector step, shared by its row and channel-block loops.
+template <bool Act>
+inline __attribute__((always_inline)) Vec vdz(const Vec& dy, const Vec& xc, const Vec& av, const Vec& bv) {
+  if constexpr (Act) {
+    const Vec one(1.f);
+    const Vec z = at::vec::fmadd(xc, av, bv);
+    const Vec s = vsigmoid(z);
+    return dy * s * at::vec::fmadd(z, one - s, one);
+  } else {
+    return dy;
+  }
+}
+
 // dz = dy * SiLU'(z) (dz = dy unless Act), z = (x - m) a + b, over the
 // elements [j, stop) (vectors, the last one zero-padded), into dz; adds the
 // lane-wise sums of dz * (x - m) and of dz into as, ab.
@@ -370,15 +384,9 @@ template <bool Act, typename T>
 inline __attribute__((always_inline)) void backward_block_vec(float* dz, const T* dy, const T* x, int64_t j,
                                                               int64_t stop, const Vec& mv, const Vec& av,
                                                               const Vec& bv, Vec& as, Vec& ab) {
-  const Vec one(1.f);
   for (; j + kV <= stop; j += kV) {
-    Vec xc = vload(x + j) - mv;
-    Vec d = vload(dy + j);
-    if constexpr (Act) {
-      Vec z = at::vec::fmadd(xc, av, bv);
-      Vec s = vsigmoid(z);
-      d = d * s * at::vec::fmadd(z, one - s, one);
-    }
+    const Vec xc = vload(x + j) - mv;
+    const Vec d = vdz<Act>(vload(dy + j), xc, av, bv);
     d.store(dz + j);
     as = at::vec::fmadd(d, xc, as);
     ab = ab + d;
@@ -388,12 +396,7 @@ inline __attribute__((always_inline)) void backward_block_vec(float* dz, const T
     // mean would make them NaN).
     const int64_t r = stop - j;
     Vec xc = vload_tail(x + j, r) - mv;
-    Vec d = vload_tail(dy + j, r);
-    if constexpr (Act) {
-      Vec z = at::vec::fmadd(xc, av, bv);
-      Vec s = vsigmoid(z);
-      d = d * s * at::vec::fmadd(z, one - s, one);
-    }
+    Vec d = vdz<Act>(vload_tail(dy + j, r), xc, av, bv);
     d = Vec::set(Vec(0.f), d, r);
     xc = Vec::set(Vec(0.f), xc, r);
     d.store(dz + j, r);
@@ -534,15 +537,9 @@ void backward_row_channels(acc_t<T>* dz, const T* dy, const T* x, int64_t C, con
   using A = acc_t<T>;
   int64_t c = 0;
   if constexpr (kVectorised<T>) {
-    const Vec one(1.f);
     for (; c + kV <= C; c += kV) {
-      Vec xc = vload(x + c) - Vec::loadu(m + c);
-      Vec d = vload(dy + c);
-      if constexpr (Act) {
-        Vec z = at::vec::fmadd(xc, Vec::loadu(a + c), Vec::loadu(b + c));
-        Vec s = vsigmoid(z);
-        d = d * s * at::vec::fmadd(z, one - s, one);
-      }
+      const Vec xc = vload(x + c) - Vec::loadu(m + c);
+      const Vec d = vdz<Act>(vload(dy + c), xc, Vec::loadu(a + c), Vec::loadu(b + c));
       d.store(dz + c);
       at::vec::fmadd(d, xc, Vec::loadu(ss + c)).store(ss + c);
       (Vec::loadu(sb + c) + d).store(sb + c);
@@ -661,7 +658,6 @@ inline __attribute__((always_inline)) void backward_channel_block(float* dz, con
                                                                   int64_t stop, int64_t C, int64_t c, const float* m,
                                                                   const float* a, const float* b, float* ss,
                                                                   float* sb, bool first) {
-  const Vec one(1.f);
   Vec mv[B], av[B], bv[B], as[B], ab[B];
   for (int i = 0; i < B; ++i) {
     mv[i] = Vec::loadu(m + c + i * kV);
@@ -674,12 +670,7 @@ inline __attribute__((always_inline)) void backward_channel_block(float* dz, con
     const int64_t o = l * C + c;
     for (int i = 0; i < B; ++i) {
       const Vec xc = vload(x + o + i * kV) - mv[i];
-      Vec d = vload(dy + o + i * kV);
-      if constexpr (Act) {
-        const Vec z = at::vec::fmadd(xc, av[i], bv[i]);
-        const Vec sg = vsigmoid(z);
-        d = d * sg * at::vec::fmadd(z, one - sg, one);
-      }
+      const Vec d = vdz<Act>(vload(dy + o + i * kV), xc, av[i], bv[i]);
       d.store(dz + o + i * kV);
       as[i] = at::vec::fmadd(d, xc, as[i]);
       ab[i] = ab[i] + d;
