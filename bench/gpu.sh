@@ -15,6 +15,10 @@
 #
 #   STAGES="build diffusion_ops_rest group_norm_silu" BUDGET_S=400 bench/gpu.sh
 #
+# PROFILE_WHAT picks profile_gpu.py's parts (its --what; default: all A/B
+# timings), REST_K narrows diffusion_ops_rest with a pytest -k expression
+# (e.g. REST_K=64x3x256x256: the bandwidth shape alone).
+#
 # names: build tests sanitize profile group_norm_silu bias_add compare_sample
 #        diffusion_ops sample_step train_step compare_train diffusion_ops_rest
 set -uo pipefail
@@ -52,7 +56,7 @@ fi
 
 want tests && stage 170 "$log_tests" $py -m pytest -q -p no:cacheprovider -n 4 --maxfail=40 -rfEs \
     tests/test_group_norm_silu.py tests/test_bias_add.py tests/test_unet.py tests/test_dropout.py tests/test_cuda_graphs.py \
-    tests/test_ops_seam.py tests/test_triton_kernels.py
+    tests/test_ops_seam.py tests/test_triton_kernels.py tests/test_triton_launch.py
 # The one-pass GroupNorm kernels under compute-sanitizer (out-of-bounds / misaligned accesses,
 # then shared-memory races: what their CPU emulation cannot show), where the toolkit has it.
 san=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
@@ -68,7 +72,8 @@ fi
 # the sampling step (fused/stock convolution biases; CUDA graphs with bf16/autocast weights),
 # the training step with the stock/fused/one-pass GroupNorm, q_sample's block size, and
 # the fused training loss (host time; one-launch vs two-kernel forward).
-want profile && stage 120 "$log_bench" $py bench/profile_gpu.py --what ab_gn,ab_sample,ab_train,ab_qsample,host_loss,ab_loss
+want profile && stage 120 "$log_bench" $py bench/profile_gpu.py \
+    --what "${PROFILE_WHAT:-ab_gn,ab_sample,ab_train,ab_qsample,host_loss,ab_loss,host_split}"
 
 bench() { stage "$1" "$log_bench" $py -m pytest -q -p no:cacheprovider "bench/test_bench_$2.py" --benchmark \
     --benchmark-max-time=0.5 "${@:3}"; }
@@ -87,7 +92,8 @@ if [[ -n "${ORIGINAL:-}" ]] && want compare_train; then
 fi
 # The other diffusion-op suites (loss forward and backward alone, DDIM, p_mean_variance,
 # likelihood): last, in their own session, so that a timeout here loses only their JSON.
-want diffusion_ops_rest && bench 150 diffusion_ops -k "not (training_loss_fwd_bwd or q_sample or p_sample_step)"
+want diffusion_ops_rest && bench 150 diffusion_ops \
+    -k "not (training_loss_fwd_bwd or q_sample or p_sample_step)${REST_K:+ and ($REST_K)}"
 new_json=$(find bench/results -maxdepth 1 -name '*.json' -newer "$log_build")
 [[ -n "$new_json" ]] && mv $new_json "$out"/
 if [[ -n "${OUT:-}" ]]; then

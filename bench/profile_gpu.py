@@ -9,6 +9,7 @@ Where the GPU time goes: torch.profiler tables (self CUDA time per kernel) of
     python bench/profile_gpu.py [--what sample,gn,train] [--rows 25]
     python bench/profile_gpu.py --what ab_gn,ab_sample,ab_train,ab_qsample   # A/B timings only
     python bench/profile_gpu.py --what host_loss,ab_loss   # the fused training loss: host time, one/two launches
+    python bench/profile_gpu.py --what host_split   # that host time taken apart
 
 Needs CUDA. Prints tables; writes nothing.
 """
@@ -349,6 +350,105 @@ def ab_loss(args):
         print(f"  {str(list(shape)):18s} " + " | ".join(row))
 
 
+def host_split(args):
+    """The fused training loss's host time taken apart (128x3x64x64, the
+    benchmark's rescaled hybrid loss), microseconds per call back to back:
+    allocation, Triton's own launch, kernels._common.Launcher's (direct
+    after the first call), the launcher functions, the autograd Function,
+    the op seam, and an autograd round trip through a Function that
+    launches nothing; all with the Launcher's direct path off, then on."""
+    from iddpm_fast import ops
+    from iddpm_fast.kernels import training_loss as k
+    from iddpm_fast.ops import _triton as ot
+
+    tables = _cosine_tables()
+    B = 128
+    x0 = torch.randn(B, 3, 64, 64, device="cuda")
+    noise = torch.randn_like(x0)
+    out = torch.randn(B, 6, 64, 64, device="cuda", requires_grad=True)
+    t = torch.randint(0, 4000, (B,), device="cuda")
+    kinds = ("epsilon", "learned_range", "rescaled_mse", 4000)
+    kw = dict(model_mean_type="epsilon", model_var_type="learned_range", loss_type="rescaled_mse", num_timesteps=4000)
+    od = out.detach()
+    loss, mse, vb = (torch.empty(B, device="cuda") for _ in range(3))
+    D = x0[0].numel()
+    block = k.block_size(D)
+    n_chunks = k.cdiv(D, block)
+    codes = dict(MEAN=k.MEAN_CODES["epsilon"], VAR=k.VAR_CODES["learned_range"], LEARNED=True)
+    fargs = (od, x0, noise, t, tables, loss, mse, vb, D, tables.shape[1], n_chunks, float(D), k._LN2, 1.0, 4.0)
+    fconst = dict(NEED_VB=True, IS_KL=False, K=k._K, BLOCK=block, **codes, **k._ROWS)
+
+    def raw():
+        return k._training_loss_fwd_rows_kernel[(B,)](*fargs, **fconst)
+
+    def launcher():
+        k._training_loss_fwd_rows_launch((B,), *fargs, **fconst)
+
+    loss.zero_()
+    raw()
+    l1 = loss.clone()
+    loss.zero_()
+    launcher()
+    launcher()
+    same = bool(torch.equal(l1, loss))
+
+    class Noop(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, o):
+            return loss
+
+        @staticmethod
+        def backward(ctx, g):
+            return od
+
+    gl = torch.ones(B, device="cuda")
+
+    def seam_grad():
+        out.grad = None
+        ops.training_loss(out, x0, noise, t, tables, **kw)
+
+    def full():
+        out.grad = None
+        l, _, _ = ops.training_loss(out, x0, noise, t, tables, **kw)
+        l.sum().backward()
+
+    def apply_full():
+        out.grad = None
+        l, _, _ = ot._TrainingLoss.apply(out, x0, noise, t, tables, *kinds)
+        l.sum().backward()
+
+    def noop_full():
+        out.grad = None
+        Noop.apply(out).sum().backward()
+
+    cases = [
+        ("torch.empty x3", lambda: [torch.empty(B, device="cuda") for _ in range(3)]),
+        ("raw Triton launch, forward kernel", raw),
+        ("Launcher (direct after the first call), forward kernel", launcher),
+        ("k.training_loss_fwd", lambda: k.training_loss_fwd(od, x0, noise, t, tables, *kinds)),
+        ("k.training_loss_bwd (grad_loss only)",
+         lambda: k.training_loss_bwd(od, x0, noise, t, tables, gl, None, None, *kinds)),
+        ("_TrainingLoss.apply, no grad",
+         lambda: torch.no_grad()(ot._TrainingLoss.apply)(od, x0, noise, t, tables, *kinds)),
+        ("ops.training_loss, no grad", lambda: torch.no_grad()(ops.training_loss)(od, x0, noise, t, tables, **kw)),
+        ("ops.training_loss, graph built", seam_grad),
+        ("Noop Function + sum + backward", noop_full),
+        ("_TrainingLoss.apply + sum + backward", apply_full),
+        ("ops.training_loss + sum + backward (the benchmark)", full),
+    ]
+    print("\n==== fused training loss host time taken apart, 128x3x64x64 (us per call, back to back)")
+    print(f"  the Launcher's forward equals Triton's launch: {same}")
+    from iddpm_fast.kernels._common import Launcher
+
+    for direct in (False, True):
+        Launcher.direct = direct
+        print(f"  -- Launcher.direct = {direct}")
+        for name, fn in cases:
+            us = [_time(fn, 200) * 1e3 for _ in range(3)]
+            print(f"  {name:52s} {min(us):8.1f}  (runs: {', '.join(f'{u:.1f}' for u in us)})")
+    Launcher.direct = True
+
+
 def ab_sample(args):
     """Sampling step (bf16 channels-last, c128, batch 256): eager in one
     autocast context as in p_sample_loop, convolution biases added by the
@@ -453,6 +553,7 @@ def main():
             "ab_qsample": ab_qsample,
             "host_loss": host_loss,
             "ab_loss": ab_loss,
+            "host_split": host_split,
         }[what](args)
 
 

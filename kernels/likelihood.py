@@ -15,6 +15,7 @@ from iddpm_fast.reference import ROW, gather
 from ._common import (
     LN2 as _LN2,
     SQRT_2_OVER_PI as _K,
+    Launcher,
     block_size,
     cdiv,
     check_contiguous_like,
@@ -57,7 +58,7 @@ def _launch_dgll(x, means, log_scales, reduce):
     out = torch.empty_like(xc)
     part = torch.zeros((B, n_chunks), device=xc.device, dtype=torch.float32)
     if xc.numel():
-        _dgll_kernel[(B, n_chunks)](xc, mc, lc, out, part, D, n_chunks, REDUCE=reduce, K=_K, BLOCK=block)
+        _dgll_launch((B, n_chunks), xc, mc, lc, out, part, D, n_chunks, REDUCE=reduce, K=_K, BLOCK=block)
     return out, part, D
 
 
@@ -102,9 +103,14 @@ def q_posterior_mean_variance(x_start, x_t, t, tables):
     mean = torch.empty_like(xt)
     if xt.numel():
         block = block_size(D)
-        _posterior_kernel[(B, cdiv(D, block))](
+        _posterior_launch((B, cdiv(D, block)),
             x0, xt, t.contiguous(), tables.contiguous(), mean, D, tables.shape[1],
             R_C1=ROW["posterior_mean_coef1"], R_C2=ROW["posterior_mean_coef2"], BLOCK=block,
         )
     nd = xt.dim()
     return mean, gather(tables, "posterior_variance", t, nd), gather(tables, "posterior_log_variance_clipped", t, nd)
+
+
+# Launches by kernel[grid](...) the first time, directly afterwards (see _common.Launcher).
+_dgll_launch = Launcher(_dgll_kernel)
+_posterior_launch = Launcher(_posterior_kernel)

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from iddpm_fast.reference import ROW
 
-from ._common import block_size, cdiv, check_contiguous_like
+from ._common import Launcher, block_size, cdiv, check_contiguous_like
 from ._tl import chunk_offsets
 
 
@@ -59,7 +59,7 @@ def q_sample(x_start, t, noise, tables, *, block=None, num_warps=None):
     block = block or block_size(D)
     grid = (B, cdiv(D, block))
     launch = {} if num_warps is None else {"num_warps": num_warps}
-    _q_sample_kernel[grid](
+    _q_sample_launch(grid,
         x0,
         eps,
         t.contiguous(),
@@ -73,3 +73,7 @@ def q_sample(x_start, t, noise, tables, *, block=None, num_warps=None):
         **launch,
     )
     return out
+
+
+# Launches by kernel[grid](...) the first time, directly afterwards (see _common.Launcher).
+_q_sample_launch = Launcher(_q_sample_kernel)

@@ -18,6 +18,7 @@ from ._common import (
     MEAN_CODES,
     MODEL_ROWS,
     VAR_CODES,
+    Launcher,
     block_size,
     cdiv,
     check_contiguous_like,
@@ -93,7 +94,7 @@ def _launch(mode, model_output, x_t, noise, t, tables, model_mean_type, model_va
     sample = torch.empty_like(xt) if mode else pred
     if B and D:
         block = block_size(D)
-        _sampling_kernel[(B, cdiv(D, block))](
+        _sampling_launch((B, cdiv(D, block)),
             out, xt, nz, t.contiguous(), tables.contiguous(), mean, var, logvar, pred, sample, D, tables.shape[1],
             float(eta),
             MEAN=MEAN_CODES[model_mean_type], VAR=VAR_CODES[model_var_type], LEARNED=learned,
@@ -179,10 +180,15 @@ def vb_terms_bpd(model_output, x_start, x_t, t, tables, model_mean_type, model_v
     pred = torch.empty_like(xt)
     part = torch.zeros((B, n_chunks), device=xt.device, dtype=torch.float32)
     if B and D:
-        _vb_terms_kernel[(B, n_chunks)](
+        _vb_terms_launch((B, n_chunks),
             out, x0, xt, t.contiguous(), tables.contiguous(), pred, part, D, tables.shape[1], n_chunks,
             MEAN=MEAN_CODES[model_mean_type], VAR=VAR_CODES[model_var_type],
             LEARNED=model_var_type in ("learned", "learned_range"), CLIP=bool(clip_denoised),
             K=_K, BLOCK=block, **MODEL_ROWS,
         )
     return part.sum(dim=1) / D / _LN2, pred
+
+
+# Launches by kernel[grid](...) the first time, directly afterwards (see _common.Launcher).
+_sampling_launch = Launcher(_sampling_kernel)
+_vb_terms_launch = Launcher(_vb_terms_kernel)

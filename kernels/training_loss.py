@@ -29,6 +29,7 @@ from ._common import (
     MEAN_CODES,
     MODEL_ROWS,
     VAR_CODES,
+    Launcher,
     block_size,
     cdiv,
     check_contiguous_like,
@@ -379,17 +380,17 @@ def training_loss_fwd(model_output, x_start, noise, t, tables, model_mean_type, 
     n_chunks = cdiv(D, block)
     kl_scale, vb_scale = _scales(loss_type, num_timesteps)
     if one_launch if one_launch is not None else n_chunks <= ROW_CHUNKS_MAX:
-        _training_loss_fwd_rows_kernel[(B,)](
+        _training_loss_fwd_rows_launch((B,),
             out, x0, nz, t, tables, loss, mse, vb, D, tables.shape[1], n_chunks, float(D), _LN2, kl_scale, vb_scale,
             NEED_VB=need_vb, IS_KL=is_kl, K=_K, BLOCK=block, **codes, **_ROWS,
         )
         return loss, mse, vb
     partial = torch.empty((2, B, n_chunks), device=device, dtype=torch.float32)
-    _training_loss_fwd_kernel[(B, n_chunks)](
+    _training_loss_fwd_launch((B, n_chunks),
         out, x0, nz, t, tables, partial[0], partial[1], D, tables.shape[1], n_chunks,
         NEED_VB=need_vb, K=_K, BLOCK=block, **codes, **_ROWS,
     )
-    _training_loss_finalize_kernel[(B,)](
+    _training_loss_finalize_launch((B,),
         partial[0], partial[1], loss, mse, vb, n_chunks, float(D), _LN2, kl_scale, vb_scale,
         IS_KL=is_kl, LEARNED=codes["LEARNED"], NEED_VB=need_vb,
         CBLOCK=max(16, min(1024, next_power_of_2(n_chunks))),
@@ -413,7 +414,7 @@ def training_loss_bwd(model_output, x_start, noise, t, tables, grad_loss, grad_m
         block = block_size(D)
         kl_scale, vb_scale = _scales(loss_type, num_timesteps)
         dummy = next((g for g in grads if g is not None), t)
-        _training_loss_bwd_kernel[(B, cdiv(D, block))](
+        _training_loss_bwd_launch((B, cdiv(D, block)),
             out, x0, nz, t, tables, *(dummy if g is None else g for g in grads),
             *(0 if g is None else g.stride(0) for g in grads), grad, D, tables.shape[1],
             float(D), D * _LN2, kl_scale, vb_scale,
@@ -424,3 +425,10 @@ def training_loss_bwd(model_output, x_start, noise, t, tables, grad_loss, grad_m
     elif B:
         grad.zero_()
     return grad
+
+
+# Launches by kernel[grid](...) the first time, directly afterwards (see _common.Launcher).
+_training_loss_fwd_rows_launch = Launcher(_training_loss_fwd_rows_kernel)
+_training_loss_fwd_launch = Launcher(_training_loss_fwd_kernel)
+_training_loss_finalize_launch = Launcher(_training_loss_finalize_kernel)
+_training_loss_bwd_launch = Launcher(_training_loss_bwd_kernel)

@@ -1,0 +1,200 @@
+"""
+kernels._common.Launcher: the direct launch of a compiled Triton kernel that
+skips Triton's per-call argument binding. On the CPU a stand-in kernel
+records what would be launched (the direct path never runs under the
+interpreter); on a GPU the real kernels launched directly equal Triton's own
+launches.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton")
+
+from iddpm_fast.kernels import _common  # noqa: E402
+
+
+class _Compiled:
+    """What kernel[grid](...) returns: records direct launches."""
+
+    def __init__(self, log):
+        self.function, self.packed_metadata = "cufunction", "metadata"
+        self.log = log
+
+    def run(self, *args):
+        self.log.append(("direct", args))
+
+
+class _Kernel:
+    """A @triton.jit kernel's stand-in: x_ptr, n, then constexprs A and BLOCK."""
+
+    arg_names = ["x_ptr", "n", "A", "BLOCK"]
+
+    def __init__(self):
+        self.log = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append(("triton", grid, args, kwargs))
+            return _Compiled(self.log)
+
+        return launch
+
+
+class _Hook:
+    def __init__(self, calls=()):
+        self.calls = list(calls)
+
+
+class _Runtime:
+    def __init__(self, enter=(), exit=()):
+        self.launch_enter_hook, self.launch_exit_hook = _Hook(enter), _Hook(exit)
+
+
+@pytest.fixture
+def direct(monkeypatch):
+    """The direct path enabled as on a GPU: device 0, stream 1234, no launch hooks."""
+    runtime = _Runtime()
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    monkeypatch.setattr(_common.Launcher, "direct", True)
+    monkeypatch.setattr(_common, "_launch_env", lambda: (lambda: 0, lambda device: 1234 + device, runtime))
+    return runtime
+
+
+def _kinds(log):
+    return [entry[0] for entry in log]
+
+
+def test_first_call_through_triton_then_direct_with_constexprs_in_parameter_order(direct):
+    kernel = _Kernel()
+    launch = _common.Launcher(kernel)
+    x = torch.zeros(64)
+    launch((4,), x, 100, BLOCK=128, A=3)  # keyword order differs from the parameter order
+    launch((5, 2), x, 100, BLOCK=128, A=3)
+    assert _kinds(kernel.log) == ["triton", "direct"]
+    assert kernel.log[0][1:] == ((4,), (x, 100), {"BLOCK": 128, "A": 3})
+    assert kernel.log[1][1] == (5, 2, 1, 1234, "cufunction", "metadata", None, None, None, x, 100, 3, 128)
+    assert launch.misses == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "dtype",
+        "unaligned pointer",
+        "int becomes 1",
+        "int becomes a multiple of 16",
+        "int needs 64 bits",
+        "constexpr",
+        "num_warps",
+    ],
+)
+def test_what_triton_specialises_on_is_a_new_launch_through_triton(direct, change):
+    kernel = _Kernel()
+    launch = _common.Launcher(kernel)
+    buf = torch.zeros(64)
+    base = dict(x=buf[:32], n=7, A=3, warps={})
+    launch((1,), base["x"], base["n"], A=base["A"], BLOCK=16, **base["warps"])
+    changed = dict(base)
+    if change == "dtype":
+        changed["x"] = torch.zeros(32, dtype=torch.float16)
+    elif change == "unaligned pointer":
+        changed["x"] = buf[1:33]  # 4 bytes past a 16-byte boundary
+    elif change == "int becomes 1":
+        changed["n"] = 1
+    elif change == "int becomes a multiple of 16":
+        changed["n"] = 48
+    elif change == "int needs 64 bits":
+        changed["n"] = 2**31 + 1
+    elif change == "constexpr":
+        changed["A"] = 4
+    else:
+        changed["warps"] = {"num_warps": 8}
+    launch((1,), changed["x"], changed["n"], A=changed["A"], BLOCK=16, **changed["warps"])
+    launch((1,), changed["x"], changed["n"], A=changed["A"], BLOCK=16, **changed["warps"])
+    assert _kinds(kernel.log) == ["triton", "triton", "direct"]
+    if change == "num_warps":  # a launch option: in the key, not among the kernel's arguments
+        assert kernel.log[2][1][-4:] == (changed["x"], 7, 3, 16)
+
+
+def test_the_same_specialisation_with_other_values_is_direct(direct):
+    kernel = _Kernel()
+    launch = _common.Launcher(kernel)
+    launch((1,), torch.zeros(32), 7, A=3, BLOCK=16)
+    launch((1,), torch.ones(48), 9, A=3, BLOCK=16)
+    assert _kinds(kernel.log) == ["triton", "direct"]
+    assert kernel.log[1][1][-3:] == (9, 3, 16)
+
+
+@pytest.mark.parametrize("why", ["enter hook", "exit hook", "IDDPM_FAST_TRITON_LAUNCH=triton", "interpreter"])
+def test_triton_path_every_time(direct, monkeypatch, why):
+    if why == "enter hook":
+        direct.launch_enter_hook.calls.append(print)
+    elif why == "exit hook":
+        direct.launch_exit_hook.calls.append(print)
+    elif why == "interpreter":
+        monkeypatch.setattr(_common, "interpreting", lambda: True)
+    else:
+        monkeypatch.setattr(_common.Launcher, "direct", False)
+    kernel = _Kernel()
+    launch = _common.Launcher(kernel)
+    for _ in range(3):
+        launch((1,), torch.zeros(32), 7, A=3, BLOCK=16)
+    assert _kinds(kernel.log) == ["triton"] * 3
+
+
+def test_a_parameter_left_to_its_default_keeps_the_triton_path(direct):
+    kernel = _Kernel()
+    launch = _common.Launcher(kernel)
+    for _ in range(3):
+        launch((1,), torch.zeros(32), 7, A=3)  # BLOCK not given: Triton fills in its default
+    assert _kinds(kernel.log) == ["triton"] * 3
+
+
+def test_an_unhashable_argument_takes_the_triton_path(direct):
+    kernel = _Kernel()
+    launch = _common.Launcher(kernel)
+    for _ in range(2):
+        launch((1,), torch.zeros(32), 7, A=[3], BLOCK=16)
+    assert _kinds(kernel.log) == ["triton"] * 2
+
+
+def test_hook_set_reads_hook_chains_and_plain_hooks():
+    assert not _common._hook_set(None)
+    assert not _common._hook_set(_Hook())
+    assert _common._hook_set(_Hook([print]))
+    assert _common._hook_set(print)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the direct launch runs on a GPU")
+def test_cuda_direct_launches_equal_triton_launches(monkeypatch):
+    from iddpm_fast import reference as ref
+    from iddpm_fast.kernels import q_sample as k
+    from iddpm_fast.kernels import training_loss as tl
+    from iddpm_fast.script_util import create_gaussian_diffusion
+
+    tables = create_gaussian_diffusion(steps=40, learn_sigma=True).tables("cuda")
+    kinds = ("epsilon", "learned_range", "rescaled_mse", 40)
+    for dtype in (torch.float32, torch.bfloat16):
+        for i in range(3):  # the first call of a specialisation goes through Triton, the others directly
+            x0 = torch.randn(4, 3, 8, 8, device="cuda", dtype=dtype)
+            noise = torch.randn_like(x0)
+            out = torch.randn(4, 6, 8, 8, device="cuda", dtype=dtype)
+            t = torch.tensor([0, 5, 17, 39], device="cuda")
+            misses = (k._q_sample_launch.misses, tl._training_loss_fwd_rows_launch.misses)
+            y = k.q_sample(x0, t, noise, tables)
+            torch.testing.assert_close(y, ref.q_sample(x0, t, noise, tables), rtol=1e-2, atol=1e-2)
+            loss = tl.training_loss_fwd(out, x0, noise, t, tables, *kinds)
+            monkeypatch.setattr(_common.Launcher, "direct", False)
+            y_triton = k.q_sample(x0, t, noise, tables)
+            loss_triton = tl.training_loss_fwd(out, x0, noise, t, tables, *kinds)
+            monkeypatch.setattr(_common.Launcher, "direct", True)
+            assert torch.equal(y, y_triton)
+            for a, b in zip(loss, loss_triton):
+                assert torch.equal(a, b)
+            if i > 0:
+                assert misses == (k._q_sample_launch.misses, tl._training_loss_fwd_rows_launch.misses)
