@@ -647,9 +647,15 @@ def test_6x64x64_model_output():
     (gc,) = torch.autograd.grad(truth[0].sum(), c)
     assert (ga.double() - gc).abs().max() <= 2 * (gb.double() - gc).abs().max() + 1e-9
     x_t = ref.q_sample(x0, t, noise, tables)
-    for g, w in zip(_triton.p_sample_step_triton(out, x_t, t, noise, tables, "epsilon", "learned_range", True),
-                    ref.p_sample_step(out, x_t, t, noise, tables, **kinds, clip_denoised=True)):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    # Against float64 too: at t = T-1 pred_xstart multiplies rounding by
+    # sqrt(1 / alpha_bar), and on an H100 5 of the 24576 sample elements were
+    # 6e-5 off the float32 reference (the kernel rounds in another order).
+    truths = ref.p_sample_step(out.double(), x_t.double(), t, noise.double(), tables.double(), **kinds,
+                               clip_denoised=True)
+    for g, w, truth in zip(_triton.p_sample_step_triton(out, x_t, t, noise, tables, "epsilon", "learned_range", True),
+                           ref.p_sample_step(out, x_t, t, noise, tables, **kinds, clip_denoised=True), truths):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+        assert (g.double() - truth).abs().max() <= 2 * (w.double() - truth).abs().max() + 1e-5
 
 
 def test_compile_q_sample_and_the_loss_backward():
