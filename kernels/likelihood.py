@@ -55,8 +55,11 @@ def _launch_dgll(x, means, log_scales, reduce):
     D = xc.numel() // max(B, 1)
     block = block_size(D)
     n_chunks = cdiv(D, block) if D else 1
-    out = torch.empty_like(xc)
-    part = torch.zeros((B, n_chunks), device=xc.device, dtype=torch.float32)
+    # Only what the variant writes: every (sample, chunk) program stores its
+    # partial sum, so it needs no zero fill (a memset launch) when there is data.
+    out = xc.new_empty(0) if reduce else torch.empty_like(xc)
+    make = torch.empty if xc.numel() and reduce else torch.zeros
+    part = make((B, n_chunks) if reduce else (0,), device=xc.device, dtype=torch.float32)
     if xc.numel():
         _dgll_launch((B, n_chunks), xc, mc, lc, out, part, D, n_chunks, REDUCE=reduce, K=_K, BLOCK=block)
     return out, part, D
