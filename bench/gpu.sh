@@ -54,7 +54,8 @@ if want build; then
     stage 60 "$log_build" $py -m iddpm_fast info
 fi
 
-want tests && stage 170 "$log_tests" $py -m pytest -q -p no:cacheprovider -n 4 --maxfail=40 -rfEs \
+# (-n 12: the suite took over 170 s with -n 4 on an H100 machine, 40 s with 12 workers)
+want tests && stage 170 "$log_tests" $py -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-12}" --maxfail=40 -rfEs \
     tests/test_group_norm_silu.py tests/test_bias_add.py tests/test_unet.py tests/test_dropout.py tests/test_cuda_graphs.py \
     tests/test_ops_seam.py tests/test_triton_kernels.py tests/test_triton_launch.py
 # The one-pass GroupNorm kernels under compute-sanitizer (out-of-bounds / misaligned accesses,
@@ -73,7 +74,7 @@ fi
 # the training step with the stock/fused/one-pass GroupNorm, q_sample's block size, and
 # the fused training loss (host time; one-launch vs two-kernel forward).
 want profile && stage 120 "$log_bench" $py bench/profile_gpu.py \
-    --what "${PROFILE_WHAT:-ab_gn,ab_sample,ab_train,ab_qsample,host_loss,ab_loss,host_split}"
+    --what "${PROFILE_WHAT:-ab_gn,ab_sample,ab_train,ab_qsample,host_loss,ab_loss,host_split,ab_reduce}"
 
 bench() { stage "$1" "$log_bench" $py -m pytest -q -p no:cacheprovider "bench/test_bench_$2.py" --benchmark \
     --benchmark-max-time=0.5 "${@:3}"; }

@@ -10,6 +10,7 @@ Where the GPU time goes: torch.profiler tables (self CUDA time per kernel) of
     python bench/profile_gpu.py --what ab_gn,ab_sample,ab_train,ab_qsample   # A/B timings only
     python bench/profile_gpu.py --what host_loss,ab_loss   # the fused training loss: host time, one/two launches
     python bench/profile_gpu.py --what host_split   # that host time taken apart
+    python bench/profile_gpu.py --what ab_reduce    # the per-sample reductions' block sizes
 
 Needs CUDA. Prints tables; writes nothing.
 """
@@ -449,6 +450,38 @@ def host_split(args):
     Launcher.direct = True
 
 
+def ab_reduce(args):
+    """The per-sample reductions at 64x3x256x256 (fp32), which the fifth lease
+    measured under 80% of copy (bits/dim 2034 GB/s, the two-kernel loss
+    forward 2043): device time back to back for programs of 1024 to 4096
+    elements and 4 or 8 warps, GB/s against the minimal bytes."""
+    from iddpm_fast.kernels import likelihood as lk
+    from iddpm_fast.kernels import training_loss as k
+    tables = _cosine_tables()
+    shape = (64, 3, 256, 256)
+    x = torch.rand(shape, device="cuda") * 2 - 1
+    means = x + 0.01 * torch.randn_like(x)
+    log_scales = torch.full_like(x, -3.0)
+    noise = torch.randn_like(x)
+    out = torch.randn(shape[0], 6, *shape[2:], device="cuda")
+    t = torch.randint(0, 4000, (shape[0],), device="cuda")
+    kinds = ("epsilon", "learned_range", "rescaled_mse", 4000)
+    print("\n==== per-sample reductions, 64x3x256x256 fp32: block x warps (device time, back to back)")
+    _print_copy_bandwidth("  ")
+    configs = [(1024, None), (1024, 8), (2048, 4), (2048, 8), (4096, 8), (8192, 8)]
+    for name, nb, fn in (
+        ("bits/dim", 3 * x.numel() * 4,
+         lambda b, w: lk.discretized_gaussian_nll_bpd(x, means, log_scales, block=b, num_warps=w)),
+        ("loss forward, two kernels", 4 * x.numel() * 4,
+         lambda b, w: k.training_loss_fwd(out, x, noise, t, tables, *kinds, block=b, one_launch=False, num_warps=w)),
+    ):
+        row = []
+        for b, w in configs:
+            ms = _time(fn, 50, b, w)
+            row.append(f"{b}/{w or 'default'} {ms:.4f} ms {nb / ms / 1e6:.0f} GB/s")
+        print(f"  {name:26s} " + " | ".join(row))
+
+
 def ab_sample(args):
     """Sampling step (bf16 channels-last, c128, batch 256): eager in one
     autocast context as in p_sample_loop, convolution biases added by the
@@ -554,6 +587,7 @@ def main():
             "host_loss": host_loss,
             "ab_loss": ab_loss,
             "host_split": host_split,
+            "ab_reduce": ab_reduce,
         }[what](args)
 
 

@@ -48,12 +48,12 @@ def _dgll_kernel(
         tl.store(out_ptr + base + offs, ll.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_dgll(x, means, log_scales, reduce):
+def _launch_dgll(x, means, log_scales, reduce, block=None, num_warps=None):
     check_device(x, means, log_scales)
     xc, mc, lc = check_contiguous_like(x, means, log_scales.expand_as(x))
     B = xc.shape[0] if xc.dim() else 1
     D = xc.numel() // max(B, 1)
-    block = block_size(D)
+    block = block or block_size(D)
     n_chunks = cdiv(D, block) if D else 1
     # Only what the variant writes: every (sample, chunk) program stores its
     # partial sum, so it needs no zero fill (a memset launch) when there is data.
@@ -61,7 +61,8 @@ def _launch_dgll(x, means, log_scales, reduce):
     make = torch.empty if xc.numel() and reduce else torch.zeros
     part = make((B, n_chunks) if reduce else (0,), device=xc.device, dtype=torch.float32)
     if xc.numel():
-        _dgll_launch((B, n_chunks), xc, mc, lc, out, part, D, n_chunks, REDUCE=reduce, K=_K, BLOCK=block)
+        launch = {} if num_warps is None else {"num_warps": num_warps}
+        _dgll_launch((B, n_chunks), xc, mc, lc, out, part, D, n_chunks, REDUCE=reduce, K=_K, BLOCK=block, **launch)
     return out, part, D
 
 
@@ -71,9 +72,11 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     return out
 
 
-def discretized_gaussian_nll_bpd(x, means, log_scales):
-    """[B] float32 negative log-likelihood in bits per dimension."""
-    _, part, D = _launch_dgll(x, means, log_scales, True)
+def discretized_gaussian_nll_bpd(x, means, log_scales, *, block=None, num_warps=None):
+    """[B] float32 negative log-likelihood in bits per dimension. block
+    (elements per program, a power of two) and num_warps override the
+    defaults, for A/B timing (bench/profile_gpu.py ab_reduce)."""
+    _, part, D = _launch_dgll(x, means, log_scales, True, block, num_warps)
     return part.sum(dim=1) / D / _LN2
 
 

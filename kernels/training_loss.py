@@ -361,11 +361,12 @@ ROW_CHUNKS_MAX = 16
 
 
 def training_loss_fwd(model_output, x_start, noise, t, tables, model_mean_type, model_var_type, loss_type,
-                      num_timesteps, *, block=None, one_launch=None):
+                      num_timesteps, *, block=None, one_launch=None, num_warps=None):
     """(loss, mse, vb): three [B] float32 tensors, as reference.training_loss.
     block (elements per program) and one_launch (True: one program per
     sample; False: partial sums, then a finalize kernel; None: by
-    ROW_CHUNKS_MAX) override the defaults, for tests and A/B timing."""
+    ROW_CHUNKS_MAX) and num_warps (of the two-kernel path's partial sums)
+    override the defaults, for tests and A/B timing."""
     out, x0, nz, t, tables, B, D, codes, is_kl, need_vb = _prepare(
         model_output, x_start, noise, t, tables, model_mean_type, model_var_type, loss_type
     )
@@ -389,6 +390,7 @@ def training_loss_fwd(model_output, x_start, noise, t, tables, model_mean_type, 
     _training_loss_fwd_launch((B, n_chunks),
         out, x0, nz, t, tables, partial[0], partial[1], D, tables.shape[1], n_chunks,
         NEED_VB=need_vb, K=_K, BLOCK=block, **codes, **_ROWS,
+        **({} if num_warps is None else {"num_warps": num_warps}),
     )
     _training_loss_finalize_launch((B,),
         partial[0], partial[1], loss, mse, vb, n_chunks, float(D), _LN2, kl_scale, vb_scale,

@@ -107,6 +107,29 @@ def test_q_sample_block_override_for_ab_timing():
         torch.testing.assert_close(k.q_sample(x0, t, noise, _tables(), block=block, num_warps=8), want)
 
 
+def test_reduction_block_overrides_for_ab_timing():
+    """The bits/dim and two-kernel loss-forward launchers' block / num_warps
+    overrides (bench/profile_gpu.py ab_reduce) give the same per-sample
+    values: 105 elements per sample in several programs, the last partial."""
+    from iddpm_fast.kernels import likelihood as lk
+    from iddpm_fast.kernels import training_loss as tl
+
+    x0, noise, out, t = _data((2, 3, 5, 7), True, torch.float32)
+    x = x0.clamp(-1, 1)
+    means, log_scales = x + 0.01 * noise, torch.full_like(x, -3.0)  # as the likelihood tests below
+    want = ref.discretized_gaussian_nll_bpd(x, means, log_scales)
+    kinds = ("epsilon", "learned_range", "rescaled_mse", T)
+    want_loss = ref.training_loss(out, x0, noise, t, _tables(), model_mean_type="epsilon",
+                                  model_var_type="learned_range", loss_type="rescaled_mse", num_timesteps=T)
+    for block in (16, 32, 128):
+        got = lk.discretized_gaussian_nll_bpd(x, means, log_scales, block=block, num_warps=8)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        got_loss = tl.training_loss_fwd(out, x0, noise, t, _tables(), *kinds, block=block, one_launch=False,
+                                        num_warps=8)
+        for g, w in zip(got_loss, want_loss):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------- training loss
 
 KINDS = [
