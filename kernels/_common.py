@@ -111,8 +111,8 @@ class Launcher:
     """`Launcher(kernel)(grid, *args, **constexprs)`: `kernel[grid](*args,
     **constexprs)`, launched directly once its specialisation has been seen.
     Positional arguments are the kernel's leading parameters, keyword
-    arguments the rest (every remaining parameter must be given) and launch
-    options (num_warps, num_stages, num_ctas, maxnreg)."""
+    arguments the rest (every remaining parameter must be given, and be a
+    constexpr) and launch options (num_warps, num_stages, num_ctas, maxnreg)."""
 
     direct = os.environ.get("IDDPM_FAST_TRITON_LAUNCH", "direct").strip().lower() != "triton"
 
@@ -125,11 +125,11 @@ class Launcher:
         if not self.direct or interpreting():
             return self.kernel[grid](*args, **constexprs)
         try:
-            device_fn, stream_fn, runtime = _launch_env()
-            if _hook_set(runtime.launch_enter_hook) or _hook_set(runtime.launch_exit_hook):
+            env = _launch_env()
+            if env is None or _triton_path_needed(env[2], env[3], self.kernel):
                 return self.kernel[grid](*args, **constexprs)
-            device = device_fn()
-            key = (device, *map(_arg_key, args), *constexprs.items())
+            device = env[0]()
+            key = (device, len(args), *map(_arg_key, args), *constexprs.items())
             hit = self._cache.get(key)
         except TypeError:  # an unhashable argument: Triton's path decides what it means
             return self.kernel[grid](*args, **constexprs)
@@ -140,30 +140,55 @@ class Launcher:
             return compiled
         if hit is False:
             return self.kernel[grid](*args, **constexprs)
-        run, function, metadata, tail = hit
+        run, function, metadata, tail, _compiled = hit
         n = len(grid)
-        run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream_fn(device), function, metadata,
+        run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, env[1](device), function, metadata,
             None, None, None, *args, *tail)
         return None
 
     def _entry(self, compiled, n_args, constexprs):
-        """(launch function, CUfunction, packed metadata, constexpr values in parameter order), or False
-        (always take Triton's path) when this kernel or Triton does not look as expected."""
+        """(launch function, CUfunction, packed metadata, constexpr values in
+        parameter order, the compiled kernel), or False (always take Triton's
+        path) when this kernel or Triton does not look as expected. The
+        compiled kernel is kept: Triton 3.9 unloads its module when the
+        CompiledKernel is freed, which would leave the function handle dangling."""
         try:
+            params = {p.name: p for p in self.kernel.params}
             rest = list(self.kernel.arg_names)[n_args:]
             options = set(constexprs) - set(rest)  # num_warps and the like: in the key, not kernel arguments
             if not set(rest) <= set(constexprs) or not options <= _LAUNCH_OPTIONS:
                 return False
-            return (compiled.run, compiled.function, compiled.packed_metadata, tuple(constexprs[k] for k in rest))
-        except AttributeError:
+            if not all(params[k].is_constexpr for k in rest):  # a keyword tensor would be keyed by identity
+                return False
+            tail = tuple(constexprs[k] for k in rest)
+            return (compiled.run, compiled.function, compiled.packed_metadata, tail, compiled)
+        except (AttributeError, KeyError):
             return False
+
+
+def _triton_path_needed(runtime, compilation, kernel):
+    """True where JITFunction.run would do more than look the kernel up and
+    launch it: a launch hook (profilers), a pre-run hook, or a setting that
+    JITFunction.run adds to the cache key at each call (debug, instrumentation,
+    fpsan casts, a stages-inspection hook)."""
+    if _hook_set(runtime.launch_enter_hook) or _hook_set(runtime.launch_exit_hook):
+        return True
+    if getattr(kernel, "pre_run_hooks", None):
+        return True
+    return bool(getattr(runtime, "debug", False) or getattr(runtime, "add_stages_inspection_hook", None)
+                or getattr(compilation, "instrumentation_mode", None) not in (None, "", "none")
+                or getattr(compilation, "fpsan_homomorphic_casts", False))
 
 
 @functools.lru_cache(maxsize=None)
 def _launch_env():
-    """(current device, current stream of a device, Triton's runtime knobs), as JITFunction.run gets them."""
+    """(current device, current stream of a device, Triton's runtime and
+    compilation knobs), as JITFunction.run gets them; None where the active
+    backend is not CUDA (AMD's specialises tensors on their size too)."""
     from triton import knobs
     from triton.runtime import driver
 
     active = driver.active
-    return active.get_current_device, active.get_current_stream, knobs.runtime
+    if active.get_current_target().backend != "cuda":
+        return None
+    return active.get_current_device, active.get_current_stream, knobs.runtime, knobs.compilation

@@ -23,10 +23,13 @@ class _Compiled:
 
     def __init__(self, log):
         self.function, self.packed_metadata = "cufunction", "metadata"
-        self.log = log
+        # As in Triton, run is the launcher object, which holds no reference to the CompiledKernel.
+        self.run = lambda *args: log.append(("direct", args))
 
-    def run(self, *args):
-        self.log.append(("direct", args))
+
+class _Param:
+    def __init__(self, name, is_constexpr):
+        self.name, self.is_constexpr = name, is_constexpr
 
 
 class _Kernel:
@@ -36,6 +39,8 @@ class _Kernel:
 
     def __init__(self):
         self.log = []
+        self.params = [_Param("x_ptr", False), _Param("n", False), _Param("A", True), _Param("BLOCK", True)]
+        self.pre_run_hooks = []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
@@ -53,15 +58,23 @@ class _Hook:
 class _Runtime:
     def __init__(self, enter=(), exit=()):
         self.launch_enter_hook, self.launch_exit_hook = _Hook(enter), _Hook(exit)
+        self.debug, self.add_stages_inspection_hook = False, None
+        self.device = 0
+
+
+class _Compilation:
+    instrumentation_mode, fpsan_homomorphic_casts = "", False
 
 
 @pytest.fixture
 def direct(monkeypatch):
-    """The direct path enabled as on a GPU: device 0, stream 1234, no launch hooks."""
-    runtime = _Runtime()
+    """The direct path enabled as on a GPU: current device runtime.device (0), its stream 1234 + device,
+    no launch hooks."""
+    runtime, compilation = _Runtime(), _Compilation()
     monkeypatch.setattr(_common, "interpreting", lambda: False)
     monkeypatch.setattr(_common.Launcher, "direct", True)
-    monkeypatch.setattr(_common, "_launch_env", lambda: (lambda: 0, lambda device: 1234 + device, runtime))
+    env = (lambda: runtime.device, lambda device: 1234 + device, runtime, compilation)
+    monkeypatch.setattr(_common, "_launch_env", lambda: env)
     return runtime
 
 
@@ -89,15 +102,19 @@ def test_first_call_through_triton_then_direct_with_constexprs_in_parameter_orde
         "int becomes 1",
         "int becomes a multiple of 16",
         "int needs 64 bits",
+        "int needs unsigned 64 bits",
+        "int becomes a bool",
         "constexpr",
         "num_warps",
+        "device",
     ],
 )
 def test_what_triton_specialises_on_is_a_new_launch_through_triton(direct, change):
     kernel = _Kernel()
     launch = _common.Launcher(kernel)
     buf = torch.zeros(64)
-    base = dict(x=buf[:32], n=7, A=3, warps={})
+    base = dict(x=buf[:32], n=2**40 + 1 if change == "int needs unsigned 64 bits" else 1 if "bool" in change else 7,
+                A=3, warps={})
     launch((1,), base["x"], base["n"], A=base["A"], BLOCK=16, **base["warps"])
     changed = dict(base)
     if change == "dtype":
@@ -110,6 +127,12 @@ def test_what_triton_specialises_on_is_a_new_launch_through_triton(direct, chang
         changed["n"] = 48
     elif change == "int needs 64 bits":
         changed["n"] = 2**31 + 1
+    elif change == "int needs unsigned 64 bits":
+        changed["n"] = 2**63 + 1  # (from 2**40 + 1: i64, not 1, not a multiple of 16)
+    elif change == "int becomes a bool":
+        changed["n"] = True  # (from 1, equal to it and of the same hash: Triton makes 1 a constexpr, True a u1)
+    elif change == "device":
+        direct.device = 1
     elif change == "constexpr":
         changed["A"] = 4
     else:
@@ -119,6 +142,8 @@ def test_what_triton_specialises_on_is_a_new_launch_through_triton(direct, chang
     assert _kinds(kernel.log) == ["triton", "triton", "direct"]
     if change == "num_warps":  # a launch option: in the key, not among the kernel's arguments
         assert kernel.log[2][1][-4:] == (changed["x"], 7, 3, 16)
+    if change == "device":  # launched on that device's stream
+        assert kernel.log[2][1][3] == 1235
 
 
 def test_the_same_specialisation_with_other_values_is_direct(direct):
@@ -130,17 +155,26 @@ def test_the_same_specialisation_with_other_values_is_direct(direct):
     assert kernel.log[1][1][-3:] == (9, 3, 16)
 
 
-@pytest.mark.parametrize("why", ["enter hook", "exit hook", "IDDPM_FAST_TRITON_LAUNCH=triton", "interpreter"])
+@pytest.mark.parametrize("why", ["enter hook", "exit hook", "IDDPM_FAST_TRITON_LAUNCH=triton", "interpreter",
+                                 "pre-run hook", "TRITON_DEBUG", "instrumentation", "not CUDA"])
 def test_triton_path_every_time(direct, monkeypatch, why):
+    kernel = _Kernel()
     if why == "enter hook":
         direct.launch_enter_hook.calls.append(print)
     elif why == "exit hook":
         direct.launch_exit_hook.calls.append(print)
     elif why == "interpreter":
         monkeypatch.setattr(_common, "interpreting", lambda: True)
+    elif why == "pre-run hook":
+        kernel.pre_run_hooks.append(print)
+    elif why == "TRITON_DEBUG":
+        direct.debug = True
+    elif why == "instrumentation":
+        monkeypatch.setattr(_Compilation, "instrumentation_mode", "consan")
+    elif why == "not CUDA":
+        monkeypatch.setattr(_common, "_launch_env", lambda: None)
     else:
         monkeypatch.setattr(_common.Launcher, "direct", False)
-    kernel = _Kernel()
     launch = _common.Launcher(kernel)
     for _ in range(3):
         launch((1,), torch.zeros(32), 7, A=3, BLOCK=16)
@@ -153,6 +187,26 @@ def test_a_parameter_left_to_its_default_keeps_the_triton_path(direct):
     for _ in range(3):
         launch((1,), torch.zeros(32), 7, A=3)  # BLOCK not given: Triton fills in its default
     assert _kinds(kernel.log) == ["triton"] * 3
+
+
+def test_a_non_constexpr_parameter_given_by_keyword_keeps_the_triton_path(direct):
+    kernel = _Kernel()
+    launch = _common.Launcher(kernel)
+    for _ in range(3):
+        launch((1,), torch.zeros(32), n=7, A=3, BLOCK=16)
+    assert _kinds(kernel.log) == ["triton"] * 3
+
+
+def test_the_cache_keeps_the_compiled_kernel_alive(direct):
+    """Triton 3.9 unloads a kernel's module when its CompiledKernel is freed."""
+    import gc
+    import weakref
+
+    kernel = _Kernel()
+    launch = _common.Launcher(kernel)
+    compiled = weakref.ref(launch((1,), torch.zeros(32), 7, A=3, BLOCK=16))
+    gc.collect()
+    assert compiled() is not None
 
 
 def test_an_unhashable_argument_takes_the_triton_path(direct):
@@ -189,11 +243,14 @@ def test_cuda_direct_launches_equal_triton_launches(monkeypatch):
             y = k.q_sample(x0, t, noise, tables)
             torch.testing.assert_close(y, ref.q_sample(x0, t, noise, tables), rtol=1e-2, atol=1e-2)
             loss = tl.training_loss_fwd(out, x0, noise, t, tables, *kinds)
+            gl = torch.rand(4, device="cuda")
+            grad = tl.training_loss_bwd(out, x0, noise, t, tables, gl, None, None, *kinds)
             monkeypatch.setattr(_common.Launcher, "direct", False)
             y_triton = k.q_sample(x0, t, noise, tables)
             loss_triton = tl.training_loss_fwd(out, x0, noise, t, tables, *kinds)
+            grad_triton = tl.training_loss_bwd(out, x0, noise, t, tables, gl, None, None, *kinds)
             monkeypatch.setattr(_common.Launcher, "direct", True)
-            assert torch.equal(y, y_triton)
+            assert torch.equal(y, y_triton) and torch.equal(grad, grad_triton)
             for a, b in zip(loss, loss_triton):
                 assert torch.equal(a, b)
             if i > 0:
