@@ -95,6 +95,56 @@ def test_q_sample_non_contiguous_and_backward():
     torch.testing.assert_close(gn, rn)
 
 
+def _q_sample_grads(fn, x0, t, noise, tables, w, need):
+    """d/d(x0, noise) of sum(fn(...) * w), for the inputs named in `need` (None for the others)."""
+    x = x0.detach().clone().requires_grad_("x" in need)
+    n = noise.detach().clone().requires_grad_("noise" in need)
+    y = fn(x, t, n, tables)
+    loss = (y.float() * w).sum() if w is not None else y.sum()  # w None: autograd passes an expanded d x_t
+    inputs = [v for v in (x, n) if v.requires_grad]
+    grads = iter(torch.autograd.grad(loss, inputs))
+    return [next(grads) if v.requires_grad else None for v in (x, n)]
+
+
+@pytest.mark.parametrize("need", [("x", "noise"), ("x",), ("noise",)], ids=["both", "x_start", "noise"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["batch1", "grayscale_odd", "odd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_q_sample_backward_kernel_matches_autograd_through_reference(shape, dtype, need):
+    """The backward kernel (one read of d x_t, the gradients asked for) against
+    autograd through reference.q_sample, with t = 0 and t = T-1 in the batch,
+    through the eager path and the custom op; float32 bit for bit."""
+    x0, noise, _, t = _data(shape, False, dtype)
+    tables = _tables()
+    w = torch.randn(shape, device=DEVICE)
+    want = _q_sample_grads(ref.q_sample, x0, t, noise, tables, w, need)
+    for fn in (_triton._q_sample, _triton.q_sample_triton):
+        got = _q_sample_grads(fn, x0, t, noise, tables, w, need)
+        for g, r in zip(got, want):
+            assert (g is None) == (r is None)
+            if g is None:
+                continue
+            assert g.dtype == dtype and g.shape == r.shape
+            if dtype == torch.float32:
+                assert torch.equal(g, r)
+            else:
+                rtol, atol = _tol(dtype)
+                torch.testing.assert_close(g, r, rtol=rtol, atol=atol)
+
+
+def test_q_sample_backward_takes_an_expanded_gradient_and_a_large_half_block():
+    """d x_t from y.sum() is a stride-0 expansion (read through a contiguous
+    copy); 3x40x40 bf16 samples take the 4096-element programs with a
+    partial second block."""
+    tables = _tables()
+    for shape, dtype in (((3, 2, 5, 7), torch.float32), ((2, 3, 40, 40), torch.bfloat16)):
+        x0, noise, _, t = _data(shape, False, dtype)
+        got = _q_sample_grads(_triton._q_sample, x0, t, noise, tables, None, ("x", "noise"))
+        want = _q_sample_grads(ref.q_sample, x0, t, noise, tables, None, ("x", "noise"))
+        rtol, atol = (0, 0) if dtype == torch.float32 else _tol(dtype)
+        for g, r in zip(got, want):
+            torch.testing.assert_close(g, r, rtol=rtol, atol=atol)
+
+
 def test_q_sample_block_override_for_ab_timing():
     """The launcher's block / num_warps overrides (bench/profile_gpu.py
     ab_qsample) give the same x_t: here a sample spans several programs,
@@ -307,6 +357,12 @@ def test_opcheck_and_compile():
     x0, noise, out, t = _data((2, 3, 4, 4), True)
     tables = _tables()
     torch.library.opcheck(_triton.q_sample_triton, (x0, t, noise, tables))
+    # with gradients: the registered backward (q_sample_backward_triton) under aot_autograd
+    torch.library.opcheck(_triton.q_sample_triton, (x0.clone().requires_grad_(), t, noise.clone().requires_grad_(),
+                                                    tables))
+    for need in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(_triton.q_sample_backward_triton,
+                              (torch.randn_like(x0), t, tables, torch.float32, torch.bfloat16, *need))
     out.requires_grad_(True)
     args = (out, x0, noise, t, tables, "epsilon", "learned_range", "rescaled_mse", T)
     torch.library.opcheck(_triton.training_loss_triton, args, test_utils=("test_schema", "test_faketensor",

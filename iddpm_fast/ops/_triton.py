@@ -34,6 +34,26 @@ def _(x_start, t, noise, tables):
     return torch.empty_like(x_start, memory_format=torch.contiguous_format)
 
 
+@torch.library.custom_op("iddpm_fast::q_sample_backward_triton", mutates_args=())
+def q_sample_backward_triton(
+    grad: _Tensor, t: _Tensor, tables: _Tensor, x_dtype: torch.dtype, noise_dtype: torch.dtype, need_x: bool,
+    need_noise: bool,
+) -> Tuple[_Tensor, _Tensor]:
+    """(d x_start, d noise); one not needed is an empty tensor (of its dtype)."""
+    from ..kernels import q_sample as k
+
+    gx, gn = k.q_sample_backward(grad, t, tables, x_dtype, noise_dtype, need_x, need_noise)
+    gx = grad.new_empty(0, dtype=x_dtype) if gx is None else gx
+    return gx, (grad.new_empty(0, dtype=noise_dtype) if gn is None else gn)
+
+
+@q_sample_backward_triton.register_fake
+def _(grad, t, tables, x_dtype, noise_dtype, need_x, need_noise):
+    shape = grad.shape
+    return (grad.new_empty(shape if need_x else (0,), dtype=x_dtype),
+            grad.new_empty(shape if need_noise else (0,), dtype=noise_dtype))
+
+
 def _q_sample_setup(ctx, inputs, output):
     x_start, t, noise, tables = inputs
     ctx.save_for_backward(t, tables)
@@ -41,13 +61,14 @@ def _q_sample_setup(ctx, inputs, output):
 
 
 def _q_sample_backward(ctx, grad):
+    """One kernel reads d x_t and writes the gradients asked for (autograd's
+    formula through reference.q_sample: d x_t times the gathered sqrt(alpha_bar),
+    sqrt(1 - alpha_bar), in float32, rounded once to each input's dtype).
+    Through the custom op: AOT autograd traces this formula with fake tensors."""
     t, tables = ctx.saved_tensors
-    from ..reference import gather
-
-    nd = grad.dim()
-    gx = grad.float() * gather(tables, "sqrt_alphas_cumprod", t, nd)
-    gn = grad.float() * gather(tables, "sqrt_one_minus_alphas_cumprod", t, nd)
-    return gx.to(ctx.shapes[0]), None, gn.to(ctx.shapes[1]), None
+    need_x, need_noise = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    gx, gn = q_sample_backward_triton(grad, t, tables, *ctx.shapes, need_x, need_noise)
+    return (gx if need_x else None), None, (gn if need_noise else None), None
 
 
 q_sample_triton.register_autograd(_q_sample_backward, setup_context=_q_sample_setup)
@@ -133,7 +154,7 @@ def _eager():
 
 
 class _QSample(torch.autograd.Function):
-    """Eager q_sample: the launcher, with _q_sample_backward's formula."""
+    """Eager q_sample: the launchers, forward and backward (_q_sample_backward's formula)."""
 
     @staticmethod
     def forward(ctx, x_start, t, noise, tables):
@@ -144,7 +165,11 @@ class _QSample(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _q_sample_backward(ctx, grad)
+        from ..kernels import q_sample as k
+
+        t, tables = ctx.saved_tensors
+        gx, gn = k.q_sample_backward(grad, t, tables, *ctx.shapes, ctx.needs_input_grad[0], ctx.needs_input_grad[2])
+        return gx, None, gn, None
 
 
 class _TrainingLoss(torch.autograd.Function):
