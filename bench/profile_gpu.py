@@ -415,7 +415,7 @@ def host_split(args):
 
     def apply_full():
         out.grad = None
-        l, _, _ = ot._TrainingLoss.apply(out, x0, noise, t, tables, *kinds)
+        l, _, _ = ot._TrainingLoss.apply(out, x0, noise, t, tables, kinds)
         l.sum().backward()
 
     def noop_full():
@@ -430,7 +430,7 @@ def host_split(args):
         ("k.training_loss_bwd (grad_loss only)",
          lambda: k.training_loss_bwd(od, x0, noise, t, tables, gl, None, None, *kinds)),
         ("_TrainingLoss.apply, no grad",
-         lambda: torch.no_grad()(ot._TrainingLoss.apply)(od, x0, noise, t, tables, *kinds)),
+         lambda: torch.no_grad()(ot._TrainingLoss.apply)(od, x0, noise, t, tables, kinds)),
         ("ops.training_loss, no grad", lambda: torch.no_grad()(ops.training_loss)(od, x0, noise, t, tables, **kw)),
         ("ops.training_loss, graph built", seam_grad),
         ("Noop Function + sum + backward", noop_full),

@@ -17,6 +17,8 @@ two kernel launches at training shapes and no other device work: there
 these ops are bound by launch latency, not bandwidth.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -334,17 +336,30 @@ def _training_loss_bwd_kernel(
 _ROWS = dict(MODEL_ROWS, R_SA=ROW["sqrt_alphas_cumprod"], R_S1A=ROW["sqrt_one_minus_alphas_cumprod"])
 
 
-def _prepare(model_output, x_start, noise, t, tables, model_mean_type, model_var_type, loss_type):
-    check_device(model_output, x_start, noise, t, tables)
-    x0, nz = check_contiguous_like(x_start, noise)
-    out = model_output.contiguous()
-    B = x0.shape[0]
-    D = x0.numel() // max(B, 1)
+@functools.lru_cache(maxsize=None)
+def _kinds(model_mean_type, model_var_type, loss_type):
+    """What the launches need of the three kind strings, built once per
+    combination (launch overhead bounds this op at training sizes): (is_kl,
+    the forward-rows, partial-sums and backward constexprs without BLOCK)."""
     learned = model_var_type in ("learned", "learned_range")
     codes = dict(MEAN=MEAN_CODES[model_mean_type], VAR=VAR_CODES[model_var_type], LEARNED=learned)
     is_kl = loss_type in ("kl", "rescaled_kl")
     need_vb = is_kl or learned
-    return out, x0, nz, t.contiguous(), tables.contiguous(), B, D, codes, is_kl, need_vb
+    rows = dict(NEED_VB=need_vb, IS_KL=is_kl, K=_K, **codes, **_ROWS)
+    partial = dict(NEED_VB=need_vb, K=_K, **codes, **_ROWS)
+    bwd = dict(HAS_MSE=not is_kl, NEED_VB=need_vb, VB_TRAINS_MEAN=is_kl, K=_K, **codes, **_ROWS)
+    return is_kl, rows, partial, bwd
+
+
+def _prepare(model_output, x_start, noise, t, tables, model_mean_type, model_var_type, loss_type):
+    """(out, x0, noise, t, tables) as the kernels read them (contiguous, one
+    device), then B, D and _kinds(...)."""
+    check_device(model_output, x_start, noise, t, tables)
+    x0, nz = check_contiguous_like(x_start, noise)
+    B = x0.shape[0]
+    D = x0.numel() // max(B, 1)
+    return (model_output.contiguous(), x0, nz, t.contiguous(), tables.contiguous(), B, D,
+            _kinds(model_mean_type, model_var_type, loss_type))
 
 
 def _scales(loss_type, num_timesteps):
@@ -367,9 +382,15 @@ def training_loss_fwd(model_output, x_start, noise, t, tables, model_mean_type, 
     sample; False: partial sums, then a finalize kernel; None: by
     ROW_CHUNKS_MAX) and num_warps (of the two-kernel path's partial sums)
     override the defaults, for tests and A/B timing."""
-    out, x0, nz, t, tables, B, D, codes, is_kl, need_vb = _prepare(
-        model_output, x_start, noise, t, tables, model_mean_type, model_var_type, loss_type
-    )
+    prepared = _prepare(model_output, x_start, noise, t, tables, model_mean_type, model_var_type, loss_type)
+    return forward_prepared(prepared, loss_type, num_timesteps, block=block, one_launch=one_launch,
+                            num_warps=num_warps)
+
+
+def forward_prepared(prepared, loss_type, num_timesteps, *, block=None, one_launch=None, num_warps=None):
+    """training_loss_fwd on _prepare's result (the eager autograd Function
+    prepares once for the forward and the backward)."""
+    out, x0, nz, t, tables, B, D, (is_kl, rows, partial_kw, _) = prepared
     device = x0.device
     loss, mse, vb = (torch.empty(B, device=device, dtype=torch.float32) for _ in range(3))
     if not B:
@@ -383,18 +404,17 @@ def training_loss_fwd(model_output, x_start, noise, t, tables, model_mean_type, 
     if one_launch if one_launch is not None else n_chunks <= ROW_CHUNKS_MAX:
         _training_loss_fwd_rows_launch((B,),
             out, x0, nz, t, tables, loss, mse, vb, D, tables.shape[1], n_chunks, float(D), _LN2, kl_scale, vb_scale,
-            NEED_VB=need_vb, IS_KL=is_kl, K=_K, BLOCK=block, **codes, **_ROWS,
+            BLOCK=block, **rows,
         )
         return loss, mse, vb
     partial = torch.empty((2, B, n_chunks), device=device, dtype=torch.float32)
     _training_loss_fwd_launch((B, n_chunks),
         out, x0, nz, t, tables, partial[0], partial[1], D, tables.shape[1], n_chunks,
-        NEED_VB=need_vb, K=_K, BLOCK=block, **codes, **_ROWS,
-        **({} if num_warps is None else {"num_warps": num_warps}),
+        BLOCK=block, **partial_kw, **({} if num_warps is None else {"num_warps": num_warps}),
     )
     _training_loss_finalize_launch((B,),
         partial[0], partial[1], loss, mse, vb, n_chunks, float(D), _LN2, kl_scale, vb_scale,
-        IS_KL=is_kl, LEARNED=codes["LEARNED"], NEED_VB=need_vb,
+        IS_KL=is_kl, LEARNED=rows["LEARNED"], NEED_VB=rows["NEED_VB"],
         CBLOCK=max(16, min(1024, next_power_of_2(n_chunks))),
     )
     return loss, mse, vb
@@ -404,29 +424,39 @@ def training_loss_bwd(model_output, x_start, noise, t, tables, grad_loss, grad_m
                       model_var_type, loss_type, num_timesteps):
     """d(sum of grad_* times outputs)/d(model_output), model_output's shape and dtype.
     A grad_* may be None (that output's gradient is zero)."""
-    out, x0, nz, t, tables, B, D, codes, is_kl, need_vb = _prepare(
-        model_output, x_start, noise, t, tables, model_mean_type, model_var_type, loss_type
-    )
-    grads = (grad_loss, grad_mse, grad_vb)
-    for g in grads:
-        if g is not None and (g.shape != (B,) or g.device != x0.device):
-            raise ValueError(f"upstream gradients must have shape [{B}] on {x0.device}, got {tuple(g.shape)} on {g.device}")
+    prepared = _prepare(model_output, x_start, noise, t, tables, model_mean_type, model_var_type, loss_type)
+    B, device = prepared[5], prepared[1].device
+    for g in (grad_loss, grad_mse, grad_vb):
+        if g is not None and (g.shape != (B,) or g.device != device):
+            raise ValueError(f"upstream gradients must have shape [{B}] on {device}, "
+                             f"got {tuple(g.shape)} on {g.device}")
+    return backward_prepared(prepared, grad_loss, grad_mse, grad_vb, loss_type, num_timesteps)
+
+
+def backward_prepared(prepared, grad_loss, grad_mse, grad_vb, loss_type, num_timesteps):
+    """training_loss_bwd on _prepare's result, the upstream gradients already
+    known to be [B] on the data's device (autograd checks them)."""
+    out, x0, nz, t, tables, B, D, (_, _, _, bwd) = prepared
     grad = torch.empty_like(out)
     if B and D:
         block = block_size(D)
         kl_scale, vb_scale = _scales(loss_type, num_timesteps)
-        dummy = next((g for g in grads if g is not None), t)
+        dummy = grad_loss if grad_loss is not None else grad_mse if grad_mse is not None else grad_vb
+        dummy = t if dummy is None else dummy
         _training_loss_bwd_launch((B, cdiv(D, block)),
-            out, x0, nz, t, tables, *(dummy if g is None else g for g in grads),
-            *(0 if g is None else g.stride(0) for g in grads), grad, D, tables.shape[1],
+            out, x0, nz, t, tables,
+            dummy if grad_loss is None else grad_loss, dummy if grad_mse is None else grad_mse,
+            dummy if grad_vb is None else grad_vb,
+            0 if grad_loss is None else grad_loss.stride(0), 0 if grad_mse is None else grad_mse.stride(0),
+            0 if grad_vb is None else grad_vb.stride(0), grad, D, tables.shape[1],
             float(D), D * _LN2, kl_scale, vb_scale,
-            HAS_MSE=not is_kl, NEED_VB=need_vb, VB_TRAINS_MEAN=is_kl,
-            HAS_GL=grads[0] is not None, HAS_GM=grads[1] is not None, HAS_GV=grads[2] is not None,
-            K=_K, BLOCK=block, **codes, **_ROWS,
+            HAS_GL=grad_loss is not None, HAS_GM=grad_mse is not None, HAS_GV=grad_vb is not None,
+            BLOCK=block, **bwd,
         )
     elif B:
         grad.zero_()
     return grad
+
 
 
 # Launches by kernel[grid](...) the first time, directly afterwards (see _common.Launcher).
