@@ -403,6 +403,29 @@ def host_split(args):
             return od
 
     gl = torch.ones(B, device="cuda")
+    prepared = k._prepare(od, x0, noise, t, tables, *kinds[:3])
+
+    class BackwardOnly(torch.autograd.Function):
+        """The loss backward's launch on autograd's device thread, with no forward kernel."""
+
+        @staticmethod
+        def forward(ctx, o):
+            return loss
+
+        @staticmethod
+        def backward(ctx, g):
+            return k.backward_prepared(prepared, g, None, None, kinds[2], kinds[3])
+
+    class AllocOnly(torch.autograd.Function):
+        """An allocation of d out on autograd's device thread, and nothing else."""
+
+        @staticmethod
+        def forward(ctx, o):
+            return loss
+
+        @staticmethod
+        def backward(ctx, g):
+            return torch.empty_like(od)
 
     def seam_grad():
         out.grad = None
@@ -422,6 +445,14 @@ def host_split(args):
         out.grad = None
         Noop.apply(out).sum().backward()
 
+    def alloc_full():
+        out.grad = None
+        AllocOnly.apply(out).sum().backward()
+
+    def bwd_only_full():
+        out.grad = None
+        BackwardOnly.apply(out).sum().backward()
+
     cases = [
         ("torch.empty x3", lambda: [torch.empty(B, device="cuda") for _ in range(3)]),
         ("raw Triton launch, forward kernel", raw),
@@ -434,6 +465,8 @@ def host_split(args):
         ("ops.training_loss, no grad", lambda: torch.no_grad()(ops.training_loss)(od, x0, noise, t, tables, **kw)),
         ("ops.training_loss, graph built", seam_grad),
         ("Noop Function + sum + backward", noop_full),
+        ("Function allocating d out + sum + backward", alloc_full),
+        ("Function launching the loss backward + sum + backward", bwd_only_full),
         ("_TrainingLoss.apply + sum + backward", apply_full),
         ("ops.training_loss + sum + backward (the benchmark)", full),
     ]
