@@ -130,7 +130,6 @@ def q_sample_backward(grad, t, tables, x_dtype, noise_dtype, need_x=True, need_n
     return gx, gn
 
 
-
 # Launches by kernel[grid](...) the first time, directly afterwards (see _common.Launcher).
 _q_sample_launch = Launcher(_q_sample_kernel)
 _q_sample_bwd_launch = Launcher(_q_sample_bwd_kernel)

@@ -458,7 +458,6 @@ def backward_prepared(prepared, grad_loss, grad_mse, grad_vb, loss_type, num_tim
     return grad
 
 
-
 # Launches by kernel[grid](...) the first time, directly afterwards (see _common.Launcher).
 _training_loss_fwd_rows_launch = Launcher(_training_loss_fwd_rows_kernel)
 _training_loss_fwd_launch = Launcher(_training_loss_fwd_kernel)

@@ -145,6 +145,28 @@ def test_q_sample_backward_takes_an_expanded_gradient_and_a_large_half_block():
             torch.testing.assert_close(g, r, rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("path", ["eager", "custom_op"])
+def test_q_sample_double_backward_equals_the_reference(path):
+    """create_graph=True (a gradient penalty): the first derivative stays in
+    the graph, so the penalty's gradient reaches every leaf as through the
+    reference (review finding: the kernel's outputs had been cut off, and the
+    backward op had no autograd of its own)."""
+    fn = {"eager": _triton._q_sample, "custom_op": _triton.q_sample_triton}[path]
+    x0, noise, _, t = _data((2, 3, 4, 4), False)
+    tables = _tables()
+    results = []
+    for f in (fn, ref.q_sample):
+        w = torch.linspace(0.5, 1.5, x0.numel(), device=DEVICE).view_as(x0).requires_grad_()
+        x, n = x0.clone().requires_grad_(), noise.clone().requires_grad_()
+        y = f(x, t, n, tables)
+        D = (w * y * y).sum()
+        gx, gn = torch.autograd.grad(D, (x, n), create_graph=True)
+        (D + (gx ** 2).sum() + (gn * n).sum()).backward()
+        results.append((w.grad, x.grad, n.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_q_sample_block_override_for_ab_timing():
     """The launcher's block / num_warps overrides (bench/profile_gpu.py
     ab_qsample) give the same x_t: here a sample spans several programs,
@@ -363,6 +385,8 @@ def test_opcheck_and_compile():
     for need in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(_triton.q_sample_backward_triton,
                               (torch.randn_like(x0), t, tables, torch.float32, torch.bfloat16, *need))
+        torch.library.opcheck(_triton.q_sample_backward_triton,
+                              (torch.randn_like(x0).requires_grad_(), t, tables, torch.float32, torch.float32, *need))
     out.requires_grad_(True)
     args = (out, x0, noise, t, tables, "epsilon", "learned_range", "rescaled_mse", T)
     torch.library.opcheck(_triton.training_loss_triton, args, test_utils=("test_schema", "test_faketensor",

@@ -54,10 +54,34 @@ def _(grad, t, tables, x_dtype, noise_dtype, need_x, need_noise):
             grad.new_empty(shape if need_noise else (0,), dtype=noise_dtype))
 
 
+def _q_sample_backward_setup(ctx, inputs, output):
+    grad, t, tables, x_dtype, noise_dtype, need_x, need_noise = inputs
+    ctx.save_for_backward(t, tables)
+    ctx.grad_dtype, ctx.nd, ctx.need = grad.dtype, grad.dim(), (need_x, need_noise)
+
+
+def _q_sample_double_backward(ctx, grad_gx, grad_gn):
+    """d(d x_t) of the backward (create_graph=True: gradient penalties): it is
+    linear in d x_t, so this is q_sample's own formula applied to the
+    upstream gradients of d x_start and d noise, in PyTorch ops (differentiable again)."""
+    from ..reference import gather
+
+    t, tables = ctx.saved_tensors
+    terms = []
+    for g, needed, row in zip((grad_gx, grad_gn), ctx.need, ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod")):
+        if needed and g is not None:
+            terms.append(g.float() * gather(tables, row, t, ctx.nd))
+    dgrad = None if not terms else (terms[0] if len(terms) == 1 else terms[0] + terms[1]).to(ctx.grad_dtype)
+    return dgrad, None, None, None, None, None, None
+
+
+q_sample_backward_triton.register_autograd(_q_sample_double_backward, setup_context=_q_sample_backward_setup)
+
+
 def _q_sample_setup(ctx, inputs, output):
     x_start, t, noise, tables = inputs
     ctx.save_for_backward(t, tables)
-    ctx.shapes = (x_start.dtype, noise.dtype)
+    ctx.dtypes = (x_start.dtype, noise.dtype)
 
 
 def _q_sample_backward(ctx, grad):
@@ -67,7 +91,7 @@ def _q_sample_backward(ctx, grad):
     Through the custom op: AOT autograd traces this formula with fake tensors."""
     t, tables = ctx.saved_tensors
     need_x, need_noise = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-    gx, gn = q_sample_backward_triton(grad, t, tables, *ctx.shapes, need_x, need_noise)
+    gx, gn = q_sample_backward_triton(grad, t, tables, *ctx.dtypes, need_x, need_noise)
     return (gx if need_x else None), None, (gn if need_noise else None), None
 
 
@@ -167,8 +191,10 @@ class _QSample(torch.autograd.Function):
     def backward(ctx, grad):
         from ..kernels import q_sample as k
 
+        if torch.is_grad_enabled():  # create_graph=True: the custom op, whose own backward is registered
+            return _q_sample_backward(ctx, grad)
         t, tables = ctx.saved_tensors
-        gx, gn = k.q_sample_backward(grad, t, tables, *ctx.shapes, ctx.needs_input_grad[0], ctx.needs_input_grad[2])
+        gx, gn = k.q_sample_backward(grad, t, tables, *ctx.dtypes, ctx.needs_input_grad[0], ctx.needs_input_grad[2])
         return gx, None, gn, None
 
 
