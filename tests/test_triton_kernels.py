@@ -530,6 +530,32 @@ def test_training_loss_double_backward_equals_the_reference():
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
+def test_tables_that_need_a_gradient_get_the_reference_s_gradient():
+    """Coefficient tables that require grad (a learned schedule): the kernels
+    give the tables no gradient, so every op runs the reference there (review
+    finding: q_sample, the loss and the sampling ops had returned None)."""
+    x0, noise, out, t = _data((2, 3, 4, 4), True)
+    kinds = dict(model_mean_type="epsilon", model_var_type="learned_range")
+    x_t = ref.q_sample(x0, t, noise, _tables())
+
+    def ops_sum(tb):
+        terms = [ops.q_sample(x0, t, noise, tb),
+                 ops.training_loss(out, x0, noise, t, tb, **kinds, loss_type="rescaled_mse", num_timesteps=T)[0],
+                 ops.p_mean_variance(out, x_t, t, tb, **kinds, clip_denoised=False)[0],
+                 ops.p_sample_step(out, x_t, t, noise, tb, **kinds, clip_denoised=False)[0],
+                 ops.vb_terms_bpd(out, x0, x_t, t, tb, **kinds, clip_denoised=False)[0]]
+        return sum(v.float().sum() for v in terms)
+
+    grads = []
+    for backend in ("triton", "reference"):
+        tb = _tables().clone().requires_grad_(True)
+        with ops.use_backend(backend):
+            (g,) = torch.autograd.grad(ops_sum(tb), tb)
+        grads.append(g)
+    assert grads[1].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
 def test_q_sample_reads_non_contiguous_tables():
     x0, noise, _, t = _data((2, 3, 4, 4), False)
     tables = _tables()

@@ -248,7 +248,7 @@ def _float64(*tensors):
 
 
 def _q_sample(x_start, t, noise, tables):
-    if _float64(x_start, noise):
+    if _float64(x_start, noise) or _wants_grad(tables):  # (the kernels give no gradient to the tables)
         from .. import reference
 
         return reference.q_sample(x_start, t, noise, tables)
@@ -260,10 +260,11 @@ def _q_sample(x_start, t, noise, tables):
 def _training_loss(model_output, x_start, noise, t, tables, *, model_mean_type, model_var_type, loss_type,
                    num_timesteps):
     args = (model_output, x_start, noise, t, tables, model_mean_type, model_var_type, loss_type, num_timesteps)
-    if _wants_grad(x_start, noise) or _float64(model_output, x_start, noise):
+    if _wants_grad(x_start, noise, tables) or _float64(model_output, x_start, noise):
         # The kernels differentiate with respect to the model output only; a
         # gradient into the data or the noise (say, from an encoder trained
-        # with the model) needs the reference, where autograd sees every term.
+        # with the model) or into the tables (a learned schedule) needs the
+        # reference, where autograd sees every term.
         # float64 inputs get the reference's float64 math.
         from .. import reference
 
@@ -341,7 +342,7 @@ def _wants_grad(*tensors):
     return torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
 
 
-def _with_reference_for_grad(name, triton_fn, *grad_inputs_idx):
+def _with_reference_for_grad(name, triton_fn):
     """The seam entry of a forward-only op: the reference runs when gradients
     are wanted; in eager mode the launcher is called directly (no dispatcher
     round trip), under torch.compile the custom op."""
@@ -350,7 +351,8 @@ def _with_reference_for_grad(name, triton_fn, *grad_inputs_idx):
 
     def run(*args, **kwargs):
         nonlocal launcher
-        if _wants_grad(*(args[i] for i in grad_inputs_idx)) or _float64(*args):
+        # (any tensor argument: the coefficient tables of a learned schedule too)
+        if _wants_grad(*(a for a in args if isinstance(a, torch.Tensor))) or _float64(*args):
             from .. import reference
 
             return getattr(reference, name)(*args, **kwargs)
@@ -377,11 +379,11 @@ _LAUNCHERS = {
 }
 
 
-register("p_mean_variance", "triton", _with_reference_for_grad("p_mean_variance", p_mean_variance_triton, 0, 1),
+register("p_mean_variance", "triton", _with_reference_for_grad("p_mean_variance", p_mean_variance_triton),
          available=kernels.unavailable_reason)
-register("p_sample_step", "triton", _with_reference_for_grad("p_sample_step", p_sample_step_triton, 0, 1, 3),
+register("p_sample_step", "triton", _with_reference_for_grad("p_sample_step", p_sample_step_triton),
          available=kernels.unavailable_reason)
-register("ddim_step", "triton", _with_reference_for_grad("ddim_step", ddim_step_triton, 0, 1, 3),
+register("ddim_step", "triton", _with_reference_for_grad("ddim_step", ddim_step_triton),
          available=kernels.unavailable_reason)
 
 
@@ -444,15 +446,14 @@ def _(model_output, x_start, x_t, t, tables, model_mean_type, model_var_type, cl
 
 
 register("q_posterior_mean_variance", "triton",
-         _with_reference_for_grad("q_posterior_mean_variance", q_posterior_mean_variance_triton, 0, 1),
+         _with_reference_for_grad("q_posterior_mean_variance", q_posterior_mean_variance_triton),
          available=kernels.unavailable_reason)
 register("discretized_gaussian_log_likelihood", "triton",
-         _with_reference_for_grad("discretized_gaussian_log_likelihood", discretized_gaussian_log_likelihood_triton,
-                                  0, 1, 2),
+         _with_reference_for_grad("discretized_gaussian_log_likelihood", discretized_gaussian_log_likelihood_triton),
          available=kernels.unavailable_reason)
 register("discretized_gaussian_nll_bpd", "triton",
-         _with_reference_for_grad("discretized_gaussian_nll_bpd", discretized_gaussian_nll_bpd_triton, 0, 1, 2),
+         _with_reference_for_grad("discretized_gaussian_nll_bpd", discretized_gaussian_nll_bpd_triton),
          available=kernels.unavailable_reason)
 register("vb_terms_bpd", "triton",
-         _with_reference_for_grad("vb_terms_bpd", vb_terms_bpd_triton, 0, 1, 2),
+         _with_reference_for_grad("vb_terms_bpd", vb_terms_bpd_triton),
          available=kernels.unavailable_reason)
