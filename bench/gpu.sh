@@ -78,7 +78,8 @@ want profile && stage 120 "$log_bench" $py bench/profile_gpu.py \
 
 bench() { stage "$1" "$log_bench" $py -m pytest -q -p no:cacheprovider "bench/test_bench_$2.py" --benchmark \
     --benchmark-max-time=0.5 "${@:3}"; }
-want group_norm_silu && bench 150 group_norm_silu
+# (cap 240 s: it took 130-140 s on the H100 in the fourth lease, and ran past 145 s in the fifth)
+want group_norm_silu && bench 240 group_norm_silu
 want bias_add && bench 50 bias_add
 if [[ -n "${ORIGINAL:-}" ]] && want compare_sample; then
     stage 120 "$log_bench" $py bench/compare_original.py --original "$ORIGINAL" --what sample \
