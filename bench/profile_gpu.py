@@ -393,39 +393,31 @@ def host_split(args):
     launcher()
     same = bool(torch.equal(l1, loss))
 
-    class Noop(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, o):
-            return loss
+    def round_trip(backward):
+        """forward + sum + backward through a Function of out whose forward
+        launches nothing (returns `loss`) and whose backward is backward(g)."""
 
-        @staticmethod
-        def backward(ctx, g):
-            return od
+        class Fn(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, o):
+                return loss
+
+            @staticmethod
+            def backward(ctx, g):
+                return backward(g)
+
+        def run():
+            out.grad = None
+            Fn.apply(out).sum().backward()
+
+        return run
 
     gl = torch.ones(B, device="cuda")
     prepared = k._prepare(od, x0, noise, t, tables, *kinds[:3])
-
-    class BackwardOnly(torch.autograd.Function):
-        """The loss backward's launch on autograd's device thread, with no forward kernel."""
-
-        @staticmethod
-        def forward(ctx, o):
-            return loss
-
-        @staticmethod
-        def backward(ctx, g):
-            return k.backward_prepared(prepared, g, None, None, kinds[2], kinds[3])
-
-    class AllocOnly(torch.autograd.Function):
-        """An allocation of d out on autograd's device thread, and nothing else."""
-
-        @staticmethod
-        def forward(ctx, o):
-            return loss
-
-        @staticmethod
-        def backward(ctx, g):
-            return torch.empty_like(od)
+    noop_full = round_trip(lambda g: od)  # d out precomputed
+    alloc_full = round_trip(lambda g: torch.empty_like(od))  # an allocation on autograd's device thread
+    # the loss backward's launch on autograd's device thread, with no forward kernel
+    bwd_only_full = round_trip(lambda g: k.backward_prepared(prepared, g, None, None, kinds[2], kinds[3]))
 
     def seam_grad():
         out.grad = None
@@ -440,18 +432,6 @@ def host_split(args):
         out.grad = None
         l, _, _ = ot._TrainingLoss.apply(out, x0, noise, t, tables, kinds)
         l.sum().backward()
-
-    def noop_full():
-        out.grad = None
-        Noop.apply(out).sum().backward()
-
-    def alloc_full():
-        out.grad = None
-        AllocOnly.apply(out).sum().backward()
-
-    def bwd_only_full():
-        out.grad = None
-        BackwardOnly.apply(out).sum().backward()
 
     cases = [
         ("torch.empty x3", lambda: [torch.empty(B, device="cuda") for _ in range(3)]),
