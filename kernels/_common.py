@@ -82,7 +82,9 @@ def check_device(*tensors):
 # specialisation) goes through kernel[grid](...) and keeps what it returns;
 # a hit calls the compiled kernel's launcher directly, with the arguments in
 # the kernel's parameter order, as JITFunction.run does (Triton 3.6 to 3.9).
-# The interpreter, a launch hook (profilers such as proton set one) and
+# The interpreter, a launch hook (profilers such as proton set one), settings
+# that JITFunction.run adds to its key (debug, instrumentation), pre-run hooks,
+# a non-CUDA backend, a Triton older than 3.4 (no triton.knobs) and
 # IDDPM_FAST_TRITON_LAUNCH=triton take Triton's own path every time.
 
 _INT32 = (-(2**31), 2**31)
@@ -185,10 +187,13 @@ def _launch_env():
     """(current device, current stream of a device, Triton's runtime and
     compilation knobs), as JITFunction.run gets them; None where the active
     backend is not CUDA (AMD's specialises tensors on their size too)."""
-    from triton import knobs
-    from triton.runtime import driver
+    try:
+        from triton import knobs  # Triton 3.4+
+        from triton.runtime import driver
 
-    active = driver.active
-    if active.get_current_target().backend != "cuda":
+        active = driver.active
+        if active.get_current_target().backend != "cuda":
+            return None
+        return active.get_current_device, active.get_current_stream, knobs.runtime, knobs.compilation
+    except (ImportError, AttributeError):  # an older or other Triton: its own launch path
         return None
-    return active.get_current_device, active.get_current_stream, knobs.runtime, knobs.compilation

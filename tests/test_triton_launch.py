@@ -255,3 +255,24 @@ def test_cuda_direct_launches_equal_triton_launches(monkeypatch):
                 assert torch.equal(a, b)
             if i > 0:
                 assert misses == (k._q_sample_launch.misses, tl._training_loss_fwd_rows_launch.misses)
+
+
+def test_a_triton_without_knobs_takes_its_own_path(monkeypatch):
+    """Triton before 3.4 has no triton.knobs: _launch_env says so (None), and
+    the Launcher then always calls kernel[grid](...)."""
+    import sys
+
+    monkeypatch.delattr(triton, "knobs", raising=False)
+    monkeypatch.setitem(sys.modules, "triton.knobs", None)
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    monkeypatch.setattr(_common.Launcher, "direct", True)
+    _common._launch_env.cache_clear()
+    try:
+        assert _common._launch_env() is None
+        kernel = _Kernel()
+        launch = _common.Launcher(kernel)
+        for _ in range(2):
+            launch((1,), torch.zeros(32), 7, A=3, BLOCK=16)
+        assert _kinds(kernel.log) == ["triton"] * 2
+    finally:
+        _common._launch_env.cache_clear()
