@@ -139,6 +139,23 @@ def _info(args):
         print(f"C++ extension: {_ext.how_loaded()} ({cuda}; CPU kernels: {isa})")
     else:
         print(f"C++ extension: not available: {reason}")
+    from . import kernels
+
+    why = kernels._triton_import_error()
+    if why is not None:
+        print(f"Triton: not available: {why}")
+    else:
+        import triton
+
+        from .kernels._common import Launcher
+
+        if kernels.interpreting():
+            launches = "through the interpreter (TRITON_INTERPRET=1: kernels on CPU tensors, for tests)"
+        elif Launcher.direct:
+            launches = "direct once a specialisation has been seen (IDDPM_FAST_TRITON_LAUNCH=triton: Triton's own)"
+        else:
+            launches = "Triton's own (IDDPM_FAST_TRITON_LAUNCH=triton)"
+        print(f"Triton {triton.__version__}: launches {launches}")
     requested = ops.requested_backend()
     print(f"backend requested: {requested} (IDDPM_FAST_BACKEND)")
     import warnings

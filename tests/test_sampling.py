@@ -188,6 +188,22 @@ def test_a_checkpoint_that_is_not_a_state_dict_is_named(run_dir, tmp_path):
                           out_dir=str(tmp_path / "s"))
 
 
+@pytest.mark.parametrize("mode,expected", [("direct", "launches direct once"), ("triton", "launches Triton's own"),
+                                           ("interpreter", "launches through the interpreter")])
+def test_info_reports_triton_and_its_launch_path(monkeypatch, capsys, mode, expected):
+    pytest.importorskip("triton")
+    from iddpm_fast.kernels._common import Launcher
+
+    monkeypatch.setattr(Launcher, "direct", mode != "triton")
+    if mode == "interpreter":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert cli.main(["info"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("Triton"))
+    assert expected in line, line
+
+
 def test_info_reports_a_forced_backend_that_cannot_run(monkeypatch, capsys):
     monkeypatch.setenv("IDDPM_FAST_BACKEND", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
