@@ -48,6 +48,11 @@ def block_size(n):
     return max(16, min(_BLOCK_CAP, next_power_of_2(max(int(n), 1))))
 
 
+def warps(num_warps):
+    """Launch options for a num_warps override (A/B timing): none when it is None, the kernel's default."""
+    return {} if num_warps is None else {"num_warps": num_warps}
+
+
 def check_contiguous_like(*tensors):
     """Contiguous copies where needed (kernels index flat [B, D] buffers); shapes must match."""
     shape = tensors[0].shape

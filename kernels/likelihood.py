@@ -20,6 +20,7 @@ from ._common import (
     cdiv,
     check_contiguous_like,
     check_device,
+    warps,
 )
 from ._tl import chunk_offsets, log_likelihood
 
@@ -57,12 +58,14 @@ def _launch_dgll(x, means, log_scales, reduce, block=None, num_warps=None):
     n_chunks = cdiv(D, block) if D else 1
     # Only what the variant writes: every (sample, chunk) program stores its
     # partial sum, so it needs no zero fill (a memset launch) when there is data.
-    out = xc.new_empty(0) if reduce else torch.empty_like(xc)
-    make = torch.empty if xc.numel() and reduce else torch.zeros
-    part = make((B, n_chunks) if reduce else (0,), device=xc.device, dtype=torch.float32)
+    if reduce:
+        out = xc.new_empty(0)
+        part = (torch.empty if xc.numel() else torch.zeros)((B, n_chunks), device=xc.device, dtype=torch.float32)
+    else:
+        out, part = torch.empty_like(xc), xc.new_empty(0, dtype=torch.float32)
     if xc.numel():
-        launch = {} if num_warps is None else {"num_warps": num_warps}
-        _dgll_launch((B, n_chunks), xc, mc, lc, out, part, D, n_chunks, REDUCE=reduce, K=_K, BLOCK=block, **launch)
+        _dgll_launch((B, n_chunks), xc, mc, lc, out, part, D, n_chunks, REDUCE=reduce, K=_K, BLOCK=block,
+                     **warps(num_warps))
     return out, part, D
 
 

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from iddpm_fast.reference import ROW
 
-from ._common import Launcher, block_size, cdiv, check_contiguous_like
+from ._common import Launcher, block_size, cdiv, check_contiguous_like, warps
 from ._tl import chunk_offsets
 
 
@@ -77,7 +77,7 @@ def _grid(x, B, D, block, num_warps):
         # where 1024 and 4 warps (the float32 default, 98% there) gave 1742.
         block, num_warps = _HALF_BLOCK, num_warps or 8
     block = block or block_size(D)
-    return block, (B, cdiv(D, block)), ({} if num_warps is None else {"num_warps": num_warps})
+    return block, (B, cdiv(D, block)), warps(num_warps)
 
 
 def q_sample(x_start, t, noise, tables, *, block=None, num_warps=None):

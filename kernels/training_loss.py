@@ -37,6 +37,7 @@ from ._common import (
     check_contiguous_like,
     check_device,
     next_power_of_2,
+    warps,
 )
 from ._tl import bound_term, cdf, cdf_grad, chunk_offsets, load_model_output, model_distribution
 
@@ -410,7 +411,7 @@ def forward_prepared(prepared, loss_type, num_timesteps, *, block=None, one_laun
     partial = torch.empty((2, B, n_chunks), device=device, dtype=torch.float32)
     _training_loss_fwd_launch((B, n_chunks),
         out, x0, nz, t, tables, partial[0], partial[1], D, tables.shape[1], n_chunks,
-        BLOCK=block, **partial_kw, **({} if num_warps is None else {"num_warps": num_warps}),
+        BLOCK=block, **partial_kw, **warps(num_warps),
     )
     _training_loss_finalize_launch((B,),
         partial[0], partial[1], loss, mse, vb, n_chunks, float(D), _LN2, kl_scale, vb_scale,
