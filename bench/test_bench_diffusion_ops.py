@@ -82,18 +82,27 @@ def _double(*xs):
     return [x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in xs]
 
 
+# How far past the float32 reference's largest error a provider may be. A
+# fused multiply-add (Triton and torch.compile contract a * b - c * d into
+# one) rounds other elements worst: at 64x3x256x256, pred_xstart evaluated as
+# fma(c1, x, -round(c2 * eps)) is at most 8.0e-4 off the float64 truth, and
+# 9.3e-4 with the other product rounded, against 1.29e-4 for the reference's
+# two rounded products (CPU, float64 emulation); on an H200 both the kernel
+# and torch.compile came 5.2e-4 past the 2x this factor was before.
+REF_ERROR_FACTOR = 8
+
+
 def _assert_as_close_as_reference(got, want, truth, rtol, atol):
     """Each of `got` (a provider's outputs) within rtol/atol of the float64
-    truth, plus twice the float32 eager reference's largest error (`want`).
-    A guard that every provider computes the same function, as strict as
-    rtol/atol where the math is well conditioned; not where it is not:
-    pred_xstart at t near T multiplies rounding by sqrt(1 / alpha_bar) ~ 1e4,
-    and the t = 0 decoder term's log(cdf+ - cdf-) cancels in float32. (On an
-    H100 a handful of the 12.6M elements at 64x3x256x256 differed by 3e-4
-    from the float32 reference in torch.compile's results as in the kernels'.)"""
+    truth, plus REF_ERROR_FACTOR times the float32 eager reference's largest
+    error (`want`). A guard that every provider computes the same function,
+    as strict as rtol/atol where the math is well conditioned; not where it
+    is not: pred_xstart at t near T multiplies rounding by sqrt(1 / alpha_bar)
+    (8e4 at t = 3999), and the t = 0 decoder term's log(cdf+ - cdf-) cancels
+    in float32."""
     for i, (g, w, tr) in enumerate(zip(got, want, truth)):
         tr = tr.double()
-        allowed = 2 * (w.double() - tr).abs().max() + atol + rtol * tr.abs()
+        allowed = REF_ERROR_FACTOR * (w.double() - tr).abs().max() + atol + rtol * tr.abs()
         excess = ((g.double() - tr).abs() - allowed).max().item()
         assert excess <= 0, f"output {i}: off the float64 truth by {excess:.3g} more than allowed"
 
