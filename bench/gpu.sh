@@ -17,7 +17,8 @@
 #
 # PROFILE_WHAT picks profile_gpu.py's parts (its --what; default: all A/B
 # timings), REST_K narrows diffusion_ops_rest with a pytest -k expression
-# (e.g. REST_K=64x3x256x256: the bandwidth shape alone).
+# (e.g. REST_K=64x3x256x256: the bandwidth shape alone), GN_K the GroupNorm suite
+# (e.g. GN_K="backward or copy": the forward+backward cases and the copy yardstick).
 #
 # names: build tests sanitize profile group_norm_silu bias_add compare_sample
 #        diffusion_ops sample_step train_step compare_train diffusion_ops_rest
@@ -44,7 +45,9 @@ stage() {  # stage CAP_S LOG CMD...: run CMD with min(CAP, time left) seconds, a
     local t; t=$(left); ((t > cap)) && t=$cap
     if ((t < 15)); then echo "== skipped (budget spent): $*" >>"$log"; return; fi
     echo "== [$SECONDS s] $* (limit ${t}s)" >>"$log"
-    timeout "$t" "$@" >>"$log" 2>&1
+    # SIGINT first: pytest then still prints its summary and pytest-benchmark
+    # saves what it timed (a plain SIGTERM left an empty JSON file).
+    timeout -s INT -k 15 "$t" "$@" >>"$log" 2>&1
     echo "== [$SECONDS s] exit $?" >>"$log"
 }
 
@@ -54,8 +57,13 @@ if want build; then
     stage 60 "$log_build" $py -m iddpm_fast info
 fi
 
-# (-n 12: the suite took over 170 s with -n 4 on an H100 machine, 40 s with 12 workers)
-want tests && stage 170 "$log_tests" $py -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-12}" --maxfail=40 -rfEs \
+# (-n 12: the suite took over 170 s with -n 4 on an H100 machine, 40 s with 12 workers
+# up to its first failure. On an H200 it twice stalled at 99% until the 170 s limit,
+# with no summary: hence a per-test timeout (pytest-timeout, on that image), the
+# slowest tests listed, and one inductor compile thread per worker, not one per core.)
+timeout_opt=$($py -c "import pytest_timeout" 2>/dev/null && echo "--timeout=${TEST_TIMEOUT_S:-60}")
+want tests && TORCHINDUCTOR_COMPILE_THREADS=1 stage 170 "$log_tests" $py -m pytest -q -p no:cacheprovider \
+    -n "${TEST_WORKERS:-12}" --maxfail=40 -rfEs --durations=25 $timeout_opt \
     tests/test_group_norm_silu.py tests/test_bias_add.py tests/test_unet.py tests/test_dropout.py tests/test_cuda_graphs.py \
     tests/test_ops_seam.py tests/test_triton_kernels.py tests/test_triton_launch.py
 # The one-pass GroupNorm kernels under compute-sanitizer (out-of-bounds / misaligned accesses,
@@ -79,7 +87,7 @@ want profile && stage 120 "$log_bench" $py bench/profile_gpu.py \
 bench() { stage "$1" "$log_bench" $py -m pytest -q -p no:cacheprovider "bench/test_bench_$2.py" --benchmark \
     --benchmark-max-time=0.5 "${@:3}"; }
 # (cap 240 s: it took 130-140 s on the H100 in the fourth lease, and ran past 145 s in the fifth)
-want group_norm_silu && bench 240 group_norm_silu
+want group_norm_silu && bench 240 group_norm_silu ${GN_K:+-k "$GN_K"}
 want bias_add && bench 50 bias_add
 if [[ -n "${ORIGINAL:-}" ]] && want compare_sample; then
     stage 120 "$log_bench" $py bench/compare_original.py --original "$ORIGINAL" --what sample \
