@@ -55,23 +55,28 @@ def log_likelihood(x, m, ls, K: tl.constexpr):
     inv = tl.exp(-ls)
     cp = cdf(inv * (c + 1.0 / 255.0), K)
     cm = cdf(inv * (c - 1.0 / 255.0), K)
-    # NaN-propagating clamps, as the reference's clamp(min=1e-12): a NaN model
+    # The reference takes log(clamp(p, 1e-12)) of all three probabilities
+    # (lowest bin, highest bin, the bin between) and keeps one per element;
+    # choosing p first gives the same number with one log instead of three.
+    # NaN-propagating clamp, as the reference's clamp(min=1e-12): a NaN model
     # output must give a NaN loss (TrainLoop stops on it), not log(1e-12).
-    ll_lo = tl.log(tl.maximum(cp, 1e-12, propagate_nan=tl.PropagateNan.ALL))
-    ll_hi = tl.log(tl.maximum(1.0 - cm, 1e-12, propagate_nan=tl.PropagateNan.ALL))
-    ll_mid = tl.log(tl.maximum(cp - cm, 1e-12, propagate_nan=tl.PropagateNan.ALL))
-    return tl.where(x < -0.999, ll_lo, tl.where(x > 0.999, ll_hi, ll_mid))
+    p = tl.where(x < -0.999, cp, tl.where(x > 0.999, 1.0 - cm, cp - cm))
+    return tl.log(tl.maximum(p, 1e-12, propagate_nan=tl.PropagateNan.ALL))
 
 
 @triton.jit
 def bound_term(x0, tm, plv, m, lv, t, K: tl.constexpr):
     """
     One element of the variational bound (nats): KL(N(tm, e^plv) || N(m, e^lv)) for
-    t > 0, the decoder NLL -log p(x0 | m, e^lv) at t = 0.
+    t > 0, the decoder NLL -log p(x0 | m, e^lv) at t = 0. t is the program's
+    one timestep (a scalar), so a program computes only the term it keeps.
     """
-    dm = tm - m
-    kl = 0.5 * (-1.0 + lv - plv + tl.exp(plv - lv) + dm * dm * tl.exp(-lv))
-    return tl.where(t == 0, -log_likelihood(x0, m, 0.5 * lv, K), kl)
+    if t == 0:
+        term = -log_likelihood(x0, m, 0.5 * lv, K)
+    else:
+        dm = tm - m
+        term = 0.5 * (-1.0 + lv - plv + tl.exp(plv - lv) + dm * dm * tl.exp(-lv))
+    return term
 
 
 @triton.jit

@@ -283,36 +283,36 @@ def _training_loss_bwd_kernel(
     if HAS_MSE:
         g_eo += wse * 2.0 * (eo - tgt)
     if NEED_VB:
-        # d(term)/d(mean) and d(term)/d(log-variance), KL for t > 0, decoder NLL at t = 0.
-        dm = m - tm
-        e_neg = tl.exp(-lv)
-        dkl_m = dm * e_neg
-        dkl_lv = 0.5 * (1.0 - tl.exp(plv - lv) - dm * dm * e_neg)
-        c = x0 - m
-        inv = tl.exp(-0.5 * lv)
-        up = inv * (c + 1.0 / 255.0)
-        um = inv * (c - 1.0 / 255.0)
-        cp = cdf(up, K)
-        cm = cdf(um, K)
-        gp = cdf_grad(up, K)
-        gm = cdf_grad(um, K)
-        delta = cp - cm
-        # d ll / d u+ and d ll / d u-, zero where the clamp at 1e-12 is active.
-        lo = x0 < -0.999
-        hi = x0 > 0.999
-        dup_lo = tl.where(cp >= 1e-12, gp / tl.maximum(cp, 1e-12), 0.0)
-        dum_hi = tl.where(1.0 - cm >= 1e-12, -gm / tl.maximum(1.0 - cm, 1e-12), 0.0)
-        ok = delta >= 1e-12
-        dup_mid = tl.where(ok, gp / tl.maximum(delta, 1e-12), 0.0)
-        dum_mid = tl.where(ok, -gm / tl.maximum(delta, 1e-12), 0.0)
-        dup = tl.where(lo, dup_lo, tl.where(hi, 0.0, dup_mid))
-        dum = tl.where(lo, 0.0, tl.where(hi, dum_hi, dum_mid))
-        # u = exp(-ls) (x0 - m +- 1/255): du/dm = -inv, du/dls = -u, ls = lv / 2.
-        dnll_m = (dup + dum) * inv
-        dnll_lv = 0.5 * (dup * up + dum * um)
-        is0 = t == 0
-        dterm_m = tl.where(is0, dnll_m, dkl_m)
-        dterm_lv = tl.where(is0, dnll_lv, dkl_lv)
+        # d(term)/d(mean) and d(term)/d(log-variance): decoder NLL at t = 0,
+        # KL for t > 0 (t is the program's one timestep: one branch runs).
+        if t == 0:
+            c = x0 - m
+            inv = tl.exp(-0.5 * lv)
+            up = inv * (c + 1.0 / 255.0)
+            um = inv * (c - 1.0 / 255.0)
+            cp = cdf(up, K)
+            cm = cdf(um, K)
+            dcp = cdf_grad(up, K)
+            dcm = cdf_grad(um, K)
+            delta = cp - cm
+            # d ll / d u+ and d ll / d u-, zero where the clamp at 1e-12 is active.
+            lo = x0 < -0.999
+            hi = x0 > 0.999
+            dup_lo = tl.where(cp >= 1e-12, dcp / tl.maximum(cp, 1e-12), 0.0)
+            dum_hi = tl.where(1.0 - cm >= 1e-12, -dcm / tl.maximum(1.0 - cm, 1e-12), 0.0)
+            ok = delta >= 1e-12
+            dup_mid = tl.where(ok, dcp / tl.maximum(delta, 1e-12), 0.0)
+            dum_mid = tl.where(ok, -dcm / tl.maximum(delta, 1e-12), 0.0)
+            dup = tl.where(lo, dup_lo, tl.where(hi, 0.0, dup_mid))
+            dum = tl.where(lo, 0.0, tl.where(hi, dum_hi, dum_mid))
+            # u = exp(-ls) (x0 - m +- 1/255): du/dm = -inv, du/dls = -u, ls = lv / 2.
+            dterm_m = (dup + dum) * inv
+            dterm_lv = 0.5 * (dup * up + dum * um)
+        else:
+            dm = m - tm
+            e_neg = tl.exp(-lv)
+            dterm_m = dm * e_neg
+            dterm_lv = 0.5 * (1.0 - tl.exp(plv - lv) - dm * dm * e_neg)
         if VB_TRAINS_MEAN:
             if MEAN == 2:
                 dm_deo = -c1 * srm1
