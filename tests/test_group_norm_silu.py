@@ -361,6 +361,7 @@ def _python_prints_ok(code, drop=(), **env_vars):
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
 
 
+@pytest.mark.build
 def test_cmake_build_and_ctest(tmp_path):
     """CMakeLists.txt builds csrc/ and the C++ test (tests/cpp/test_*.cpp),
     and ctest passes: the build setup.py does not exercise. (Its test glob
@@ -390,6 +391,7 @@ def test_cmake_build_and_ctest(tmp_path):
     assert "100% tests passed" in res.stdout
 
 
+@pytest.mark.build
 def test_first_use_build_prints_one_line_and_loads(tmp_path):
     """`pip install .` (build isolation: no extension in the wheel) compiles
     it on first use with ninja into a cache folder, saying so in one line on
@@ -422,6 +424,7 @@ print("ok")
     assert lines[1] == [], lines
 
 
+@pytest.mark.build
 def test_setup_py_builds_the_extension_ahead_of_time(tmp_path):
     """`pip install --no-build-isolation .`: with torch importable, setup.py
     compiles csrc/ into iddpm_fast._C, and that library loads and registers
