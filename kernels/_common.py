@@ -93,7 +93,13 @@ def check_device(*tensors):
 # IDDPM_FAST_TRITON_LAUNCH=triton take Triton's own path every time.
 
 _INT32 = (-(2**31), 2**31)
-_LAUNCH_OPTIONS = {"num_warps", "num_stages", "num_ctas", "maxnreg"}
+_LAUNCH_OPTIONS = {"num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion"}
+
+# Launch options every kernel gets. Fused multiply-adds (a * b + c rounded
+# once): Triton 3.9 warns that its default turns them off in 3.10. The kernels'
+# speed and their tests' tolerances were measured with them on, so a Triton
+# upgrade should not change either; asked for explicitly, the warning goes too.
+FIXED_OPTIONS = {"enable_fp_fusion": True}
 
 
 def _arg_key(a):
@@ -119,7 +125,8 @@ class Launcher:
     **constexprs)`, launched directly once its specialisation has been seen.
     Positional arguments are the kernel's leading parameters, keyword
     arguments the rest (every remaining parameter must be given, and be a
-    constexpr) and launch options (num_warps, num_stages, num_ctas, maxnreg)."""
+    constexpr) and launch options (num_warps, num_stages, num_ctas, maxnreg;
+    FIXED_OPTIONS are added to every launch)."""
 
     direct = os.environ.get("IDDPM_FAST_TRITON_LAUNCH", "direct").strip().lower() != "triton"
 
@@ -129,6 +136,7 @@ class Launcher:
         self.misses = 0  # launches that went through kernel[grid] (tests count them)
 
     def __call__(self, grid, *args, **constexprs):
+        constexprs.update(FIXED_OPTIONS)
         if not self.direct or interpreting():
             return self.kernel[grid](*args, **constexprs)
         try:

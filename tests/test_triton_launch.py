@@ -89,9 +89,23 @@ def test_first_call_through_triton_then_direct_with_constexprs_in_parameter_orde
     launch((4,), x, 100, BLOCK=128, A=3)  # keyword order differs from the parameter order
     launch((5, 2), x, 100, BLOCK=128, A=3)
     assert _kinds(kernel.log) == ["triton", "direct"]
-    assert kernel.log[0][1:] == ((4,), (x, 100), {"BLOCK": 128, "A": 3})
+    assert kernel.log[0][1:] == ((4,), (x, 100), {"BLOCK": 128, "A": 3, "enable_fp_fusion": True})
     assert kernel.log[1][1] == (5, 2, 1, 1234, "cufunction", "metadata", None, None, None, x, 100, 3, 128)
     assert launch.misses == 1
+
+
+@pytest.mark.parametrize("path", ["direct", "triton"])
+def test_every_launch_asks_for_fused_multiply_adds(path, monkeypatch, request):
+    """Triton 3.10 turns fused multiply-adds off by default (3.9 warns about
+    it): the kernels ask for them, so their speed and rounding stay as measured."""
+    if path == "direct":
+        request.getfixturevalue("direct")
+    else:
+        monkeypatch.setattr(_common.Launcher, "direct", False)
+    kernel = _Kernel()
+    launch = _common.Launcher(kernel)
+    launch((4,), torch.zeros(64), 100, BLOCK=128, A=3)
+    assert kernel.log[0][0] == "triton" and kernel.log[0][3]["enable_fp_fusion"] is True
 
 
 @pytest.mark.parametrize(
