@@ -1,5 +1,16 @@
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter, which must be
+# chosen before triton is first imported: its standard library (tl.sigmoid and
+# the like) is made of jit functions, interpreted or compiled as they are
+# defined. pytest imports every test module before it runs a test, so a module
+# importing triton early (test_triton_compile.py, first in name order) had
+# left tl.sigmoid compiled for test_triton_kernels.py's interpreted kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
