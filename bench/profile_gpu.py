@@ -360,6 +360,7 @@ def host_split(args):
     launches nothing; all with the Launcher's direct path off, then on."""
     from iddpm_fast import ops
     from iddpm_fast.kernels import training_loss as k
+    from iddpm_fast.kernels._common import FIXED_OPTIONS
     from iddpm_fast.ops import _triton as ot
 
     tables = _cosine_tables()
@@ -379,8 +380,8 @@ def host_split(args):
     fargs = (od, x0, noise, t, tables, loss, mse, vb, D, tables.shape[1], n_chunks, float(D), k._LN2, 1.0, 4.0)
     fconst = dict(NEED_VB=True, IS_KL=False, K=k._K, BLOCK=block, **codes, **k._ROWS)
 
-    def raw():
-        return k._training_loss_fwd_rows_kernel[(B,)](*fargs, **fconst)
+    def raw():  # (with the Launcher's fixed options, so that both compile the same kernel)
+        return k._training_loss_fwd_rows_kernel[(B,)](*fargs, **fconst, **FIXED_OPTIONS)
 
     def launcher():
         k._training_loss_fwd_rows_launch((B,), *fargs, **fconst)

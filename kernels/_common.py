@@ -95,11 +95,13 @@ def check_device(*tensors):
 _INT32 = (-(2**31), 2**31)
 _LAUNCH_OPTIONS = {"num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion"}
 
-# Launch options every kernel gets. Fused multiply-adds (a * b + c rounded
-# once): Triton 3.9 warns that its default turns them off in 3.10. The kernels'
-# speed and their tests' tolerances were measured with them on, so a Triton
-# upgrade should not change either; asked for explicitly, the warning goes too.
-FIXED_OPTIONS = {"enable_fp_fusion": True}
+# Launch options every kernel gets unless its call names them. Fused
+# multiply-adds (a * b + c rounded once): Triton 3.9 warns that its default
+# turns them off in 3.10. The kernels' speed and their tests' tolerances were
+# measured with them on, so a Triton upgrade should not change either; asked
+# for explicitly, the warning goes too. A user's own TRITON_DEFAULT_FP_FUSION
+# (read at import) is left to Triton, as is TRITON_FORCE_DISABLE_FP_FUSION.
+FIXED_OPTIONS = {} if os.environ.get("TRITON_DEFAULT_FP_FUSION") is not None else {"enable_fp_fusion": True}
 
 
 def _arg_key(a):
@@ -136,7 +138,7 @@ class Launcher:
         self.misses = 0  # launches that went through kernel[grid] (tests count them)
 
     def __call__(self, grid, *args, **constexprs):
-        constexprs.update(FIXED_OPTIONS)
+        constexprs = {**FIXED_OPTIONS, **constexprs}
         if not self.direct or interpreting():
             return self.kernel[grid](*args, **constexprs)
         try:

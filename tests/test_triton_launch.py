@@ -106,6 +106,18 @@ def test_every_launch_asks_for_fused_multiply_adds(path, monkeypatch, request):
     launch = _common.Launcher(kernel)
     launch((4,), torch.zeros(64), 100, BLOCK=128, A=3)
     assert kernel.log[0][0] == "triton" and kernel.log[0][3]["enable_fp_fusion"] is True
+    launch((4,), torch.zeros(64), 100, BLOCK=128, A=3, enable_fp_fusion=False)  # a call's own choice stays
+    assert kernel.log[-1][0] == "triton" and kernel.log[-1][3]["enable_fp_fusion"] is False
+
+
+def test_a_users_fp_fusion_default_is_left_to_triton():
+    import subprocess
+    import sys
+
+    code = "from iddpm_fast.kernels import _common; print(_common.FIXED_OPTIONS)"
+    env = dict(os.environ, TRITON_DEFAULT_FP_FUSION="0")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "{}", run.stderr[-2000:]
 
 
 @pytest.mark.parametrize(
