@@ -7,9 +7,11 @@ which do not compile.
 
 The interpreter runs a kernel's Python body and so accepts some programs that
 Triton's compiler rejects (a variable of two types on the two sides of an if,
-say); only a GPU session found those until now. Each launch is recorded by
-replacing Launcher.__call__ (nothing runs), its argument types are turned into
-a Triton signature, and triton.compile builds PTX and, through ptxas, a cubin.
+say); only a GPU session found those until now. Each launch is recorded as
+the Launchers hand it to kernel[grid] (their fixed options included; nothing
+runs), its arguments are specialised as Triton's launcher would (types, ints
+equal to 1 as constexprs, 16-byte alignment hints), and triton.compile builds
+PTX and, through ptxas, a cubin.
 
     python tests/compile_kernels.py [--quick]   # prints a JSON report on stdout
 """
@@ -21,7 +23,7 @@ import os
 import sys
 import time
 
-if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+if os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on"):
     sys.exit("tests/compile_kernels.py: run it with TRITON_INTERPRET unset (interpreted kernels do not compile)")
 
 import torch  # noqa: E402
@@ -37,57 +39,95 @@ TARGET = GPUTarget("cuda", 90, 32)
 LAUNCH_OPTIONS = _common._LAUNCH_OPTIONS  # num_warps, enable_fp_fusion, ...: compile options, not arguments
 POINTER_TYPES = {
     torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64",
-    torch.int64: "*i64", torch.int32: "*i32", torch.bool: "*i1",
+    torch.int64: "*i64", torch.int32: "*i32", torch.bool: "*u1",
 }
+try:  # Triton's own argument specialisation (3.4+): ints equal to 1 become constexprs, 16-byte alignment a hint
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+except ImportError:
+    native_specialize_impl = None
+
+
+class _Recorder:
+    """Stands in for a Launcher's kernel: kernel[grid](...) records the launch."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **constexprs: self.launches.append((self.kernel, args, constexprs))
+
+
+def launchers():
+    """Every Launcher of the kernel modules."""
+    return [v for m in (likelihood, q_sample, sampling, training_loss) for v in vars(m).values()
+            if isinstance(v, _common.Launcher)]
 
 
 def record_launches(drive):
-    """The (kernel, args, keywords) of every launch `drive()` makes; nothing runs."""
+    """The (kernel, args, keywords) of every launch `drive()` makes, as the
+    Launchers pass them to kernel[grid] (their fixed options included); nothing runs."""
     launches = []
-
-    def record(self, grid, *args, **constexprs):
-        launches.append((self.kernel, args, {**constexprs, **_common.FIXED_OPTIONS}))  # as Launcher.__call__
-
-    original = _common.Launcher.__call__
-    _common.Launcher.__call__ = record
+    found = launchers()
+    kernels = [launcher.kernel for launcher in found]
+    direct = _common.Launcher.direct
+    _common.Launcher.direct = False  # every call takes kernel[grid](...)
+    for launcher in found:
+        launcher.kernel = _Recorder(launcher.kernel, launches)
     try:
         drive()
     finally:
-        _common.Launcher.__call__ = original
+        _common.Launcher.direct = direct
+        for launcher, kernel in zip(found, kernels):
+            launcher.kernel = kernel
     return launches
 
 
-def _scalar_type(value):
+def _specialise(param, value):
+    """(Triton type, constexpr value or None, attributes) of one argument, as JITFunction.run specialises it."""
+    if native_specialize_impl is not None:
+        ty, spec = native_specialize_impl(BaseBackend, value, False, not param.do_not_specialize,
+                                          not param.do_not_specialize_on_alignment)
+        if ty == "constexpr":
+            return ty, spec, None
+        return ty, None, (BaseBackend.parse_attr(spec) if isinstance(spec, str) else None)
+    if value is None:
+        return "constexpr", None, None
+    if isinstance(value, torch.Tensor):
+        return POINTER_TYPES[value.dtype], None, None
     if isinstance(value, bool):
-        return "i1"
+        return "u1", None, None
     if isinstance(value, int):
-        return "i32" if -2**31 <= value < 2**31 else "i64"
+        return ("i32" if -2**31 <= value < 2**31 else "i64"), None, None
     if isinstance(value, float):
-        return "fp32"
+        return "fp32", None, None
     raise TypeError(f"no Triton type for {type(value).__name__}")
 
 
 def signature(kernel, args, constexprs):
-    """ASTSource's (signature, constexprs) and the launch options of one launch."""
+    """ASTSource's (signature, constexprs, attrs) and the compile options of one launch."""
     params = kernel.params
     bound = dict(zip((p.name for p in params), args))
     bound.update({k: v for k, v in constexprs.items() if k not in LAUNCH_OPTIONS})
-    sig, consts = {}, {}
+    sig, consts, attrs = {}, {}, {}
     for i, p in enumerate(params):
         if p.name not in bound:
             if p.default is inspect.Parameter.empty:
                 raise TypeError(f"{kernel.fn.__name__}: no value for {p.name}")
             bound[p.name] = p.default
         value = bound[p.name]
-        if p.is_constexpr or value is None:
+        if p.is_constexpr:
             sig[p.name] = "constexpr"
             consts[(i,)] = value
-        elif isinstance(value, torch.Tensor):
-            sig[p.name] = POINTER_TYPES[value.dtype]
-        else:
-            sig[p.name] = _scalar_type(value)
+            continue
+        ty, const, attr = _specialise(p, value)
+        sig[p.name] = ty
+        if ty == "constexpr":
+            consts[(i,)] = const
+        elif attr:
+            attrs[(i,)] = attr
     options = {k: v for k, v in constexprs.items() if k in LAUNCH_OPTIONS}
-    return sig, consts, options
+    return sig, consts, attrs, options
 
 
 def _drive(quick):
@@ -141,18 +181,21 @@ def _drive(quick):
 
 def main(quick=False):
     launches = record_launches(lambda: _drive(quick))
-    seen, report = set(), {"triton": triton.__version__, "target": "sm_90", "kernels": []}
+    seen, report = set(), {"triton": triton.__version__, "target": "sm_90", "kernels": [],
+                           "launchers": sorted(launcher.kernel.fn.__name__ for launcher in launchers())}
     for kernel, args, constexprs in launches:
-        sig, consts, options = signature(kernel, args, constexprs)
-        key = (kernel.fn.__name__, tuple(sig.items()), tuple(sorted(consts.items())), tuple(sorted(options.items())))
+        sig, consts, attrs, options = signature(kernel, args, constexprs)
+        key = (kernel.fn.__name__, tuple(sig.items()), tuple(sorted(consts.items(), key=repr)),
+               tuple(sorted(attrs)), tuple(sorted(options.items())))
         if key in seen:
             continue
         seen.add(key)
         start = time.perf_counter()
         entry = {"kernel": kernel.fn.__name__, "signature": {k: v for k, v in sig.items() if v != "constexpr"},
+                 "aligned": sorted(kernel.params[i[0]].name for i in attrs),
                  "constexprs": {kernel.params[i[0]].name: repr(v) for i, v in consts.items()}, "options": options}
         try:
-            compiled = triton.compile(ASTSource(kernel, sig, consts), target=TARGET, options=options)
+            compiled = triton.compile(ASTSource(kernel, sig, consts, attrs), target=TARGET, options=options)
             entry["ok"] = "cubin" in compiled.asm
             entry["ptx_lines"] = compiled.asm["ptx"].count("\n")
             if not entry["ok"]:

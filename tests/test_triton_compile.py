@@ -31,7 +31,8 @@ KERNELS = {
 
 @pytest.fixture(scope="module")
 def report():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # (TRITON_DEFAULT_FP_FUSION: a user's own choice turns the Launcher's fixed option off)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
     # The iddpm_fast this session imported (a checkout or an installed copy), not whichever the child finds.
     package_root = str(Path(iddpm_fast.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
@@ -51,7 +52,13 @@ def test_every_kernel_compiles_for_sm90(report):
 
 def test_every_kernel_was_launched(report):
     # A kernel function that stopped launching (or a new kernel the driver misses) shows here.
-    assert {e["kernel"] for e in report["kernels"]} == KERNELS
+    assert {e["kernel"] for e in report["kernels"]} == set(report["launchers"]) == KERNELS
+
+
+def test_specialised_as_triton_launches_them(report):
+    # Ints equal to 1 are constexprs (the one-chunk samples' n_chunks), aligned pointers carry the hint.
+    assert any(e["constexprs"].get("n_chunks") == "1" for e in report["kernels"])
+    assert all("tables_ptr" in e["aligned"] for e in report["kernels"] if "tables_ptr" in e["signature"])
 
 
 def test_half_precision_pointers_were_compiled(report):
@@ -60,6 +67,6 @@ def test_half_precision_pointers_were_compiled(report):
 
 
 def test_fused_multiply_adds_asked_for(report):
-    # The launcher's fixed option reaches the compiler (Triton 3.9 warns when it is left to the default).
+    # The Launcher's fixed option reaches the compiler (Triton 3.9 warns when it is left to the default).
     assert all(e["options"].get("enable_fp_fusion") is True for e in report["kernels"])
     assert "TRITON_DEFAULT_FP_FUSION" not in report["stderr"]
