@@ -82,27 +82,33 @@ def _double(*xs):
     return [x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in xs]
 
 
-# How far past the float32 reference's largest error a provider may be. A
-# fused multiply-add (Triton and torch.compile contract a * b - c * d into
-# one) rounds other elements worst: at 64x3x256x256, pred_xstart evaluated as
-# fma(c1, x, -round(c2 * eps)) is at most 8.0e-4 off the float64 truth, and
-# 9.3e-4 with the other product rounded, against 1.29e-4 for the reference's
-# two rounded products (CPU, float64 emulation); on an H200 both the kernel
-# and torch.compile came 5.2e-4 past the 2x this factor was before.
+# How far past the float32 reference's largest error in the same sample a
+# provider may be. A fused multiply-add (Triton and torch.compile contract
+# a * b - c * d into one) rounds other elements worst: at 64x3x256x256,
+# pred_xstart evaluated as fma(c1, x, -round(c2 * eps)) is at most 8.0e-4 off
+# the float64 truth, and 9.3e-4 with the other product rounded, against
+# 1.29e-4 for the reference's two rounded products (CPU, float64 emulation;
+# per sample, both stay within 8x at the three benchmark shapes); on an H200
+# both the kernel and torch.compile came 5.2e-4 past the 2x of the whole
+# batch this guard allowed before.
 REF_ERROR_FACTOR = 8
 
 
 def _assert_as_close_as_reference(got, want, truth, rtol, atol):
     """Each of `got` (a provider's outputs) within rtol/atol of the float64
-    truth, plus REF_ERROR_FACTOR times the float32 eager reference's largest
-    error (`want`). A guard that every provider computes the same function,
-    as strict as rtol/atol where the math is well conditioned; not where it
-    is not: pred_xstart at t near T multiplies rounding by sqrt(1 / alpha_bar)
-    (8e4 at t = 3999), and the t = 0 decoder term's log(cdf+ - cdf-) cancels
-    in float32."""
+    truth, plus REF_ERROR_FACTOR times the float32 eager reference's (`want`)
+    largest error in the same sample. A guard that every provider computes
+    the same function, as strict as rtol/atol where the math is well
+    conditioned; not where it is not: pred_xstart at t near T multiplies
+    rounding by sqrt(1 / alpha_bar) (8e4 at t = 3999), and the t = 0 decoder
+    term's log(cdf+ - cdf-) cancels in float32. Per sample, so that the one
+    sample at t = 3999 does not widen the others' bounds."""
     for i, (g, w, tr) in enumerate(zip(got, want, truth)):
         tr = tr.double()
-        allowed = REF_ERROR_FACTOR * (w.double() - tr).abs().max() + atol + rtol * tr.abs()
+        ref_error = (w.double() - tr).abs()
+        if ref_error.dim() > 1:
+            ref_error = ref_error.flatten(1).amax(1).view(-1, *([1] * (ref_error.dim() - 1)))
+        allowed = REF_ERROR_FACTOR * ref_error + atol + rtol * tr.abs()
         excess = ((g.double() - tr).abs() - allowed).max().item()
         assert excess <= 0, f"output {i}: off the float64 truth by {excess:.3g} more than allowed"
 
