@@ -64,7 +64,7 @@ fi
 # which the build stage above has done once. Deselected here; and a per-test timeout
 # (pytest-timeout, on that image), the slowest tests listed, and one inductor compile
 # thread per worker, not one per core.)
-timeout_opt=$($py -c "import pytest_timeout" 2>/dev/null && echo "--timeout=${TEST_TIMEOUT_S:-120}")
+timeout_opt=$($py -c "import pytest_timeout" 2>/dev/null && echo "--timeout=${TEST_TIMEOUT_S:-90}")
 want tests && TORCHINDUCTOR_COMPILE_THREADS=1 stage 170 "$log_tests" $py -m pytest -q -p no:cacheprovider \
     -n "${TEST_WORKERS:-12}" -m "not build" --maxfail=40 -rfEs --durations=25 $timeout_opt \
     tests/test_group_norm_silu.py tests/test_bias_add.py tests/test_unet.py tests/test_dropout.py tests/test_cuda_graphs.py \
