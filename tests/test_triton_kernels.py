@@ -1,17 +1,15 @@
 """
 Triton kernels against their reference twins. On a machine without a GPU they
-run through Triton's interpreter (TRITON_INTERPRET=1, set here before any
-kernel module is imported), so the shapes are small.
+run through Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py
+before any kernel module is imported), so the shapes are small.
 """
 
 import itertools
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# (TRITON_INTERPRET=1 without a GPU: tests/conftest.py sets it before any test module imports triton)
 pytest.importorskip("triton")
 
 from iddpm_fast import gaussian_diffusion as gd  # noqa: E402
