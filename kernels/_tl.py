@@ -30,38 +30,57 @@ def load_model_output(out_ptr, b, offs, mask, D, LEARNED: tl.constexpr):
 
 
 @triton.jit
-def tanh(z):
-    # No libdevice under the interpreter: tanh(z) = 2 sigmoid(2z) - 1.
-    return 2.0 * tl.sigmoid(2.0 * z) - 1.0
+def _twice_cdf(u, K: tl.constexpr):
+    """
+    2 cdf(u) and tanh(K (u + 0.044715 u^3)) for the original's approximation
+    cdf(u) = 0.5 (1 + tanh(K (u + 0.044715 u^3))), K = sqrt(2/pi).
+
+    tanh(z) = 2 sigmoid(2z) - 1 (no libdevice under the interpreter), with
+    sigmoid(2z) = 1 / (1 + 2^(-2z log2(e))) and the constants folded into one
+    polynomial in u: -2z log2(e) = u (a + b u^2). 1 + tanh rounds as the
+    original's does (small probabilities cancel to multiples of 2^-24, not
+    to their true values), and cdf is half of it exactly, so callers keep
+    2 cdf and halve once at the end.
+    """
+    a = -2.8853900817779268 * K  # -2 log2(e) K
+    b = (-2.8853900817779268 * 0.044715) * K
+    s = 1.0 / (1.0 + tl.exp2(u * (a + b * (u * u))))
+    th = 2.0 * s - 1.0
+    return 1.0 + th, th
 
 
 @triton.jit
-def cdf(u, K: tl.constexpr):
-    """The original's approximation 0.5 (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3))); K = sqrt(2/pi)."""
-    return 0.5 * (1.0 + tanh(K * (u + 0.044715 * u * u * u)))
+def cdf_and_grad(u, K: tl.constexpr):
+    """cdf(u) and d cdf / du, from one tanh."""
+    c2, th = _twice_cdf(u, K)
+    return 0.5 * c2, 0.5 * (1.0 - th * th) * K * (1.0 + 3.0 * 0.044715 * u * u)
 
 
 @triton.jit
-def cdf_grad(u, K: tl.constexpr):
-    """d cdf / du."""
-    th = tanh(K * (u + 0.044715 * u * u * u))
-    return 0.5 * (1.0 - th * th) * K * (1.0 + 3.0 * 0.044715 * u * u)
+def bin_probability(x, m, ls, K: tl.constexpr):
+    """
+    The probability the discretised Gaussian (mean m, log std ls) gives the
+    8-bit bin of x in [-1, 1], clamped at 1e-12 as the original clamps it.
+    """
+    c = x - m
+    inv = tl.exp(-ls)
+    cp2, _ = _twice_cdf(inv * (c + 1.0 / 255.0), K)
+    cm2, _ = _twice_cdf(inv * (c - 1.0 / 255.0), K)
+    # The reference takes log(clamp(p, 1e-12)) of all three probabilities
+    # (lowest bin, highest bin, the bin between) and keeps one per element;
+    # choosing p first gives the same number with one log instead of three.
+    # In doubled cdfs: 1 - cm = (2 - 2 cm) / 2 and cp - cm = (2 cp - 2 cm) / 2
+    # round exactly as the halves do.
+    p = 0.5 * tl.where(x < -0.999, cp2, tl.where(x > 0.999, 2.0 - cm2, cp2 - cm2))
+    # NaN-propagating clamp, as the reference's clamp(min=1e-12): a NaN model
+    # output must give a NaN loss (TrainLoop stops on it), not log(1e-12).
+    return tl.maximum(p, 1e-12, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
 def log_likelihood(x, m, ls, K: tl.constexpr):
     """Discretised Gaussian log-likelihood (nats) of x in [-1, 1], mean m, log std ls."""
-    c = x - m
-    inv = tl.exp(-ls)
-    cp = cdf(inv * (c + 1.0 / 255.0), K)
-    cm = cdf(inv * (c - 1.0 / 255.0), K)
-    # The reference takes log(clamp(p, 1e-12)) of all three probabilities
-    # (lowest bin, highest bin, the bin between) and keeps one per element;
-    # choosing p first gives the same number with one log instead of three.
-    # NaN-propagating clamp, as the reference's clamp(min=1e-12): a NaN model
-    # output must give a NaN loss (TrainLoop stops on it), not log(1e-12).
-    p = tl.where(x < -0.999, cp, tl.where(x > 0.999, 1.0 - cm, cp - cm))
-    return tl.log(tl.maximum(p, 1e-12, propagate_nan=tl.PropagateNan.ALL))
+    return tl.log(bin_probability(x, m, ls, K))
 
 
 @triton.jit

@@ -144,8 +144,8 @@ def _vb_terms_kernel(
     t_ptr,  # [B] int64 timesteps
     tables_ptr,  # [R, T] float32 coefficient tables
     pred_ptr,  # [B, D] x_0 prediction, x_t's dtype
-    part_ptr,  # [B, n_chunks] float32 partial sums of the bound term (nats)
-    D, T, n_chunks,
+    part_ptr,  # [B, n_chunks] float32 partial sums of the bound term, in bits/dim (nats / (D ln 2))
+    D, T, n_chunks, inv_dln2,
     MEAN: tl.constexpr, VAR: tl.constexpr, LEARNED: tl.constexpr, CLIP: tl.constexpr,
     R_C1: tl.constexpr, R_C2: tl.constexpr, R_PLV: tl.constexpr, R_SRA: tl.constexpr, R_SRM1: tl.constexpr,
     R_LOGB: tl.constexpr, R_FLLV: tl.constexpr, R_RC1: tl.constexpr, R_C2C1: tl.constexpr,
@@ -165,7 +165,7 @@ def _vb_terms_kernel(
     plv = tl.load(tables_ptr + R_PLV * T + t)
     tm = tl.load(tables_ptr + R_C1 * T + t) * x0 + tl.load(tables_ptr + R_C2 * T + t) * xt
     term = bound_term(x0, tm, plv, m, lv, t, K)
-    tl.store(part_ptr + b.to(tl.int64) * n_chunks + chunk, tl.sum(tl.where(mask, term, 0.0), axis=0))
+    tl.store(part_ptr + b.to(tl.int64) * n_chunks + chunk, tl.sum(tl.where(mask, term, 0.0), axis=0) * inv_dln2)
 
 
 def vb_terms_bpd(model_output, x_start, x_t, t, tables, model_mean_type, model_var_type, clip_denoised):
@@ -178,15 +178,18 @@ def vb_terms_bpd(model_output, x_start, x_t, t, tables, model_mean_type, model_v
     block = block_size(D)
     n_chunks = cdiv(D, block) if D else 1
     pred = torch.empty_like(xt)
-    part = torch.zeros((B, n_chunks), device=xt.device, dtype=torch.float32)
+    # Every (sample, chunk) program writes its partial: no zero fill (a memset
+    # launch) unless there is nothing to launch.
+    part = (torch.empty if B and D else torch.zeros)((B, n_chunks), device=xt.device, dtype=torch.float32)
     if B and D:
         _vb_terms_launch((B, n_chunks),
             out, x0, xt, t.contiguous(), tables.contiguous(), pred, part, D, tables.shape[1], n_chunks,
+            1.0 / (D * _LN2),
             MEAN=MEAN_CODES[model_mean_type], VAR=VAR_CODES[model_var_type],
             LEARNED=model_var_type in ("learned", "learned_range"), CLIP=bool(clip_denoised),
             K=_K, BLOCK=block, **MODEL_ROWS,
         )
-    return part.sum(dim=1) / D / _LN2, pred
+    return (part.sum(dim=1) if D else part.sum(dim=1) / D), pred  # an empty sample: NaN, a mean over nothing
 
 
 # Launches by kernel[grid](...) the first time, directly afterwards (see _common.Launcher).

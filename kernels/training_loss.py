@@ -39,7 +39,7 @@ from ._common import (
     next_power_of_2,
     warps,
 )
-from ._tl import bound_term, cdf, cdf_grad, chunk_offsets, load_model_output, model_distribution
+from ._tl import bound_term, cdf_and_grad, chunk_offsets, load_model_output, model_distribution
 
 
 
@@ -290,10 +290,8 @@ def _training_loss_bwd_kernel(
             inv = tl.exp(-0.5 * lv)
             up = inv * (c + 1.0 / 255.0)
             um = inv * (c - 1.0 / 255.0)
-            cp = cdf(up, K)
-            cm = cdf(um, K)
-            dcp = cdf_grad(up, K)
-            dcm = cdf_grad(um, K)
+            cp, dcp = cdf_and_grad(up, K)
+            cm, dcm = cdf_and_grad(um, K)
             delta = cp - cm
             # d ll / d u+ and d ll / d u-, zero where the clamp at 1e-12 is active.
             lo = x0 < -0.999

@@ -5,6 +5,7 @@ before any kernel module is imported), so the shapes are small.
 """
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -656,6 +657,32 @@ def test_likelihood_broadcast_log_scales():
                                rtol=1e-4, atol=1e-5)
 
 
+def _assert_bound_terms(got, want, truth, inputs, t, slack=0.0, **kinds):
+    """
+    Per-sample bound terms (bits/dim) against the float32 reference `want`
+    and the float64 value `truth`: within twice the float32 reference's own
+    distance to float64, plus rounding, as the loss is held (a KL of nearby
+    Gaussians cancels).
+
+    The decoder terms (t = 0) get one more allowance, their conditioning: a
+    bin's probability p is a difference of two cdfs (or 1 - cdf), each
+    rounded to about 2^-24 absolute in float32 by whichever tanh computes it
+    (the kernel's is 2 sigmoid(2u) - 1, the reference's torch.tanh), so
+    log p carries about 2 * 2^-24 / p of rounding either way, and which of
+    the two lands nearer the float64 value is luck (one such sample: the
+    reference 7e-5 bits/dim from float64, the kernel 2.3e-4). inputs are
+    (model_output, x_0, x_t, tables) in float64.
+    """
+    out, x0, x_t, tables = inputs
+    mean, _, log_var, _ = ref.p_mean_variance_unfused(out, x_t, t, tables, **kinds)
+    p = ref.discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).exp()
+    conditioning = (4 * 2.0**-24 / p).flatten(1).mean(dim=1) / math.log(2.0)
+    allowed = 2 * (want.double() - truth).abs() + 1e-5 * truth.abs() + 1e-6 + slack
+    allowed = torch.where(t == 0, allowed + conditioning, allowed)
+    assert ((got.double() - truth).abs() <= allowed).all(), ((got.double() - truth).abs(), allowed)
+
+
+
 @pytest.mark.parametrize("mean,var,clip", SAMPLING_KINDS)
 def test_vb_terms_match_reference(mean, var, clip):
     learned = var in ref.LEARNED_VAR_TYPES
@@ -667,8 +694,8 @@ def test_vb_terms_match_reference(mean, var, clip):
                                        clip_denoised=clip)
     truth, _ = ref.vb_terms_bpd(out.double(), x0.double(), x_t.double(), t, tables.double(), model_mean_type=mean,
                                 model_var_type=var, clip_denoised=clip)
-    # as for the loss: within twice the fp32 reference's own distance to the float64 value
-    assert ((got.double() - truth).abs() <= 2 * (want.double() - truth).abs() + 1e-5 * truth.abs() + 1e-6).all()
+    inputs = (out.double(), x0.double(), x_t.double(), tables.double())
+    _assert_bound_terms(got, want, truth, inputs, t, model_mean_type=mean, model_var_type=var, clip_denoised=clip)
     torch.testing.assert_close(pred, want_pred, rtol=1e-5, atol=1e-5)
 
 
@@ -733,8 +760,8 @@ def test_every_op_takes_non_contiguous_inputs_in_every_dtype(layout, dtype):
     truth, _ = ref.vb_terms_bpd(of.double(), x0f.double(), xtf.double(), t, tables.double(), **kinds,
                                 clip_denoised=True)
     slack = 0 if dtype == torch.float32 else 4 * atol * truth.abs().max()
-    assert ((vb.double() - truth).abs() <= 2 * (want_vb.double() - truth).abs() + 1e-5 * truth.abs() + 1e-6
-            + slack).all()
+    inputs = (of.double(), x0f.double(), xtf.double(), tables.double())
+    _assert_bound_terms(vb, want_vb, truth, inputs, t, slack, **kinds, clip_denoised=True)
     torch.testing.assert_close(pred.float(), want_pred, **tol)
     # The training loss and its gradient (per-sample terms in float32).
     loss_kinds = dict(**kinds, loss_type="rescaled_mse", num_timesteps=T)
