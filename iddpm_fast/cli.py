@@ -238,7 +238,7 @@ def main(argv=None):
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     run = args.pop("_run")
-    args.pop("command")
+    command = args.pop("command")
     malloc = args.pop("malloc_tuning", os.environ.get("IDDPM_FAST_MALLOC_TUNING", "1") != "0")
     if malloc:
         tune_malloc()
@@ -248,7 +248,14 @@ def main(argv=None):
         return run(args)
     except KeyboardInterrupt as exc:
         print(f"\n{exc or 'interrupted'}", file=sys.stderr)
-        return 130
+        return 128 + int(getattr(exc, "signum", 2))  # 130 for Ctrl-C, 143 for SIGTERM
+    except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        # A bad flag, path or file: the message says what is wrong, and a
+        # traceback would bury it. IDDPM_FAST_TRACEBACK=1 shows where it came from.
+        if os.environ.get("IDDPM_FAST_TRACEBACK", "0").strip() not in ("", "0"):
+            raise
+        print(f"iddpm_fast {command}: error: {exc}\n(IDDPM_FAST_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

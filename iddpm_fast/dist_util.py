@@ -159,6 +159,11 @@ def dev():
     return th.device("cpu")
 
 
+class CheckpointError(pickle.UnpicklingError, ValueError):
+    """A checkpoint file that torch.load(weights_only=True) cannot read (an
+    UnpicklingError, as torch raises, and a ValueError, as for a bad argument)."""
+
+
 def load_state_dict(path, **kwargs):
     """
     Load a checkpoint written with ``torch.save``: ``torch.load(path, **kwargs)``
@@ -187,9 +192,17 @@ def load_state_dict(path, **kwargs):
     try:
         return th.load(path, **kwargs)
     except pickle.UnpicklingError as exc:  # objects weights_only refuses, or not a pickle at all
-        raise pickle.UnpicklingError(f"cannot load checkpoint {path}: {exc}") from exc
+        # torch's message advises weights_only=False, which this loader refuses
+        # for untrusted files: keep only what it found.
+        detail = str(exc).split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0]
+        detail = " ".join(detail.split()) or type(exc).__name__
+        raise CheckpointError(
+            f"cannot load checkpoint {path} ({os.path.getsize(path)} bytes): {detail}. It holds objects other "
+            "than tensors, numbers and containers (checkpoints are loaded with weights_only=True, never "
+            "unpickled), or it is not a torch.save file (truncated, corrupted, another format)."
+        ) from exc
     except Exception as exc:  # truncated, empty, or not written by torch.save
-        raise ValueError(
+        raise CheckpointError(
             f"cannot load checkpoint {path} ({os.path.getsize(path)} bytes): {type(exc).__name__}: {exc}\n"
             "Is it complete (an interrupted copy or download is truncated) and written by torch.save?"
         ) from exc

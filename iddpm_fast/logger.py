@@ -341,19 +341,20 @@ class TensorBoardOutputFormat(KVWriter):
             self.writer = None
 
 
-def make_output_format(format, ev_dir, log_suffix="", resume_step=None):
+def make_output_format(format, ev_dir, log_suffix="", resume_step=None, append=False):
     """
     An output for ``format`` (stdout, log, json, csv, tensorboard) in directory
     ``ev_dir``. With ``resume_step`` (a training run resuming from the
     checkpoint of that step) the files continue instead of starting over:
     ``log.txt`` is appended to, and ``progress.csv`` / ``progress.json`` keep
-    their rows of the steps before ``resume_step``.
+    their rows of the steps before ``resume_step``. ``append`` (new) appends
+    to ``log.txt`` too (sampling or evaluating into a training run's folder).
     """
     os.makedirs(ev_dir, exist_ok=True)
     if format == "stdout":
         return HumanOutputFormat(sys.stdout)
     if format == "log":
-        return HumanOutputFormat(osp.join(ev_dir, f"log{log_suffix}.txt"), append=resume_step is not None)
+        return HumanOutputFormat(osp.join(ev_dir, f"log{log_suffix}.txt"), append=append or resume_step is not None)
     if format == "json":
         return JSONOutputFormat(osp.join(ev_dir, f"progress{log_suffix}.json"), keep_before_step=resume_step)
     if format == "csv":
@@ -617,12 +618,13 @@ def mpi_weighted_mean(comm, local_name2valcount):
 # ----------------------------------------------------------------------------
 
 
-def configure(dir=None, format_strs=None, comm=None, log_suffix="", resume_step=None):
+def configure(dir=None, format_strs=None, comm=None, log_suffix="", resume_step=None, append=False):
     """
     Make a new current logger (the previous one is left open; see the module
     docstring for how ``dir``, ``format_strs`` and ``comm`` are chosen).
     ``resume_step`` (new): continue the files of a run resuming from that
     step's checkpoint instead of starting them over (see make_output_format).
+    ``append`` (new): add to an existing ``log.txt`` instead of truncating it.
     """
     if dir is None:
         dir = os.getenv("OPENAI_LOGDIR")
@@ -641,7 +643,7 @@ def configure(dir=None, format_strs=None, comm=None, log_suffix="", resume_step=
             format_strs = os.getenv("OPENAI_LOG_FORMAT", "stdout,log,csv").split(",")
         else:
             format_strs = os.getenv("OPENAI_LOG_FORMAT_MPI", "log").split(",")
-    output_formats = [make_output_format(f.strip(), dir, log_suffix, resume_step) for f in format_strs
+    output_formats = [make_output_format(f.strip(), dir, log_suffix, resume_step, append) for f in format_strs
                       if f and f.strip()]
 
     Logger.CURRENT = Logger(dir=dir, output_formats=output_formats, comm=comm)

@@ -20,7 +20,12 @@ import torch
 
 from . import cpu_memory, cuda_graphs, dist_util, fp16_util, logger
 from .image_utils import save_grid, to_uint8
-from .script_util import channels_last_option, create_model_and_diffusion, model_and_diffusion_defaults
+from .script_util import (
+    channels_last_option,
+    coerce_options,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
 
 __all__ = ["sample", "nll", "load_model_and_diffusion", "SAMPLE_DEFAULTS", "NLL_DEFAULTS"]
 
@@ -44,7 +49,7 @@ def _saved_config(model_path):
     if match:
         state_path = os.path.join(folder, f"train_state{match.group(1)}.pt")
         if os.path.exists(state_path):
-            state = torch.load(state_path, weights_only=True, map_location="cpu")
+            state = dist_util.load_state_dict(state_path, map_location="cpu")
             if state.get("config"):
                 return json.loads(state["config"]), state_path
     path = os.path.join(folder, "config.json")
@@ -56,6 +61,7 @@ def _saved_config(model_path):
 
 def _resolve(given, defaults):
     """defaults <- saved run config <- given flags, refusing contradictions."""
+    given = coerce_options(given, defaults)
     model_path = given.get("model_path") or defaults.get("model_path")
     if not model_path:
         raise ValueError("model_path is required (a modelNNNNNN.pt or ema_<rate>_NNNNNN.pt file)")
@@ -72,6 +78,7 @@ def _resolve(given, defaults):
                     f"from {source}); drop the flag to use the saved value"
                 )
         cfg.update({k: v for k, v in saved.items() if k in model_keys and v is not None})
+        cfg["data_classes"] = saved.get("data_classes")
     cfg.update(given)
     cfg["_config_source"] = source
     return cfg
@@ -109,14 +116,39 @@ def load_model_and_diffusion(cfg, device):
     return model.to(device).eval(), diffusion
 
 
+def checked_device(name):
+    """torch.device(name), or an error saying why it cannot run here ("" =
+    the default: this process's GPU where there is one, else the CPU)."""
+    if not name:
+        return dist_util.dev()
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device={name!r} is not a device: {exc}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device={name!r} but {why} (torch {torch.__version__}); leave device empty for the CPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device={name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type not in ("cpu", "meta") and not getattr(torch, device.type, None):
+        raise ValueError(f"device={name!r}: this torch has no {device.type} support")
+    return device
+
+
 def _setup(cfg):
+    for key in ("num_samples", "batch_size"):
+        if int(cfg[key]) <= 0:
+            raise ValueError(f"{key} must be positive, got {cfg[key]}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist_util.setup_dist()
-    device = torch.device(cfg["device"]) if cfg.get("device") else dist_util.dev()
+    device = checked_device(cfg.get("device"))
     if device.type == "cpu":
         cpu_memory.retain_freed_memory()
     if cfg.get("out_dir"):
-        logger.configure(dir=cfg["out_dir"], format_strs=["stdout", "log"] if dist_util.get_rank() == 0 else [])
+        # Appended to: out_dir is often the training run's folder, whose log.txt is the run's record.
+        logger.configure(dir=cfg["out_dir"], format_strs=["stdout", "log"] if dist_util.get_rank() == 0 else [],
+                         append=True)
     elif _unchosen_log_dir():
         if logger.Logger.CURRENT is not None and logger.get_dir() in _OWN_LOG_DIRS:
             logger.get_current().close()  # the previous call's files
@@ -195,7 +227,9 @@ def sample(**config):
         fp16_util.cast_autocast_weights(model, torch.bfloat16)
     channels = int(cfg.get("in_channels") or 3)
     size, batch = int(cfg["image_size"]), int(cfg["batch_size"])
-    num_classes = int(cfg.get("num_classes") or 0) or 1000
+    # Labels from the classes the training data held (saved by iddpm_fast's
+    # train), else from the model's whole class embedding, as image_sample.py draws them.
+    num_classes = int(cfg.get("data_classes") or 0) or int(cfg.get("num_classes") or 0) or 1000
     torch.manual_seed(int(cfg["seed"]) + rank)
     total = int(cfg["num_samples"])
     n_batches = -(-total // (batch * world))

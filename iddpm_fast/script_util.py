@@ -109,7 +109,8 @@ def _parse_channel_mult(channel_mult, image_size, what="image_size"):
         if image_size not in _DEFAULT_CHANNEL_MULT:
             raise ValueError(
                 f"unsupported {what} {image_size}: the built-in channel multipliers cover "
-                f"{sorted(_DEFAULT_CHANNEL_MULT)}; pass channel_mult (e.g. '1,2,2') for other sizes"
+                f"{sorted(_DEFAULT_CHANNEL_MULT)}; pass channel_mult (--channel_mult on the command line), "
+                "e.g. '1,2,2', for other sizes"
             )
         return _DEFAULT_CHANNEL_MULT[image_size]
     if isinstance(channel_mult, str):
@@ -346,6 +347,53 @@ def str2bool(v):
     if v.lower() in ("no", "false", "f", "n", "0"):
         return False
     raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")
+
+
+def coerce_options(given, defaults):
+    """
+    ``given`` with each value converted to the type of its default, as the
+    command line's flags are, so that keyword arguments from Python mean what
+    the same flags mean: "False" is False for a bool option (not a true
+    string), "8" is 8 for an int one, 10 is "10" for a string one such as
+    ``timestep_respacing``, (1, 2) is "1,2" for ``channel_mult``. A value that
+    does not convert is a ValueError naming the option. Keys without a
+    default, None values and bools given to string options (``channels_last``)
+    pass unchanged.
+    """
+    out = dict(given)
+    for key, value in given.items():
+        if key not in defaults or value is None:
+            continue
+        default = defaults[key]
+        try:
+            if isinstance(default, bool):
+                if isinstance(value, str):
+                    out[key] = str2bool(value)
+                elif isinstance(value, (int, float)) and value in (0, 1):
+                    out[key] = bool(value)
+                elif not isinstance(value, bool):
+                    raise TypeError
+            elif isinstance(default, int):
+                if isinstance(value, str):
+                    out[key] = int(value.strip())
+                elif isinstance(value, float) and value.is_integer():
+                    out[key] = int(value)
+                elif isinstance(value, bool) or not isinstance(value, int):
+                    raise TypeError
+            elif isinstance(default, float):
+                if isinstance(value, (str, int)) and not isinstance(value, bool):
+                    out[key] = float(value)
+                elif not isinstance(value, float):
+                    raise TypeError
+            elif isinstance(default, str):
+                if isinstance(value, (list, tuple)):
+                    out[key] = ",".join(str(v) for v in value)
+                elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                    out[key] = str(value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            kind = {"bool": "a bool", "int": "an int", "float": "a float"}.get(type(default).__name__, "a string")
+            raise ValueError(f"{key} takes {kind} (default {default!r}), got {value!r}") from None
+    return out
 
 
 def channels_last_option(value, device, amp="none"):

@@ -68,6 +68,7 @@ INITIAL_LOG_LOSS_SCALE = 20.0
 __all__ = [
     "TrainLoop",
     "TrainingDiverged",
+    "TrainingInterrupted",
     "parse_resume_step_from_filename",
     "get_blob_logdir",
     "find_resume_checkpoint",
@@ -95,6 +96,15 @@ def _adamw(params, lr, weight_decay):
         except (RuntimeError, TypeError, ValueError):  # older torch, or dtypes the fused kernel lacks
             pass
     return th.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on a signal after saving a checkpoint; ``signum`` is
+    the signal (SIGINT or SIGTERM; the command line exits with 128 + it)."""
+
+    def __init__(self, message, signum=None):
+        super().__init__(message)
+        self.signum = signal.SIGINT if signum is None else signum
 
 
 class TrainLoop:
@@ -326,36 +336,56 @@ class TrainLoop:
         if self._last_saved_step != self.global_step and self.step > 0:
             self.save()
         if interrupted:
-            raise KeyboardInterrupt(
-                f"training interrupted after step {self.global_step}; its checkpoint is saved in "
-                f"{self._checkpoint_dir()}: rerun the same command to resume"
+            name = "terminated (SIGTERM)" if self._interrupt_signal == signal.SIGTERM else "interrupted"
+            raise TrainingInterrupted(
+                f"training {name} after step {self.global_step}; its checkpoint is saved in "
+                f"{self._checkpoint_dir()}: {self.resume_hint}",
+                signum=self._interrupt_signal,
             )
+
+    # What the message of an interrupted run tells the user to do (train() names
+    # the folder when none was chosen, so that rerunning finds it).
+    resume_hint = "rerun the same command to resume"
 
     @contextlib.contextmanager
     def _stop_after_step_on_interrupt(self):
         """
         Ctrl-C (SIGINT) lets the current step finish, then the loop stops and
-        saves a checkpoint before raising KeyboardInterrupt; a second Ctrl-C
-        stops at once. Only in the main thread (where Python handles signals).
+        saves a checkpoint before raising :class:`TrainingInterrupted` (a
+        KeyboardInterrupt); a second Ctrl-C stops at once. SIGTERM (what
+        SLURM, ``docker stop`` and ``timeout`` send before killing) does the
+        same where no one else handles it. Only in the main thread (where
+        Python handles signals).
         """
         self._interrupt_requested = False
-        in_main = threading.current_thread() is threading.main_thread()
-        if not in_main or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-            yield  # signals are handled in the main thread; an ignored SIGINT (nohup) stays ignored
+        self._interrupt_signal = None
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signals are handled in the main thread
             return
 
         def request(signum, frame):
             if self._interrupt_requested:
                 raise KeyboardInterrupt
             self._interrupt_requested = True
-            print("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to stop at once)",
+            self._interrupt_signal = signum
+            what = "SIGTERM" if signum == signal.SIGTERM else "interrupt"
+            again = "a second signal" if signum == signal.SIGTERM else "Ctrl-C again"
+            print(f"\n{what}: finishing this step, then saving a checkpoint ({again} to stop at once)",
                   file=sys.stderr, flush=True)
 
-        previous = signal.signal(signal.SIGINT, request)
+        previous = {}
+        # An ignored SIGINT (nohup) stays ignored; a SIGTERM handler someone installed stays theirs.
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, request)
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, request)
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+            for signum, handler in previous.items():
+                if handler is None:
+                    handler = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+                signal.signal(signum, handler)
 
     def _stop_agreed(self):
         """Whether to stop after this step: an interrupt on any rank stops all of them at the same step."""
@@ -656,17 +686,24 @@ def find_ema_checkpoint(main_checkpoint, step, rate):
     return path if os.path.exists(path) else None
 
 
+def complete_checkpoints(folder):
+    """The complete checkpoints in `folder` (modelNNNNNN.pt whose
+    train_stateNNNNNN.pt exists), oldest first."""
+    found = []
+    for path in glob.glob(os.path.join(folder, "model[0-9]*.pt")):
+        step = parse_resume_step_from_filename(path)
+        if os.path.exists(os.path.join(folder, f"train_state{step:06d}.pt")):
+            found.append((step, path))
+    return [path for _, path in sorted(found)]
+
+
 def latest_checkpoint(folder):
     """
     The newest complete checkpoint (modelNNNNNN.pt whose train_stateNNNNNN.pt
     exists) in `folder`, or None.
     """
-    best = None
-    for path in glob.glob(os.path.join(folder, "model[0-9]*.pt")):
-        step = parse_resume_step_from_filename(path)
-        if os.path.exists(os.path.join(folder, f"train_state{step:06d}.pt")) and (best is None or step > best[0]):
-            best = (step, path)
-    return None if best is None else best[1]
+    found = complete_checkpoints(folder)
+    return found[-1] if found else None
 
 
 def log_loss_dict(diffusion, ts, losses):

@@ -7,7 +7,9 @@ defaults and meaning) plus this library's keys (:data:`NEW_DEFAULTS`). With no
 (any key you pass overrides the preset).
 """
 
+import contextlib
 import difflib
+import glob
 import json
 import os
 import random
@@ -21,11 +23,18 @@ from .image_utils import save_grid
 from .resample import create_named_schedule_sampler
 from .script_util import (
     channels_last_option,
+    coerce_options,
     create_gaussian_diffusion,
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
-from .train_util import TrainLoop, copy_model_with, latest_checkpoint, parse_resume_step_from_filename
+from .train_util import (
+    TrainLoop,
+    complete_checkpoints,
+    copy_model_with,
+    latest_checkpoint,
+    parse_resume_step_from_filename,
+)
 
 __all__ = ["train", "train_defaults", "resolve_config", "IMAGE_TRAIN_DEFAULTS", "NEW_DEFAULTS", "DIGITS_PRESET"]
 
@@ -125,7 +134,7 @@ def resolve_config(config):
     cfg = dict(defaults)
     if _is_digits(config.get("data_dir", "")):
         cfg.update(DIGITS_PRESET)
-    cfg.update(config)
+    cfg.update(coerce_options(config, defaults))
     if cfg["amp"] not in ("none", "bf16", "fp16"):
         raise ValueError(f"amp must be none, bf16 or fp16, got {cfg['amp']!r}")
     if cfg["use_fp16"] and cfg["amp"] == "bf16":
@@ -138,6 +147,9 @@ def resolve_config(config):
     for key in ("max_steps", "lr_anneal_steps", "save_interval", "sample_interval", "num_samples", "nll_samples",
                 "num_workers"):
         if int(cfg[key]) < 0:
+            raise ValueError(f"{key} must be >= 0, got {cfg[key]}")
+    for key in ("lr", "weight_decay", "grad_clip"):
+        if not float(cfg[key]) >= 0:  # (NaN too)
             raise ValueError(f"{key} must be >= 0, got {cfg[key]}")
     return cfg
 
@@ -269,6 +281,42 @@ def _check_resumed_config(run_config, resume, saved, keys=_RUN_DEFINING, log_cha
         logger.log("resuming with changed flags: " + ", ".join(f"{k} {saved[k]!r} -> {run_config[k]!r}" for k in changed))
 
 
+def _grid_respacing(cfg):
+    """
+    The respacing of the sample grids: sample_respacing, where a step count of
+    at least diffusion_steps means the full chain (the default "100" on a run
+    of fewer steps). Both respacings are checked before the run starts.
+    """
+    steps = int(cfg["diffusion_steps"])
+    grid = str(cfg["sample_respacing"]).strip()
+    if grid.isdigit() and int(grid) >= steps:
+        grid = ""
+    _respaced(cfg, "")  # the schedule itself (its own errors name diffusion_steps and noise_schedule)
+    for key, value in (("sample_respacing", grid), ("nll_respacing", str(cfg["nll_respacing"]).strip())):
+        try:
+            _respaced(cfg, value)
+        except ValueError as exc:
+            raise ValueError(f"{key}={cfg[key]!r} does not fit diffusion_steps={steps}: {exc}") from None
+    return grid
+
+
+@contextlib.contextmanager
+def _explain_resume_failure(resume):
+    """A checkpoint of the run being resumed that cannot be read: say which
+    step's files to move away to resume from the one before."""
+    try:
+        yield
+    except dist_util.CheckpointError as exc:
+        if not resume:
+            raise
+        folder, step = os.path.dirname(os.path.abspath(resume)), parse_resume_step_from_filename(resume)
+        earlier = [s for s in (parse_resume_step_from_filename(p) for p in complete_checkpoints(folder)) if s < step]
+        files = ", ".join(os.path.basename(p) for p in sorted(glob.glob(os.path.join(folder, f"*{step:06d}.pt"))))
+        then = (f"to resume from step {max(earlier)}, the newest complete checkpoint before it, move that step's files "
+                f"({files}) out of {folder}" if earlier else "no earlier complete checkpoint is there to fall back on")
+        raise dist_util.CheckpointError(f"resuming from {resume} (step {step}) failed: {exc}\n{then}") from exc
+
+
 def _respaced(cfg, respacing):
     """The run's diffusion with another timestep respacing ("" = the full chain)."""
     return create_gaussian_diffusion(
@@ -294,11 +342,14 @@ def train(**config):
              or None) and seconds.
     """
     cfg = resolve_config(config)
+    grid_respacing = _grid_respacing(cfg)
     started = time.time()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist_util.setup_dist()
     rank = dist_util.get_rank()
-    device = torch.device(cfg["device"]) if cfg["device"] else dist_util.dev()
+    from .sampling import checked_device
+
+    device = checked_device(cfg["device"])
     if device.type == "cpu":
         cpu_memory.retain_freed_memory()
     # The folder the logger will write to (as logger.configure picks it), known before it opens its
@@ -315,7 +366,8 @@ def train(**config):
     if resume:
         from .sampling import _saved_config
 
-        saved = _saved_config(resume)
+        with _explain_resume_failure(resume):
+            saved = _saved_config(resume)
         # Before the logs are cut back to the checkpoint's step (in_channels and
         # num_classes, which come from the data, are checked once it is loaded).
         early = [k for k in _RUN_DEFINING if k in cfg and k not in ("in_channels", "num_classes")]
@@ -341,7 +393,10 @@ def train(**config):
         **model_kwargs, channel_mult=cfg["channel_mult"] or None, in_channels=channels, num_classes=num_classes
     )
     model.to(device)
-    run_config = {**cfg, "in_channels": channels, "num_classes": num_classes}
+    # data_classes: the labels the data hold (sampling draws from those, not
+    # from every row of the model's class embedding).
+    data_classes = getattr(dataset, "num_classes", None) if cfg["class_cond"] else None
+    run_config = {**cfg, "in_channels": channels, "num_classes": num_classes, "data_classes": data_classes}
     if resume:
         _check_resumed_config(run_config, resume, saved)
     if rank == 0:
@@ -366,7 +421,7 @@ def train(**config):
     )
     sampler = create_named_schedule_sampler(cfg["schedule_sampler"], diffusion)
     sample_shape = (int(cfg["num_samples"]), channels, int(cfg["image_size"]), int(cfg["image_size"]))
-    grid_diffusion = _respaced(cfg, cfg["sample_respacing"])
+    grid_diffusion = _respaced(cfg, grid_respacing)
     # Grid labels: the data's classes (a folder's or an .npz's), not the 1000 of the original's default
     # embedding, most of which this run never trains.
     label_count = num_classes or getattr(dataset, "num_classes", None) or 1000
@@ -383,32 +438,35 @@ def train(**config):
                 x = grid_diffusion.p_sample_loop(ema_model, sample_shape, model_kwargs=kwargs, device=device)
         return save_grid(x, os.path.join(out_dir, f"samples_{step:06d}.png"))
 
-    loop = TrainLoop(
-        model=model,
-        diffusion=diffusion,
-        data=data,
-        batch_size=int(cfg["batch_size"]),
-        microbatch=int(cfg["microbatch"]),
-        lr=float(cfg["lr"]),
-        ema_rate=cfg["ema_rate"],
-        log_interval=int(cfg["log_interval"]),
-        save_interval=int(cfg["save_interval"]),
-        resume_checkpoint=resume,
-        fp16_scale_growth=float(cfg["fp16_scale_growth"]),
-        schedule_sampler=sampler,
-        weight_decay=float(cfg["weight_decay"]),
-        lr_anneal_steps=int(cfg["lr_anneal_steps"]),
-        max_steps=int(cfg["max_steps"]),
-        amp=cfg["amp"],
-        channels_last=channels_last_option(cfg["channels_last"], device, cfg.get("amp", "none")),
-        grad_clip=float(cfg["grad_clip"]),
-        checkpoint_dir=out_dir,
-        sample_interval=int(cfg["sample_interval"]),
-        sample_fn=write_samples,
-        config=run_config,
-        nonfinite_patience=int(cfg["nonfinite_patience"]),
-        progress=bool(cfg["progress"]),
-    )
+    with _explain_resume_failure(resume):
+        loop = TrainLoop(
+            model=model,
+            diffusion=diffusion,
+            data=data,
+            batch_size=int(cfg["batch_size"]),
+            microbatch=int(cfg["microbatch"]),
+            lr=float(cfg["lr"]),
+            ema_rate=cfg["ema_rate"],
+            log_interval=int(cfg["log_interval"]),
+            save_interval=int(cfg["save_interval"]),
+            resume_checkpoint=resume,
+            fp16_scale_growth=float(cfg["fp16_scale_growth"]),
+            schedule_sampler=sampler,
+            weight_decay=float(cfg["weight_decay"]),
+            lr_anneal_steps=int(cfg["lr_anneal_steps"]),
+            max_steps=int(cfg["max_steps"]),
+            amp=cfg["amp"],
+            channels_last=channels_last_option(cfg["channels_last"], device, cfg.get("amp", "none")),
+            grad_clip=float(cfg["grad_clip"]),
+            checkpoint_dir=out_dir,
+            sample_interval=int(cfg["sample_interval"]),
+            sample_fn=write_samples,
+            config=run_config,
+            nonfinite_patience=int(cfg["nonfinite_patience"]),
+            progress=bool(cfg["progress"]),
+        )
+    if not log_dir:  # a new /tmp folder per run: rerunning the same command would not find this one
+        loop.resume_hint = f"rerun it with --out_dir {out_dir} (out_dir={out_dir!r}) to resume"
     logger.log("training...")
     loop.run_loop()
     if logger.getkvs():

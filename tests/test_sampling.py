@@ -211,3 +211,70 @@ def test_info_reports_a_forced_backend_that_cannot_run(monkeypatch, capsys):
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.strip().startswith("training_loss"))
     assert "cpu: UNAVAILABLE (Triton kernels run on CPU tensors only under TRITON_INTERPRET=1" in line
+
+
+def test_sampling_into_the_run_folder_adds_to_its_log(run_dir):
+    """out_dir is often the training run's own folder: its log.txt (the run's
+    record) is appended to, not started over."""
+    log = os.path.join(run_dir, "log.txt")
+    with open(log) as f:
+        before = f.read()
+    assert "training..." in before
+    kw = dict(model_path=os.path.join(run_dir, "model000002.pt"), num_samples=2, batch_size=2,
+              timestep_respacing="4", progress=False, out_dir=run_dir)
+    iddpm_fast.sample(**kw, grid=False)
+    iddpm_fast.nll(**kw)
+    with open(log) as f:
+        after = f.read()
+    assert after.startswith(before) and "sampling 2 images" in after[len(before):]
+
+
+def test_samples_draw_the_labels_the_training_data_held(tmp_path):
+    """A class-conditional model keeps the original's 1000-row class embedding
+    when the data's classes are not given, but its samples take labels from
+    the classes the data held (two here), which train() saves as data_classes."""
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(16):
+        name = f"{'cat' if i % 2 else 'dog'}_{i}.png"
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / name)
+    out = str(tmp_path / "run")
+    iddpm_fast.train(**dict(RUN, data_dir=str(folder), batch_size=4, out_dir=out))
+    res = iddpm_fast.sample(model_path=os.path.join(out, "model000002.pt"), num_samples=32, batch_size=16,
+                            timestep_respacing="2", progress=False, grid=False, out_dir=out)
+    with np.load(res["npz"]) as f:
+        labels = f["arr_1"]
+    assert set(labels.tolist()) == {0, 1}
+
+
+def test_bad_sampling_counts_and_devices_are_named(run_dir):
+    kw = dict(model_path=os.path.join(run_dir, "model000002.pt"), progress=False)
+    with pytest.raises(ValueError, match="num_samples must be positive, got 0"):
+        iddpm_fast.sample(**kw, num_samples=0)
+    with pytest.raises(ValueError, match="batch_size must be positive, got -1"):
+        iddpm_fast.nll(**kw, batch_size=-1)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda' but"):
+            iddpm_fast.sample(**kw, device="cuda")
+    with pytest.raises(ValueError, match="device='gpu0' is not a device"):
+        iddpm_fast.sample(**kw, device="gpu0")
+    with pytest.raises(ValueError, match=r"learn_sigma takes a bool \(default False\), got 'maybe'"):
+        iddpm_fast.sample(**kw, learn_sigma="maybe")
+
+
+def test_cli_errors_are_one_message_not_a_traceback(run_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("IDDPM_FAST_TRACEBACK", raising=False)
+    assert cli.main(["sample", "--model_path", str(tmp_path / "missing.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "iddpm_fast sample: error: model_path" in err and "does not exist" in err and "Traceback" not in err
+    bad = tmp_path / "model000001.pt"
+    bad.write_bytes(os.urandom(2000))
+    assert cli.main(["sample", "--model_path", str(bad), "--image_size", "8", "--channel_mult", "1,2"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load checkpoint" in err and "weights_only set to `False`" not in err
+    monkeypatch.setenv("IDDPM_FAST_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError):
+        cli.main(["sample", "--model_path", str(tmp_path / "missing.pt")])

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -15,7 +16,8 @@ import torch
 import iddpm_fast
 from iddpm_fast import cli, logger
 from iddpm_fast.script_util import create_model_and_diffusion, model_and_diffusion_defaults
-from iddpm_fast.train_util import TrainingDiverged, TrainLoop, latest_checkpoint
+from iddpm_fast.train_util import TrainingDiverged, TrainingInterrupted, TrainLoop, latest_checkpoint
+from iddpm_fast.training import resolve_config
 
 TINY = dict(
     data_dir="digits", image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2",
@@ -260,11 +262,79 @@ def test_resuming_follows_this_runs_flags_and_refuses_another_model(tmp_path):
 
 
 def test_bad_numeric_options_fail_before_training(tmp_path):
-    for bad in (dict(log_interval=0), dict(max_steps=-1), dict(sample_interval=-1), dict(num_samples=-1)):
+    for bad in (dict(log_interval=0), dict(max_steps=-1), dict(sample_interval=-1), dict(num_samples=-1),
+                dict(lr=-1.0), dict(weight_decay=float("nan")), dict(sample_respacing="25,3"),
+                dict(nll_respacing="11")):
         with pytest.raises(ValueError, match=next(iter(bad))):
             iddpm_fast.train(**dict(TINY, out_dir=str(tmp_path / "x"), **bad))
+        assert not os.path.exists(tmp_path / "x")  # refused before the run's folder is made
     res = iddpm_fast.train(**dict(TINY, max_steps=1, num_samples=0, out_dir=str(tmp_path / "no_samples")))
     assert res["samples"] is None and res["step"] == 1
+    # The default grid respacing, "100", on a run of 10 steps: the full chain.
+    res = iddpm_fast.train(**dict(TINY, max_steps=1, sample_respacing="100", out_dir=str(tmp_path / "short")))
+    assert os.path.exists(res["samples"])
+
+
+def test_options_from_python_mean_what_the_same_flags_mean():
+    cfg = resolve_config(dict(learn_sigma="False", image_size="8", lr="1e-3", timestep_respacing=10,
+                              channel_mult=(1, 2), class_cond=1))
+    assert (cfg["learn_sigma"], cfg["image_size"], cfg["lr"]) == (False, 8, 1e-3)
+    assert (cfg["timestep_respacing"], cfg["channel_mult"], cfg["class_cond"]) == ("10", "1,2", True)
+    with pytest.raises(ValueError, match=r"learn_sigma takes a bool \(default False\), got 'nope'"):
+        resolve_config(dict(learn_sigma="nope"))
+    with pytest.raises(ValueError, match="image_size takes an int"):
+        resolve_config(dict(image_size=8.5))
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_143(tmp_path):
+    """SLURM, docker stop and timeout send SIGTERM before killing: it stops
+    the run as a first Ctrl-C does, after the step, with a checkpoint."""
+    out = str(tmp_path / "terminated")
+    cmd = [sys.executable, "-m", "iddpm_fast", "train"] + _cli_args(out, max_steps=1000, save_interval=1000,
+                                                                  log_interval=1, dropout=0.0)
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(_rows(out) if os.path.exists(os.path.join(out, "progress.csv")) else []) < 2:
+        if proc.poll() is not None:
+            pytest.fail(f"training exited early: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "terminated (SIGTERM)" in err and "rerun the same command to resume" in err and "Traceback" not in err
+    assert latest_checkpoint(out) is not None  # though save_interval is 1000
+
+
+def test_an_unreadable_newest_checkpoint_names_the_step_to_fall_back_to(tmp_path):
+    out = str(tmp_path / "run")
+    iddpm_fast.train(**dict(TINY, max_steps=2, save_interval=1, num_samples=0, out_dir=out))
+    path = os.path.join(out, "model000002.pt")
+    with open(path, "rb") as f:
+        head = f.read(1000)
+    with open(path, "wb") as f:  # truncated, as by a full disk or an interrupted copy
+        f.write(head)
+    with pytest.raises(ValueError, match=r"(?s)step 2\) failed: cannot load checkpoint.*resume from step 1.*"
+                                         r"model000002\.pt, opt000002\.pt"):
+        iddpm_fast.train(**dict(TINY, max_steps=3, save_interval=1, num_samples=0, out_dir=out))
+
+
+def test_an_interrupted_run_in_a_new_temporary_folder_says_how_to_resume(tmp_path, monkeypatch):
+    """Without out_dir (and OPENAI_LOGDIR) a run logs to a new /tmp folder:
+    rerunning the same command would start another, so the message names it."""
+    images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+    np.savez(tmp_path / "data.npz", images)
+    monkeypatch.delenv("OPENAI_LOGDIR", raising=False)
+    monkeypatch.setattr(logger.Logger, "CURRENT", None)  # restored afterwards
+    monkeypatch.setattr(logger.Logger, "DEFAULT", None)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def interrupted(loop):
+        raise TrainingInterrupted(f"training interrupted after step 0: {loop.resume_hint}")
+
+    monkeypatch.setattr(TrainLoop, "run_loop", interrupted)
+    tiny = {k: v for k, v in TINY.items() if k != "out_dir"}
+    with pytest.raises(TrainingInterrupted, match=r"rerun it with --out_dir .*openai-.* to resume"):
+        iddpm_fast.train(**dict(tiny, data_dir=str(tmp_path / "data.npz"), max_steps=1))
 
 
 def test_stale_checkpoint_temporaries_are_removed(tmp_path):
