@@ -14,6 +14,7 @@ Commands:
           statistics); the Inception weights file is given by path.
   bench   run `pytest bench/ --benchmark` (from a source checkout), or with
           --report render bench/results/*.json as REPORT.md + speedups.png.
+  reproduce  re-test the paper's findings on small data and write a report.
 """
 
 import argparse
@@ -187,7 +188,14 @@ def build_parser():
     parser.add_argument("--malloc_tuning", type=str2bool, default=argparse.SUPPRESS,
                         help="raise glibc's trim/mmap thresholds (default: true; or IDDPM_FAST_MALLOC_TUNING=0)")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="train a model (built-in digits when no --data_dir)")
+    from .training import DIGITS_PRESET
+
+    preset = ", ".join(f"{k}={v!r}" for k, v in DIGITS_PRESET.items() if k != "data_dir")
+    p_train = sub.add_parser(
+        "train", help="train a model (built-in digits when no --data_dir)",
+        description="improved-diffusion's image_train.py flags (same defaults) plus this library's. Without "
+                    f"--data_dir (or with --data_dir digits) the built-in digits preset changes these defaults: "
+                    f"{preset}; flags given still win.")
     _add_config_flags(p_train, train_defaults())
     p_train.add_argument("--malloc_tuning", type=str2bool, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p_train.set_defaults(_run=_train)

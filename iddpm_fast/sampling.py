@@ -238,6 +238,8 @@ def sample(**config):
         f"{'DDIM (eta=%g)' % cfg['eta'] if cfg['use_ddim'] else 'ancestral sampling'}, "
         f"{diffusion.num_timesteps} steps, on {world} process(es)"
     )
+    if float(cfg.get("eta") or 0.0) != 0.0 and not cfg["use_ddim"]:
+        logger.log(f"note: eta={cfg['eta']} applies to DDIM only; pass use_ddim=True (--use_ddim true) to use it")
     images, labels, strip, graphed = [], [], None, None
     batches = range(n_batches)
     if cfg["progress"] and rank == 0:
