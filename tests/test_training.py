@@ -192,19 +192,27 @@ def test_sigkill_then_resume(tmp_path):
     _assert_same_state(_params(os.path.join(ref, name)), _params(os.path.join(out, name)))
 
 
-def test_ctrl_c_finishes_the_step_saves_and_resumes(tmp_path):
-    out = str(tmp_path / "interrupted")
-    args = dict(max_steps=1000, save_interval=1000, log_interval=1, dropout=0.0)
+def _signal_after_rows(out, args, signum, rows):
+    """Start `train` on the command line, send it `signum` once it has logged
+    `rows` steps, and return its (exit code, stderr)."""
     cmd = [sys.executable, "-m", "iddpm_fast", "train"] + _cli_args(out, **args)
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and len(_rows(out) if os.path.exists(os.path.join(out, "progress.csv")) else []) < 3:
+    log = os.path.join(out, "progress.csv")
+    while time.time() < deadline and len(_rows(out) if os.path.exists(log) else []) < rows:
         if proc.poll() is not None:
             pytest.fail(f"training exited early: {proc.stderr.read()[-2000:]}")
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    return proc.returncode, err
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes(tmp_path):
+    out = str(tmp_path / "interrupted")
+    args = dict(max_steps=1000, save_interval=1000, log_interval=1, dropout=0.0)
+    code, err = _signal_after_rows(out, args, signal.SIGINT, rows=3)
+    assert code == 130, err[-2000:]
     assert "rerun the same command to resume" in err and "Traceback" not in err
     ckpt = latest_checkpoint(out)
     assert ckpt is not None  # saved at the step it stopped after, though save_interval is 1000
@@ -290,17 +298,9 @@ def test_sigterm_finishes_the_step_saves_and_exits_143(tmp_path):
     """SLURM, docker stop and timeout send SIGTERM before killing: it stops
     the run as a first Ctrl-C does, after the step, with a checkpoint."""
     out = str(tmp_path / "terminated")
-    cmd = [sys.executable, "-m", "iddpm_fast", "train"] + _cli_args(out, max_steps=1000, save_interval=1000,
-                                                                  log_interval=1, dropout=0.0)
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(_rows(out) if os.path.exists(os.path.join(out, "progress.csv")) else []) < 2:
-        if proc.poll() is not None:
-            pytest.fail(f"training exited early: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    args = dict(max_steps=1000, save_interval=1000, log_interval=1, dropout=0.0)
+    code, err = _signal_after_rows(out, args, signal.SIGTERM, rows=2)
+    assert code == 128 + signal.SIGTERM, err[-2000:]
     assert "terminated (SIGTERM)" in err and "rerun the same command to resume" in err and "Traceback" not in err
     assert latest_checkpoint(out) is not None  # though save_interval is 1000
 
