@@ -423,8 +423,8 @@ def train(**config):
     sample_shape = (int(cfg["num_samples"]), channels, int(cfg["image_size"]), int(cfg["image_size"]))
     grid_diffusion = _respaced(cfg, grid_respacing)
     # Grid labels: the data's classes (a folder's or an .npz's), not the 1000 of the original's default
-    # embedding, most of which this run never trains.
-    label_count = num_classes or getattr(dataset, "num_classes", None) or 1000
+    # embedding, most of which this run never trains (sample() draws from the same data_classes).
+    label_count = data_classes or num_classes or getattr(dataset, "num_classes", None) or 1000
 
     def write_samples(loop, step):
         ema_model = _ema_model(loop)
