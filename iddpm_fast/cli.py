@@ -19,6 +19,7 @@ Commands:
 
 import argparse
 import os
+import signal
 import sys
 
 from .script_util import str2bool
@@ -256,7 +257,7 @@ def main(argv=None):
         return run(args)
     except KeyboardInterrupt as exc:
         print(f"\n{exc or 'interrupted'}", file=sys.stderr)
-        return 128 + int(getattr(exc, "signum", 2))  # 130 for Ctrl-C, 143 for SIGTERM
+        return 128 + int(getattr(exc, "signum", signal.SIGINT))  # 130 for Ctrl-C, 143 for SIGTERM
     except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         # A bad flag, path or file: the message says what is wrong, and a
         # traceback would bury it. IDDPM_FAST_TRACEBACK=1 shows where it came from.

@@ -33,6 +33,7 @@ __all__ = [
     "SETUP_RETRY_COUNT",
     "setup_dist",
     "dev",
+    "checked_device",
     "load_state_dict",
     "sync_params",
     "get_rank",
@@ -157,6 +158,26 @@ def dev():
     if th.cuda.is_available():
         return th.device("cuda", local_rank() % th.cuda.device_count())
     return th.device("cpu")
+
+
+def checked_device(name):
+    """torch.device(name), or an error saying why it cannot run here ("" =
+    the default: this process's GPU where there is one, else the CPU)."""
+    if not name:
+        return dev()
+    try:
+        device = th.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device={name!r} is not a device: {exc}") from None
+    if device.type == "cuda":
+        if not th.cuda.is_available():
+            why = "this torch build has no CUDA" if th.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device={name!r} but {why} (torch {th.__version__}); leave device empty for the CPU")
+        if device.index is not None and device.index >= th.cuda.device_count():
+            raise ValueError(f"device={name!r} but only {th.cuda.device_count()} CUDA device(s) are visible")
+    elif device.type not in ("cpu", "meta") and not getattr(th, device.type, None):
+        raise ValueError(f"device={name!r}: this torch has no {device.type} support")
+    return device
 
 
 class CheckpointError(pickle.UnpicklingError, ValueError):

@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import dist_util
+
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_SOURCE = "https://github.com/mseitzer/pytorch-fid/releases (fid_weights)"
 _ENV = "IDDPM_FAST_INCEPTION_WEIGHTS"
@@ -281,7 +283,7 @@ def fid(ref, samples, inception_weights=None, batch_size=50, device="", progress
 
     :return: the distance (float; lower is closer).
     """
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = dist_util.checked_device(device)
     cache = {}
 
     def model_fn():
@@ -296,7 +298,7 @@ def fid(ref, samples, inception_weights=None, batch_size=50, device="", progress
 
 def save_statistics(npz_images, out_path, inception_weights=None, batch_size=50, device=""):
     """Write the features' mean and covariance of an image .npz (reusable as a reference)."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = dist_util.checked_device(device)
     with np.load(npz_images) as f:
         arr = f["arr_0"]
     mu, sigma = statistics(features(load_inception(inception_weights, dev), arr, batch_size, dev))

@@ -116,33 +116,13 @@ def load_model_and_diffusion(cfg, device):
     return model.to(device).eval(), diffusion
 
 
-def checked_device(name):
-    """torch.device(name), or an error saying why it cannot run here ("" =
-    the default: this process's GPU where there is one, else the CPU)."""
-    if not name:
-        return dist_util.dev()
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"device={name!r} is not a device: {exc}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise ValueError(f"device={name!r} but {why} (torch {torch.__version__}); leave device empty for the CPU")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device={name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
-    elif device.type not in ("cpu", "meta") and not getattr(torch, device.type, None):
-        raise ValueError(f"device={name!r}: this torch has no {device.type} support")
-    return device
-
-
 def _setup(cfg):
     for key in ("num_samples", "batch_size"):
         if int(cfg[key]) <= 0:
             raise ValueError(f"{key} must be positive, got {cfg[key]}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist_util.setup_dist()
-    device = checked_device(cfg.get("device"))
+    device = dist_util.checked_device(cfg.get("device"))
     if device.type == "cpu":
         cpu_memory.retain_freed_memory()
     if cfg.get("out_dir"):

@@ -281,23 +281,28 @@ def _check_resumed_config(run_config, resume, saved, keys=_RUN_DEFINING, log_cha
         logger.log("resuming with changed flags: " + ", ".join(f"{k} {saved[k]!r} -> {run_config[k]!r}" for k in changed))
 
 
-def _grid_respacing(cfg):
+def _grid_diffusion(cfg):
     """
-    The respacing of the sample grids: sample_respacing, where a step count of
-    at least diffusion_steps means the full chain (the default "100" on a run
-    of fewer steps). Both respacings are checked before the run starts.
+    The diffusion of the sample grids: respaced by sample_respacing, where a
+    step count of at least diffusion_steps means the full chain (the default
+    "100" on a run of fewer steps). Both respacings are checked here, before
+    the run starts.
     """
     steps = int(cfg["diffusion_steps"])
     grid = str(cfg["sample_respacing"]).strip()
     if grid.isdigit() and int(grid) >= steps:
         grid = ""
     _respaced(cfg, "")  # the schedule itself (its own errors name diffusion_steps and noise_schedule)
-    for key, value in (("sample_respacing", grid), ("nll_respacing", str(cfg["nll_respacing"]).strip())):
+
+    def respaced(key, value):
         try:
-            _respaced(cfg, value)
+            return _respaced(cfg, value)
         except ValueError as exc:
             raise ValueError(f"{key}={cfg[key]!r} does not fit diffusion_steps={steps}: {exc}") from None
-    return grid
+
+    diffusion = respaced("sample_respacing", grid)
+    respaced("nll_respacing", str(cfg["nll_respacing"]).strip())
+    return diffusion
 
 
 @contextlib.contextmanager
@@ -310,9 +315,10 @@ def _explain_resume_failure(resume):
         if not resume:
             raise
         folder, step = os.path.dirname(os.path.abspath(resume)), parse_resume_step_from_filename(resume)
-        earlier = [s for s in (parse_resume_step_from_filename(p) for p in complete_checkpoints(folder)) if s < step]
+        earlier = [parse_resume_step_from_filename(p) for p in complete_checkpoints(folder)]
+        earlier = [s for s in earlier if s < step]  # (oldest first)
         files = ", ".join(os.path.basename(p) for p in sorted(glob.glob(os.path.join(folder, f"*{step:06d}.pt"))))
-        then = (f"to resume from step {max(earlier)}, the newest complete checkpoint before it, move that step's files "
+        then = (f"to resume from step {earlier[-1]}, the newest complete checkpoint before it, move that step's files "
                 f"({files}) out of {folder}" if earlier else "no earlier complete checkpoint is there to fall back on")
         raise dist_util.CheckpointError(f"resuming from {resume} (step {step}) failed: {exc}\n{then}") from exc
 
@@ -342,14 +348,12 @@ def train(**config):
              or None) and seconds.
     """
     cfg = resolve_config(config)
-    grid_respacing = _grid_respacing(cfg)
+    grid_diffusion = _grid_diffusion(cfg)
     started = time.time()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist_util.setup_dist()
     rank = dist_util.get_rank()
-    from .sampling import checked_device
-
-    device = checked_device(cfg["device"])
+    device = dist_util.checked_device(cfg["device"])
     if device.type == "cpu":
         cpu_memory.retain_freed_memory()
     # The folder the logger will write to (as logger.configure picks it), known before it opens its
@@ -421,7 +425,6 @@ def train(**config):
     )
     sampler = create_named_schedule_sampler(cfg["schedule_sampler"], diffusion)
     sample_shape = (int(cfg["num_samples"]), channels, int(cfg["image_size"]), int(cfg["image_size"]))
-    grid_diffusion = _respaced(cfg, grid_respacing)
     # Grid labels: the data's classes (a folder's or an .npz's), not the 1000 of the original's default
     # embedding, most of which this run never trains (sample() draws from the same data_classes).
     label_count = data_classes or num_classes or getattr(dataset, "num_classes", None) or 1000
