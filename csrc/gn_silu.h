@@ -157,15 +157,32 @@ inline at::Tensor as_stat(const c10::optional<at::Tensor>& p, at::ScalarType dt)
   return p->to(dt).contiguous();
 }
 
-// The backward's outputs in their dtypes from the float64 parameter
-// gradients: d weight, d bias [C] (the parameter's dtype, float32 without
-// one), d scale, d shift [N, C] (scale's dtype, or empty [0] without).
+// The dtype of a parameter's gradient: the parameter's, float32 without one.
+inline at::ScalarType param_grad_dtype(const c10::optional<at::Tensor>& p) {
+  return (p.has_value() && p->defined()) ? p->scalar_type() : at::kFloat;
+}
+
+// The dtype the backwards allocate d weight and d bias in: the gradients' own
+// where both are float32 or both float64 (the kernels then write them from
+// their float64 sums, rounded once as the cast they replace rounded them: two
+// casts and two allocations fewer per call), else float64, cast by
+// backward_outputs.
+inline at::ScalarType param_grad_buffer_dtype(const c10::optional<at::Tensor>& weight,
+                                              const c10::optional<at::Tensor>& bias) {
+  const auto dt = param_grad_dtype(weight);
+  return dt == param_grad_dtype(bias) && (dt == at::kFloat || dt == at::kDouble) ? dt : at::kDouble;
+}
+
+// The backward's outputs in their dtypes from the parameter gradients (float64,
+// or already in their dtypes, which .to() then returns as they are): d weight,
+// d bias [C] (param_grad_dtype), d scale, d shift [N, C] (scale's dtype, or
+// empty [0] without).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_outputs(
     const at::Tensor& dx, const at::Tensor& gw, const at::Tensor& gb, const at::Tensor& gsc, const at::Tensor& gsh,
     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift) {
-  const auto wdt = (weight.has_value() && weight->defined()) ? weight->scalar_type() : at::kFloat;
-  const auto bdt = (bias.has_value() && bias->defined()) ? bias->scalar_type() : at::kFloat;
+  const auto wdt = param_grad_dtype(weight);
+  const auto bdt = param_grad_dtype(bias);
   if (scale.has_value() && scale->defined()) {
     return {dx, gw.to(wdt), gb.to(bdt), gsc.to(scale->scalar_type()), gsh.to(shift->scalar_type())};
   }

@@ -169,6 +169,53 @@ def test_cuda_vectorised_and_per_element_kernels_agree(shape, layout, dtype, sil
         torch.testing.assert_close(a, c, rtol=tol, atol=tol * scale, msg=name)
 
 
+# The CUDA kernel sets by their switches (read per call): the default (one-pass
+# where it applies), the split vectorised kernels, the per-element ones.
+CUDA_KERNEL_SETS = {
+    "default": {},
+    "split": {"IDDPM_FAST_GN_CUDA_ONEPASS": "0"},
+    "per-element": {"IDDPM_FAST_GN_CUDA_VEC": "0"},
+}
+
+
+@needs_ext
+@pytest.mark.parametrize("kernels", ["cpu"] + [f"cuda-{k}" for k in CUDA_KERNEL_SETS if "cuda" in DEVICES])
+@pytest.mark.parametrize("scale_shift", [False, True], ids=["plain", "scale_shift"])
+@pytest.mark.parametrize("shape", [(16, 64, 4, 4), (13, 40, 7, 9)], ids=["4x4", "7x9, 5 channels per group"])
+def test_parameter_gradients_come_out_in_their_dtype_rounded_once(shape, scale_shift, kernels, monkeypatch):
+    """d weight and d bias, summed in float64: the kernels write them in the
+    parameters' dtype where that is float32 (or float64), else the op casts
+    its float64 sums. Each way they equal the float64 sums rounded once to
+    that dtype, which the same op computes with float64 parameters (the same
+    values: float32 data runs its math in float32 either way)."""
+    device = "cpu" if kernels == "cpu" else "cuda"
+    for name, value in CUDA_KERNEL_SETS.get(kernels.removeprefix("cuda-"), {}).items():
+        monkeypatch.setenv(name, value)
+    x, w, b, sc, sh, gy = _inputs(shape, torch.float32, True, "contiguous", device=device)
+    w, b = w.float(), b.float()
+    sc, sh = (sc.float(), sh.float()) if scale_shift else (None, None)
+    groups = 8
+    fwd, bwd = torch.ops.iddpm_fast.gn_silu_forward, torch.ops.iddpm_fast.gn_silu_backward
+
+    def param_grads(wt, bt):
+        y, mean, rstd = fwd(x, wt, bt, sc, sh, groups, 1e-5)
+        return bwd(gy.float(), x, wt, bt, sc, sh, mean, rstd, groups, True)[1:3]
+
+    exact = param_grads(w.double(), b.double())  # float64 buffers, no rounding
+    assert all(g.dtype == torch.float64 for g in exact)
+    for wdt, bdt in [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)]:
+        # Parameters that their dtype represents exactly, so that the math is the same.
+        wt, bt = w.to(wdt), b.to(bdt)
+        got = param_grads(wt.double().to(wdt), bt.double().to(bdt))
+        want_w = param_grads(wt.double(), bt.double())
+        for g, e, dt in zip(got, want_w, (wdt, bdt)):
+            assert g.dtype == dt
+            assert torch.equal(g, e.to(dt)), (wdt, bdt)
+    got32 = param_grads(w, b)
+    for g, e in zip(got32, exact):
+        assert torch.equal(g, e.float())
+
+
 @needs_ext
 def test_no_affine_and_edge_values():
     # weight/bias None (GroupNorm(affine=False)); a constant group (variance

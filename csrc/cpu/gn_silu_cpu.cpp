@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "../gn_silu.h"
 
@@ -122,13 +123,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
   // Parameter gradients from the channel sums, in float64 (N x C work).
   // With xhat = (x - mean) * rstd and h = w * xhat + bias:
   //   sum(dz * xhat) = rstd * DS,  dh = dz * (1 + scale).
-  at::Tensor gw = at::zeros({s.C}, DS.options()), gb = at::zeros({s.C}, DS.options());
+  // d weight and d bias: summed in float64, stored in param_grad_buffer_dtype.
+  const auto grad_options = DS.options().dtype(param_grad_buffer_dtype(weight, bias));
+  at::Tensor gw = at::empty({s.C}, grad_options), gb = at::empty({s.C}, grad_options);
   at::Tensor gsc = at::empty({has_scale ? s.N : 0, s.C}, DS.options()), gsh = DB;
-  {
+  AT_DISPATCH_FLOATING_TYPES(gw.scalar_type(), "gn_silu_param_grads_out", [&] {
+    using out_t = scalar_t;
     const double* ds = DS.data_ptr<double>();
     const double* db = DB.data_ptr<double>();
-    double* pw = gw.data_ptr<double>();
-    double* pb = gb.data_ptr<double>();
+    out_t* pw = gw.data_ptr<out_t>();
+    out_t* pb = gb.data_ptr<out_t>();
     double* psc = gsc.data_ptr<double>();
     AT_DISPATCH_FLOATING_TYPES(st, "gn_silu_param_grads", [&] {
       const scalar_t* pw_ = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
@@ -138,9 +142,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
       // Threads take whole groups (each owns its channels' sums over n) and
       // loop group by group, without a division c / D per element: serial
       // and with that division, this N x C loop had been a quarter of the
-      // backward at 4x4.
+      // backward at 4x4. Each channel's sums run over n in order, in float64.
       const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, s.N * s.D));
       at::parallel_for(0, s.G, grain, [&](int64_t g0, int64_t g1) {
+        const int64_t c0 = g0 * s.D, nc = (g1 - g0) * s.D;
+        std::vector<double> acc(2 * nc, 0.0);
+        double* aw = acc.data();
+        double* ab = aw + nc;
         for (int64_t n = 0; n < s.N; ++n) {
           for (int64_t g = g0; g < g1; ++g) {
             const double r = static_cast<double>(pr[n * s.G + g]);
@@ -148,8 +156,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
               const int64_t i = n * s.C + c;
               const double dz_xhat = r * ds[i];
               const double k = psc_ ? 1.0 + static_cast<double>(psc_[i]) : 1.0;
-              pw[c] += k * dz_xhat;
-              pb[c] += k * db[i];
+              aw[c - c0] += k * dz_xhat;
+              ab[c - c0] += k * db[i];
               if (has_scale) {
                 const double gamma = pw_ ? static_cast<double>(pw_[c]) : 1.0;
                 const double beta = pb_ ? static_cast<double>(pb_[c]) : 0.0;
@@ -158,9 +166,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
             }
           }
         }
+        for (int64_t j = 0; j < nc; ++j) {
+          pw[c0 + j] = static_cast<out_t>(aw[j]);
+          pb[c0 + j] = static_cast<out_t>(ab[j]);
+        }
       });
     });
-  }
+  });
   return backward_outputs(dx, gw, gb, gsc, gsh, weight, bias, scale, shift);
 }
 

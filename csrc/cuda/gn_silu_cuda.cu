@@ -37,6 +37,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 
 #include "../gn_silu.h"
 #include "gn_onepass.h"
@@ -300,11 +301,12 @@ __global__ void grad_group_coefficients(const double* __restrict__ ds, const dou
 }
 
 // Per c: d weight = sum_n (1 + scale) rstd DS, d bias = sum_n (1 + scale) DB
-// (DS is already centred: sum(dz * (x - mean))).
-template <typename A>
+// (DS is already centred: sum(dz * (x - mean))), summed in float64 and
+// written as O (float64, or the gradients' own float32: see ParamGrads).
+template <typename A, typename O>
 __global__ void grad_params(const double* __restrict__ ds, const double* __restrict__ db, const A* __restrict__ mean,
                             const A* __restrict__ rstd, const A* __restrict__ scale, int64_t N, int64_t C, int64_t D,
-                            double* __restrict__ dw, double* __restrict__ dbias) {
+                            O* __restrict__ dw, O* __restrict__ dbias) {
   const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (c >= C) return;
   const int64_t G = C / D;
@@ -315,8 +317,8 @@ __global__ void grad_params(const double* __restrict__ ds, const double* __restr
     sw += k * static_cast<double>(rstd[ng]) * ds[i];
     sb += k * db[i];
   }
-  dw[c] = sw;
-  dbias[c] = sb;
+  dw[c] = static_cast<O>(sw);
+  dbias[c] = static_cast<O>(sb);
 }
 
 // ------------------------------------------------------------ elementwise
@@ -753,11 +755,12 @@ __global__ void grad_finalize_groups(const GradSums<A>* __restrict__ partial, co
 }
 
 // Per c (one block each): d weight = sum_n (1 + scale) rstd DS, d bias =
-// sum_n (1 + scale) DB, the samples spread over the block's threads.
-template <typename A>
+// sum_n (1 + scale) DB, the samples spread over the block's threads; written
+// as O, as grad_params writes them.
+template <typename A, typename O>
 __global__ void grad_params_blocks(const double* __restrict__ ds, const double* __restrict__ db,
                                    const A* __restrict__ rstd, const A* __restrict__ scale, int64_t N, int64_t C,
-                                   int64_t D, double* __restrict__ dw, double* __restrict__ dbias) {
+                                   int64_t D, O* __restrict__ dw, O* __restrict__ dbias) {
   __shared__ double sw_shared[kRowThreads], sb_shared[kRowThreads];
   const int64_t c = blockIdx.x, G = C / D;
   double sw = 0, sb = 0;
@@ -778,8 +781,8 @@ __global__ void grad_params_blocks(const double* __restrict__ ds, const double* 
     __syncthreads();
   }
   if (threadIdx.x == 0) {
-    dw[c] = sw_shared[0];
-    dbias[c] = sb_shared[0];
+    dw[c] = static_cast<O>(sw_shared[0]);
+    dbias[c] = static_cast<O>(sb_shared[0]);
   }
 }
 
@@ -997,6 +1000,17 @@ inline VecPlan plan_vec_partials(const GnShape& s, int V) {
 // forward + backward 2.8-7.9x stock where the split kernels gave 0.8-5.6x),
 // and float32 NCHW (32x32 levels: forward 1.6x, backward 1.2-1.3x); bf16 and
 // channels-last 32x32 levels stay on the split kernels, which were faster there.
+// f(d weight, d bias) with the pointers typed as the buffers are
+// (param_grad_buffer_dtype: float32 or float64).
+template <typename F>
+inline void with_param_grads(const at::Tensor& gw, const at::Tensor& gb, F f) {
+  if (gw.scalar_type() == at::kFloat) {
+    f(gw.data_ptr<float>(), gb.data_ptr<float>());
+  } else {
+    f(gw.data_ptr<double>(), gb.data_ptr<double>());
+  }
+}
+
 template <typename T>
 inline bool onepass_wanted(const GnShape& s) {
   if (cuda_vec::switched_off("IDDPM_FAST_GN_CUDA_VEC") || cuda_vec::switched_off("IDDPM_FAST_GN_CUDA_ONEPASS")) {
@@ -1079,8 +1093,11 @@ bool onepass_backward(const GnShape& s, const at::Tensor& dy, const at::Tensor& 
     if (!gn_onepass::run<true>(p, s.channels_last, a, OnePassLaunch{static_cast<unsigned>(s.N * s.G), stream})) {
       return false;
     }
-    grad_params_blocks<float><<<static_cast<unsigned>(s.C), kRowThreads, 0, stream>>>(
-        a.ds, a.db, a.rstd, a.scale, s.N, s.C, s.D, gw.data_ptr<double>(), gb.data_ptr<double>());
+    with_param_grads(gw, gb, [&](auto* pw, auto* pb) {
+      using O = std::remove_pointer_t<decltype(pw)>;
+      grad_params_blocks<float, O><<<static_cast<unsigned>(s.C), kRowThreads, 0, stream>>>(
+          a.ds, a.db, a.rstd, a.scale, s.N, s.C, s.D, pw, pb);
+    });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return true;
   }
@@ -1213,8 +1230,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
   // Every kernel path below writes all of these when x has elements.
   const auto dbl = x.options().dtype(at::kDouble);
   const bool empty = x.numel() == 0;
-  at::Tensor gw = empty ? at::zeros({s.C}, dbl) : at::empty({s.C}, dbl);
-  at::Tensor gb = empty ? at::zeros({s.C}, dbl) : at::empty({s.C}, dbl);
+  const auto pdt = x.options().dtype(param_grad_buffer_dtype(weight, bias));
+  at::Tensor gw = empty ? at::zeros({s.C}, pdt) : at::empty({s.C}, pdt);
+  at::Tensor gb = empty ? at::zeros({s.C}, pdt) : at::empty({s.C}, pdt);
   at::Tensor gsc = empty ? at::zeros({has_scale ? s.N : 0, s.C}, dbl) : at::empty({has_scale ? s.N : 0, s.C}, dbl);
   at::Tensor gsh = empty ? at::zeros({has_scale ? s.N : 0, s.C}, dbl) : at::empty({has_scale ? s.N : 0, s.C}, dbl);
   if (!empty) {
@@ -1268,8 +1286,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
             static_cast<double>(s.D * s.L), ds, db, has_scale ? gsc.data_ptr<double>() : nullptr,
             has_scale ? gsh.data_ptr<double>() : nullptr, c2, c3);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        grad_params_blocks<A><<<static_cast<unsigned>(s.C), kRowThreads, 0, stream>>>(
-            ds, db, prstd, ptr_or_null<A>(sc), s.N, s.C, s.D, gw.data_ptr<double>(), gb.data_ptr<double>());
+        with_param_grads(gw, gb, [&](auto* pw, auto* pb) {
+          using O = std::remove_pointer_t<decltype(pw)>;
+          grad_params_blocks<A, O><<<static_cast<unsigned>(s.C), kRowThreads, 0, stream>>>(
+              ds, db, prstd, ptr_or_null<A>(sc), s.N, s.C, s.D, pw, pb);
+        });
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         const uint32_t nvec = static_cast<uint32_t>(numel / V);
         const IntDivider<uint32_t> div_c(static_cast<uint32_t>(s.channels_last ? s.C : s.L));
@@ -1322,8 +1343,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_silu_b
           ds, db, pm, pr, ptr_or_null<A>(w), ptr_or_null<A>(sc), s.N, s.C, s.D, static_cast<double>(s.D * s.L), c2,
           c3);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      grad_params<A><<<blocks_for(s.C, 256), 256, 0, stream>>>(ds, db, pm, pr, ptr_or_null<A>(sc), s.N, s.C, s.D,
-                                                               gw.data_ptr<double>(), gb.data_ptr<double>());
+      with_param_grads(gw, gb, [&](auto* pw, auto* pb) {
+        using O = std::remove_pointer_t<decltype(pw)>;
+        grad_params<A, O><<<blocks_for(s.C, 256), 256, 0, stream>>>(ds, db, pm, pr, ptr_or_null<A>(sc), s.N, s.C,
+                                                                    s.D, pw, pb);
+      });
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (s.channels_last) {
         apply_backward<scalar_t, A, true><<<elementwise_blocks(numel), 256, 0, stream>>>(
