@@ -36,7 +36,11 @@ def tune_malloc():
     return retain_freed_memory()
 
 
-def _add_config_flags(parser, defaults):
+def _add_config_flags(parser, defaults, aliases=None):
+    """A --key flag per option; ``aliases`` (alias -> key) adds --alias as another name of --key."""
+    others = {}
+    for alias, key in (aliases or {}).items():
+        others.setdefault(key, []).append(alias)
     for key, default in defaults.items():
         if isinstance(default, bool):
             kind = str2bool
@@ -44,7 +48,8 @@ def _add_config_flags(parser, defaults):
             kind = str
         else:
             kind = type(default)
-        parser.add_argument(f"--{key}", type=kind, default=argparse.SUPPRESS, help=f"(default: {default!r})")
+        names = [f"--{key}"] + [f"--{alias}" for alias in others.get(key, [])]
+        parser.add_argument(*names, dest=key, type=kind, default=argparse.SUPPRESS, help=f"(default: {default!r})")
 
 
 def _train(args):
@@ -182,7 +187,8 @@ def _info(args):
 
 
 def build_parser():
-    from .training import train_defaults
+    from .sampling import EVAL_ALIASES
+    from .training import TRAIN_ALIASES, train_defaults
 
     parser = argparse.ArgumentParser(prog="python -m iddpm_fast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,7 +203,7 @@ def build_parser():
         description="improved-diffusion's image_train.py flags (same defaults) plus this library's. Without "
                     f"--data_dir (or with --data_dir digits) the built-in digits preset changes these defaults: "
                     f"{preset}; flags given still win.")
-    _add_config_flags(p_train, train_defaults())
+    _add_config_flags(p_train, train_defaults(), TRAIN_ALIASES)
     p_train.add_argument("--malloc_tuning", type=str2bool, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p_train.set_defaults(_run=_train)
 
@@ -205,10 +211,11 @@ def build_parser():
     from .script_util import model_and_diffusion_defaults
 
     p_sample = sub.add_parser("sample", help="draw samples from a checkpoint (image_sample.py)")
-    _add_config_flags(p_sample, {**SAMPLE_DEFAULTS, **model_and_diffusion_defaults(), **COMMON_NEW, **SAMPLE_NEW})
+    _add_config_flags(p_sample, {**SAMPLE_DEFAULTS, **model_and_diffusion_defaults(), **COMMON_NEW, **SAMPLE_NEW},
+                      EVAL_ALIASES)
     p_sample.set_defaults(_run=_sample)
     p_nll = sub.add_parser("nll", help="bits/dim of a checkpoint on a dataset (image_nll.py)")
-    _add_config_flags(p_nll, {**NLL_DEFAULTS, **model_and_diffusion_defaults(), **COMMON_NEW})
+    _add_config_flags(p_nll, {**NLL_DEFAULTS, **model_and_diffusion_defaults(), **COMMON_NEW}, EVAL_ALIASES)
     p_nll.set_defaults(_run=_nll)
     p_bench = sub.add_parser("bench", help="run the benchmarks or render their results")
     p_bench.add_argument("--report", action="store_true", help="only render existing results")

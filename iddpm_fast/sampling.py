@@ -21,6 +21,7 @@ import torch
 from . import cpu_memory, cuda_graphs, dist_util, fp16_util, logger
 from .image_utils import save_grid, to_uint8
 from .script_util import (
+    apply_aliases,
     channels_last_option,
     coerce_options,
     create_model_and_diffusion,
@@ -40,6 +41,9 @@ SAMPLE_NEW = dict(eta=0.0, grid=True, progressive=False, cuda_graphs=False)
 # Flags that may differ between training and sampling without changing the model.
 _FREE_AT_EVAL = {"timestep_respacing", "dropout", "use_checkpoint", "use_kl", "rescale_learned_sigmas"}
 _EXTRA_MODEL_KEYS = ("channel_mult", "in_channels", "num_classes")
+# Other names accepted for options (alias -> name): train calls the image
+# channels image_channels, as the data loaders do.
+EVAL_ALIASES = {"image_channels": "in_channels"}
 
 
 def _saved_config(model_path):
@@ -194,6 +198,7 @@ def sample(**config):
 
     :return: dict with npz (path), grid, strip (paths or None) and shape.
     """
+    config = apply_aliases(config, EVAL_ALIASES)
     unknown = set(config) - set({**SAMPLE_DEFAULTS, **model_and_diffusion_defaults(), **COMMON_NEW, **SAMPLE_NEW})
     if unknown:
         raise TypeError(f"unknown sampling option(s): {sorted(unknown)}")
@@ -300,6 +305,7 @@ def nll(**config):
 
     :return: dict with bpd (mean bits/dim), num_images and the saved paths.
     """
+    config = apply_aliases(config, EVAL_ALIASES)
     unknown = set(config) - set({**NLL_DEFAULTS, **model_and_diffusion_defaults(), **COMMON_NEW})
     if unknown:
         raise TypeError(f"unknown NLL option(s): {sorted(unknown)}")

@@ -349,6 +349,22 @@ def str2bool(v):
     raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")
 
 
+def apply_aliases(given, aliases):
+    """
+    ``given`` with each alias key (``aliases``: alias -> canonical name)
+    renamed to its canonical name; both given with different values is an
+    error naming both. ``given`` itself is not changed.
+    """
+    out = dict(given)
+    for alias, canonical in aliases.items():
+        if alias in out:
+            value = out.pop(alias)
+            if canonical in out and out[canonical] != value:
+                raise ValueError(f"{alias}={value!r} and {canonical}={out[canonical]!r} are the same option; give one")
+            out[canonical] = value
+    return out
+
+
 def coerce_options(given, defaults):
     """
     ``given`` with each value converted to the type of its default, as the

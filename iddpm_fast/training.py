@@ -22,6 +22,7 @@ from . import cpu_memory, dist_util, logger
 from .image_utils import save_grid
 from .resample import create_named_schedule_sampler
 from .script_util import (
+    apply_aliases,
     channels_last_option,
     coerce_options,
     create_gaussian_diffusion,
@@ -69,7 +70,7 @@ NEW_DEFAULTS = dict(
     num_workers=0,
     device="",  # "" picks cuda:LOCAL_RANK when available, else cpu
     channel_mult="",  # "" uses the original's per-size table
-    image_channels=0,  # 0: the data's own (3 for image folders, 1 for digits)
+    image_channels=0,  # 0: the data's own (3 for image folders, 1 for digits); also in_channels, as in sample/nll
     num_classes=0,  # 0: 10 for digits, else 1000 as the original
     random_flip=False,
     nll_samples=0,  # held-out images for the final NLL (0: none; digits preset sets it)
@@ -108,6 +109,10 @@ DIGITS_PRESET = dict(
 
 _MODEL_KEYS = tuple(model_and_diffusion_defaults())
 
+# Other names accepted for options (alias -> name): sample and nll call the
+# image channels in_channels, as the model does.
+TRAIN_ALIASES = {"in_channels": "image_channels"}
+
 
 def train_defaults():
     """Every accepted key with its default (without the digits preset)."""
@@ -124,6 +129,7 @@ def resolve_config(config):
     the built-in data, then the keys given. Unknown keys are an error.
     """
     defaults = train_defaults()
+    config = apply_aliases(config, TRAIN_ALIASES)
     unknown = [k for k in config if k not in defaults]
     if unknown:
         hints = []

@@ -395,6 +395,22 @@ def test_train_rejects_unknown_and_contradictory_options():
         iddpm_fast.train(amp="fp8")
 
 
+def test_image_channels_has_one_name_for_every_command():
+    """train's image_channels is also in_channels, the name sample and nll
+    use (and they take image_channels too), from Python and on the command
+    line; the two names with different values are an error naming both."""
+    assert resolve_config({"in_channels": 1})["image_channels"] == 1
+    assert resolve_config({"in_channels": 1, "image_channels": 1})["image_channels"] == 1
+    with pytest.raises(ValueError, match="in_channels=1 and image_channels=3 are the same option"):
+        resolve_config({"in_channels": 1, "image_channels": 3})
+    with pytest.raises(ValueError, match="image_channels=1 and in_channels=3"):
+        iddpm_fast.sample(model_path="unused.pt", image_channels=1, in_channels=3)
+    parser = cli.build_parser()
+    assert vars(parser.parse_args(["train", "--in_channels", "1"]))["image_channels"] == 1
+    for command in ("sample", "nll"):
+        assert vars(parser.parse_args([command, "--image_channels", "1"]))["in_channels"] == 1
+
+
 @pytest.mark.parametrize("amp,channels_last", [("bf16", True), ("fp16", False)])
 def test_mixed_precision_runs(tmp_path, amp, channels_last):
     out = str(tmp_path / amp)
