@@ -328,6 +328,15 @@ def nll(**config):
     )
     torch.manual_seed(int(cfg["seed"]) + rank)
     total = int(cfg["num_samples"])
+    available = len(image_datasets.load_dataset(
+        "digits" if digits else cfg["data_dir"], int(cfg["image_size"]), class_cond=bool(cfg["class_cond"]),
+        image_channels=int(cfg.get("in_channels") or 0) or None, split="test" if digits else "all"))
+    if total > available and rank == 0:
+        # The original's image_nll.py cycles through the data too; say so, as
+        # the mean then counts some images more often than others.
+        logger.log(f"note: num_samples={total} is more than the {available} images of "
+                   f"{'the digits test split' if digits else cfg['data_dir']}: images are evaluated more than once, "
+                   f"as improved-diffusion's image_nll.py does (--num_samples {available} evaluates each once)")
     all_bpd, metrics, done = [], {"vb": [], "mse": [], "xstart_mse": []}, 0
     bar = None
     if cfg["progress"] and rank == 0:

@@ -141,6 +141,22 @@ def test_nll_writes_terms_and_plot(run_dir, tmp_path):
     assert Image.open(res["files"]["plot"]).size == (640, 360)
 
 
+def test_nll_says_when_it_evaluates_images_more_than_once(run_dir, tmp_path):
+    """num_samples past the data's size cycles through it (as image_nll.py
+    does) and the log says so, naming the count that evaluates each once."""
+    model_path = os.path.join(run_dir, "model000002.pt")
+    data = iddpm_fast.sample(model_path=model_path, num_samples=2, batch_size=2, timestep_respacing="3",
+                             progress=False, grid=False, out_dir=str(tmp_path / "s"))["npz"]
+    for num_samples, noted in ((2, False), (4, True)):
+        out = tmp_path / f"n{num_samples}"
+        res = iddpm_fast.nll(model_path=model_path, data_dir=data, num_samples=num_samples, batch_size=2,
+                             timestep_respacing="3", out_dir=str(out), progress=False)
+        assert res["num_images"] == num_samples
+        log = (out / "log.txt").read_text()
+        assert ("num_samples=4 is more than the 2 images" in log) == noted
+        assert ("--num_samples 2 evaluates each once" in log) == noted
+
+
 def test_cli_sample_and_nll(run_dir, tmp_path, capsys):
     model_path = os.path.join(run_dir, "model000002.pt")
     assert cli.main(["sample", "--model_path", model_path, "--num_samples", "2", "--batch_size", "2",
