@@ -147,7 +147,7 @@ def resolve_config(config):
         raise ValueError("use_fp16=True contradicts amp='bf16'; pick one")
     if cfg["use_fp16"]:
         cfg["amp"] = "fp16"
-    for key in ("batch_size", "image_size", "num_channels", "log_interval"):
+    for key in ("batch_size", "image_size", "num_channels", "log_interval", "num_heads"):
         if int(cfg[key]) <= 0:
             raise ValueError(f"{key} must be positive, got {cfg[key]}")
     for key in ("max_steps", "lr_anneal_steps", "save_interval", "sample_interval", "num_samples", "nll_samples",
@@ -243,7 +243,9 @@ def _configure_logging(out_dir, resume_step=None):
 
 def _resume_checkpoint(cfg, log_dir):
     """The checkpoint this run resumes from: resume_checkpoint, else (with
-    auto_resume) the newest complete one in the log directory, else ""."""
+    auto_resume) the newest complete one in the log directory, else "";
+    and a line for the log when that is not the one given, else None (the
+    logger is not configured yet)."""
     newest = latest_checkpoint(log_dir) if cfg["auto_resume"] and log_dir else None
     given = cfg["resume_checkpoint"]
     if given:
@@ -252,11 +254,10 @@ def _resume_checkpoint(cfg, log_dir):
         # A checkpoint inside the out_dir itself is a deliberate rollback.
         inside = os.path.abspath(os.path.dirname(given)) == os.path.abspath(log_dir or ".")
         if newest and not inside and parse_resume_step_from_filename(newest) > parse_resume_step_from_filename(given):
-            logger.log(f"{log_dir} holds newer checkpoints of this run: continuing from {newest} "
-                       f"instead of resume_checkpoint {given}")
-            return newest
-        return given
-    return newest or ""
+            return newest, (f"{log_dir} holds newer checkpoints of this run: continuing from {newest} "
+                            f"instead of resume_checkpoint {given}")
+        return given, None
+    return newest or "", None
 
 
 # Flags that define the model and its diffusion: resuming a run with other
@@ -365,7 +366,7 @@ def train(**config):
     # The folder the logger will write to (as logger.configure picks it), known before it opens its
     # files: a resumed run's logs continue from its checkpoint's step.
     log_dir = cfg["out_dir"] or os.getenv("OPENAI_LOGDIR") or ""
-    resume = _resume_checkpoint(cfg, log_dir)
+    resume, resume_note = _resume_checkpoint(cfg, log_dir)
     other_run = None if resume or not log_dir else latest_checkpoint(log_dir)
     if other_run:
         raise ValueError(
@@ -378,13 +379,10 @@ def train(**config):
 
         with _explain_resume_failure(resume):
             saved = _saved_config(resume)
-        # Before the logs are cut back to the checkpoint's step (in_channels and
-        # num_classes, which come from the data, are checked once it is loaded).
-        early = [k for k in _RUN_DEFINING if k in cfg and k not in ("in_channels", "num_classes")]
-        _check_resumed_config(cfg, resume, saved, early, log_changes=False)
-    out_dir = _configure_logging(log_dir, start_step if resume else None)
     _seed_everything(int(cfg["seed"]))
 
+    # The data and the model before the logger opens (or, resuming, cuts back)
+    # its files: a flag that the data or the model refuse leaves no folder behind.
     from . import image_datasets
 
     data_dir = "digits" if _is_digits(cfg["data_dir"]) else cfg["data_dir"]
@@ -402,13 +400,18 @@ def train(**config):
     model, diffusion = create_model_and_diffusion(
         **model_kwargs, channel_mult=cfg["channel_mult"] or None, in_channels=channels, num_classes=num_classes
     )
-    model.to(device)
     # data_classes: the labels the data hold (sampling draws from those, not
     # from every row of the model's class embedding).
     data_classes = getattr(dataset, "num_classes", None) if cfg["class_cond"] else None
     run_config = {**cfg, "in_channels": channels, "num_classes": num_classes, "data_classes": data_classes}
     if resume:
-        _check_resumed_config(run_config, resume, saved)
+        _check_resumed_config(run_config, resume, saved, log_changes=False)
+    out_dir = _configure_logging(log_dir, start_step if resume else None)
+    if resume_note:
+        logger.log(resume_note)
+    if resume:
+        _check_resumed_config(run_config, resume, saved)  # (logs the flags that changed)
+    model.to(device)
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.json"), "w") as f:

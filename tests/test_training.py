@@ -225,7 +225,7 @@ def test_ctrl_c_finishes_the_step_saves_and_resumes(tmp_path):
     assert os.path.exists(os.path.join(out, f"model{stopped_at + 1:06d}.pt"))
 
 
-def test_resuming_follows_this_runs_flags_and_refuses_another_model(tmp_path):
+def test_resuming_follows_this_runs_flags_and_refuses_another_model(tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     iddpm_fast.train(**dict(TINY, max_steps=3, out_dir=out))
     # lr and weight_decay of the resumed run apply (the saved optimizer groups held the old ones)
@@ -262,20 +262,34 @@ def test_resuming_follows_this_runs_flags_and_refuses_another_model(tmp_path):
     start = os.path.join(out, "model000004.pt")
     iddpm_fast.train(**dict(TINY, max_steps=6, out_dir=tuned, resume_checkpoint=start))
     first = _params(os.path.join(tuned, "model000006.pt"))
+    monkeypatch.setattr(logger.Logger, "CURRENT", None)  # as in a new process (restored afterwards)
+    monkeypatch.setattr(logger.Logger, "DEFAULT", None)
+    monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "default_logger"))
     result = iddpm_fast.train(**dict(TINY, max_steps=7, out_dir=tuned, resume_checkpoint=start))
     assert result["step"] == 7
     _assert_same_state(first, _params(os.path.join(tuned, "model000006.pt")))  # not overwritten
     with open(os.path.join(tuned, "log.txt")) as f:
-        assert f"loading model from checkpoint: {os.path.join(tuned, 'model000006.pt')}" in f.read()
+        log = f.read()
+    assert f"loading model from checkpoint: {os.path.join(tuned, 'model000006.pt')}" in log
+    # (said in the run's own log: it had gone to a default logger's folder, opened before the run's)
+    assert f"holds newer checkpoints of this run: continuing from {os.path.join(tuned, 'model000006.pt')}" in log
+    assert not os.path.exists(tmp_path / "default_logger")
 
 
 def test_bad_numeric_options_fail_before_training(tmp_path):
     for bad in (dict(log_interval=0), dict(max_steps=-1), dict(sample_interval=-1), dict(num_samples=-1),
                 dict(lr=-1.0), dict(weight_decay=float("nan")), dict(sample_respacing="25,3"),
-                dict(nll_respacing="11")):
+                dict(nll_respacing="11"), dict(num_heads=0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             iddpm_fast.train(**dict(TINY, out_dir=str(tmp_path / "x"), **bad))
         assert not os.path.exists(tmp_path / "x")  # refused before the run's folder is made
+    # What the data or the model refuse is refused before the folder is made too.
+    for bad, message in ((dict(channel_mult="1,x"), "channel_mult"), (dict(image_size=7), "image_size"),
+                         (dict(attention_resolutions="a"), "attention_resolutions"),
+                         (dict(data_dir=str(tmp_path / "none")), "does not exist")):
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            iddpm_fast.train(**dict(TINY, out_dir=str(tmp_path / "x"), **bad))
+        assert not os.path.exists(tmp_path / "x")
     res = iddpm_fast.train(**dict(TINY, max_steps=1, num_samples=0, out_dir=str(tmp_path / "no_samples")))
     assert res["samples"] is None and res["step"] == 1
     # The default grid respacing, "100", on a run of 10 steps: the full chain.
