@@ -129,6 +129,12 @@ def _setup(cfg):
     device = dist_util.checked_device(cfg.get("device"))
     if device.type == "cpu":
         cpu_memory.retain_freed_memory()
+    return device
+
+
+def _open_log(cfg):
+    """The logger's folder for this call, opened once everything it needs has
+    been checked: a refused flag leaves no folder behind."""
     if cfg.get("out_dir"):
         # Appended to: out_dir is often the training run's folder, whose log.txt is the run's record.
         logger.configure(dir=cfg["out_dir"], format_strs=["stdout", "log"] if dist_util.get_rank() == 0 else [],
@@ -142,7 +148,6 @@ def _setup(cfg):
         # caller configured (logger.configure, train()) is used as it is.
         logger.configure(format_strs=["stdout", "log"])
         _OWN_LOG_DIRS.add(logger.get_dir())
-    return device
 
 
 _OWN_LOG_DIRS = set()
@@ -208,6 +213,7 @@ def sample(**config):
     device = _setup(cfg)
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     model, diffusion, channels_last = _load_for_eval(cfg, device)
+    _open_log(cfg)
     if cfg.get("amp") == "bf16":  # the casts autocast would make at every step, made once: same numbers
         fp16_util.cast_autocast_weights(model, torch.bfloat16)
     channels = int(cfg.get("in_channels") or 3)
@@ -317,20 +323,14 @@ def nll(**config):
     from . import image_datasets
 
     digits = cfg["data_dir"] in ("", "digits")
-    data = image_datasets.load_data(
-        data_dir="digits" if digits else cfg["data_dir"],
-        batch_size=int(cfg["batch_size"]),
-        image_size=int(cfg["image_size"]),
-        class_cond=bool(cfg["class_cond"]),
-        deterministic=True,
-        image_channels=int(cfg.get("in_channels") or 0) or None,
-        split="test" if digits else "all",
-    )
+    source = dict(data_dir="digits" if digits else cfg["data_dir"], image_size=int(cfg["image_size"]),
+                  class_cond=bool(cfg["class_cond"]), image_channels=int(cfg.get("in_channels") or 0) or None,
+                  split="test" if digits else "all")
+    available = len(image_datasets.load_dataset(**source))  # (a missing data_dir refused before the log opens)
+    _open_log(cfg)
+    data = image_datasets.load_data(**source, batch_size=int(cfg["batch_size"]), deterministic=True)
     torch.manual_seed(int(cfg["seed"]) + rank)
     total = int(cfg["num_samples"])
-    available = len(image_datasets.load_dataset(
-        "digits" if digits else cfg["data_dir"], int(cfg["image_size"]), class_cond=bool(cfg["class_cond"]),
-        image_channels=int(cfg.get("in_channels") or 0) or None, split="test" if digits else "all"))
     if total > available and rank == 0:
         # The original's image_nll.py cycles through the data too; say so, as
         # the mean then counts some images more often than others.

@@ -141,6 +141,20 @@ def test_nll_writes_terms_and_plot(run_dir, tmp_path):
     assert Image.open(res["files"]["plot"]).size == (640, 360)
 
 
+def test_refused_flags_leave_no_output_folder(run_dir, tmp_path):
+    """What the diffusion, the model or the data refuse is refused before
+    the call's folder is made."""
+    model_path = os.path.join(run_dir, "model000002.pt")
+    out = tmp_path / "out"
+    for call, bad, message in ((iddpm_fast.sample, dict(timestep_respacing="x"), "bad respacing"),
+                               (iddpm_fast.nll, dict(timestep_respacing="x"), "bad respacing"),
+                               (iddpm_fast.sample, dict(num_channels=64), "contradicts"),
+                               (iddpm_fast.nll, dict(data_dir=str(tmp_path / "none")), "does not exist")):
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            call(model_path=model_path, out_dir=str(out), progress=False, **bad)
+        assert not out.exists(), (call.__name__, bad)
+
+
 def test_nll_says_when_it_evaluates_images_more_than_once(run_dir, tmp_path):
     """num_samples past the data's size cycles through it (as image_nll.py
     does) and the log says so, naming the count that evaluates each once."""
