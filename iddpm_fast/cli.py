@@ -36,20 +36,22 @@ def tune_malloc():
     return retain_freed_memory()
 
 
+def _flag_type(default):
+    if isinstance(default, bool):
+        return str2bool
+    return str if default is None else type(default)
+
+
 def _add_config_flags(parser, defaults, aliases=None):
-    """A --key flag per option; ``aliases`` (alias -> key) adds --alias as another name of --key."""
-    others = {}
-    for alias, key in (aliases or {}).items():
-        others.setdefault(key, []).append(alias)
+    """A --key flag per option; ``aliases`` (alias -> key) adds --alias as
+    another name of --key, kept apart so that the command's own alias check
+    sees both when both are given."""
     for key, default in defaults.items():
-        if isinstance(default, bool):
-            kind = str2bool
-        elif default is None:
-            kind = str
-        else:
-            kind = type(default)
-        names = [f"--{key}"] + [f"--{alias}" for alias in others.get(key, [])]
-        parser.add_argument(*names, dest=key, type=kind, default=argparse.SUPPRESS, help=f"(default: {default!r})")
+        parser.add_argument(f"--{key}", type=_flag_type(default), default=argparse.SUPPRESS,
+                            help=f"(default: {default!r})")
+    for alias, key in (aliases or {}).items():
+        parser.add_argument(f"--{alias}", type=_flag_type(defaults[key]), default=argparse.SUPPRESS,
+                            help=f"the same as --{key}")
 
 
 def _train(args):

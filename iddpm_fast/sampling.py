@@ -203,7 +203,7 @@ def sample(**config):
 
     :return: dict with npz (path), grid, strip (paths or None) and shape.
     """
-    config = apply_aliases(config, EVAL_ALIASES)
+    config = apply_aliases(config, EVAL_ALIASES, COMMON_NEW)
     unknown = set(config) - set({**SAMPLE_DEFAULTS, **model_and_diffusion_defaults(), **COMMON_NEW, **SAMPLE_NEW})
     if unknown:
         raise TypeError(f"unknown sampling option(s): {sorted(unknown)}")
@@ -311,7 +311,7 @@ def nll(**config):
 
     :return: dict with bpd (mean bits/dim), num_images and the saved paths.
     """
-    config = apply_aliases(config, EVAL_ALIASES)
+    config = apply_aliases(config, EVAL_ALIASES, COMMON_NEW)
     unknown = set(config) - set({**NLL_DEFAULTS, **model_and_diffusion_defaults(), **COMMON_NEW})
     if unknown:
         raise TypeError(f"unknown NLL option(s): {sorted(unknown)}")
@@ -326,17 +326,24 @@ def nll(**config):
     source = dict(data_dir="digits" if digits else cfg["data_dir"], image_size=int(cfg["image_size"]),
                   class_cond=bool(cfg["class_cond"]), image_channels=int(cfg.get("in_channels") or 0) or None,
                   split="test" if digits else "all")
-    available = len(image_datasets.load_dataset(**source))  # (a missing data_dir refused before the log opens)
-    _open_log(cfg)
     data = image_datasets.load_data(**source, batch_size=int(cfg["batch_size"]), deterministic=True)
+    available = len(image_datasets.load_dataset(**source))
+    _open_log(cfg)  # (the data's own errors came first)
     torch.manual_seed(int(cfg["seed"]) + rank)
-    total = int(cfg["num_samples"])
-    if total > available and rank == 0:
+    total, batch = int(cfg["num_samples"]), int(cfg["batch_size"])
+    # Images a pass over the data gives before it starts again (each rank's
+    # incomplete last batch dropped, as image_nll.py's loader drops it), and
+    # the images this call evaluates (whole steps of world * batch).
+    per_pass = world * batch * ((available // world) // batch)
+    evaluated = -(-total // (world * batch)) * world * batch
+    if evaluated > per_pass and rank == 0:
         # The original's image_nll.py cycles through the data too; say so, as
         # the mean then counts some images more often than others.
-        logger.log(f"note: num_samples={total} is more than the {available} images of "
-                   f"{'the digits test split' if digits else cfg['data_dir']}: images are evaluated more than once, "
-                   f"as improved-diffusion's image_nll.py does (--num_samples {available} evaluates each once)")
+        what = "the digits test split" if digits else cfg["data_dir"]
+        logger.log(f"note: num_samples={total} evaluates {evaluated} images, more than the {per_pass} that one pass "
+                   f"over the {available} images of {what} gives in batches of {batch}"
+                   f"{f' on {world} processes' if world > 1 else ''}: images are evaluated more than once, as "
+                   f"improved-diffusion's image_nll.py does (--num_samples {per_pass} evaluates each once)")
     all_bpd, metrics, done = [], {"vb": [], "mse": [], "xstart_mse": []}, 0
     bar = None
     if cfg["progress"] and rank == 0:

@@ -349,18 +349,24 @@ def str2bool(v):
     raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")
 
 
-def apply_aliases(given, aliases):
+def apply_aliases(given, aliases, defaults=None):
     """
     ``given`` with each alias key (``aliases``: alias -> canonical name)
-    renamed to its canonical name; both given with different values is an
-    error naming both. ``given`` itself is not changed.
+    renamed to its canonical name; both given with different values (compared
+    as :func:`coerce_options` converts them with ``defaults``) is an error
+    naming both. ``given`` itself is not changed.
     """
     out = dict(given)
     for alias, canonical in aliases.items():
         if alias in out:
             value = out.pop(alias)
-            if canonical in out and out[canonical] != value:
-                raise ValueError(f"{alias}={value!r} and {canonical}={out[canonical]!r} are the same option; give one")
+            if canonical in out:
+                a, b = value, out[canonical]
+                if defaults is not None:
+                    a, b = (coerce_options({canonical: v}, defaults)[canonical] for v in (a, b))
+                if a != b:
+                    raise ValueError(f"{alias}={value!r} and {canonical}={out[canonical]!r} are the same option; "
+                                     "give one")
             out[canonical] = value
     return out
 

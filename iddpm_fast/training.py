@@ -129,7 +129,7 @@ def resolve_config(config):
     the built-in data, then the keys given. Unknown keys are an error.
     """
     defaults = train_defaults()
-    config = apply_aliases(config, TRAIN_ALIASES)
+    config = apply_aliases(config, TRAIN_ALIASES, defaults)
     unknown = [k for k in config if k not in defaults]
     if unknown:
         hints = []
@@ -147,9 +147,12 @@ def resolve_config(config):
         raise ValueError("use_fp16=True contradicts amp='bf16'; pick one")
     if cfg["use_fp16"]:
         cfg["amp"] = "fp16"
-    for key in ("batch_size", "image_size", "num_channels", "log_interval", "num_heads"):
+    for key in ("batch_size", "image_size", "num_channels", "log_interval"):
         if int(cfg[key]) <= 0:
             raise ValueError(f"{key} must be positive, got {cfg[key]}")
+    if str(cfg["attention_resolutions"]).strip() and int(cfg["num_heads"]) <= 0:
+        raise ValueError(f"num_heads must be positive with attention (attention_resolutions="
+                         f"{cfg['attention_resolutions']!r}), got {cfg['num_heads']}")
     for key in ("max_steps", "lr_anneal_steps", "save_interval", "sample_interval", "num_samples", "nll_samples",
                 "num_workers"):
         if int(cfg[key]) < 0:
@@ -379,6 +382,10 @@ def train(**config):
 
         with _explain_resume_failure(resume):
             saved = _saved_config(resume)
+        # Before the data and the model are built (in_channels and num_classes,
+        # which come from the data, are checked once it is loaded).
+        early = [k for k in _RUN_DEFINING if k in cfg and k not in ("in_channels", "num_classes")]
+        _check_resumed_config(cfg, resume, saved, early, log_changes=False)
     _seed_everything(int(cfg["seed"]))
 
     # The data and the model before the logger opens (or, resuming, cuts back)

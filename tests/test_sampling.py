@@ -156,19 +156,23 @@ def test_refused_flags_leave_no_output_folder(run_dir, tmp_path):
 
 
 def test_nll_says_when_it_evaluates_images_more_than_once(run_dir, tmp_path):
-    """num_samples past the data's size cycles through it (as image_nll.py
-    does) and the log says so, naming the count that evaluates each once."""
+    """Past one pass over the data (whose last incomplete batch is dropped,
+    as image_nll.py's loader drops it) nll cycles through it again, and its
+    log says so, naming the num_samples that evaluates each image once."""
     model_path = os.path.join(run_dir, "model000002.pt")
-    data = iddpm_fast.sample(model_path=model_path, num_samples=2, batch_size=2, timestep_respacing="3",
-                             progress=False, grid=False, out_dir=str(tmp_path / "s"))["npz"]
-    for num_samples, noted in ((2, False), (4, True)):
-        out = tmp_path / f"n{num_samples}"
-        res = iddpm_fast.nll(model_path=model_path, data_dir=data, num_samples=num_samples, batch_size=2,
+    data = iddpm_fast.sample(model_path=model_path, num_samples=3, batch_size=3, timestep_respacing="3",
+                             progress=False, grid=False, out_dir=str(tmp_path / "s"))["npz"]  # 3 images
+    for num_samples, batch_size, note in ((3, 1, None), (2, 2, None), (4, 2, "num_samples=4 evaluates 4 images"),
+                                          (3, 2, "num_samples=3 evaluates 4 images")):
+        out = tmp_path / f"n{num_samples}-{batch_size}"
+        res = iddpm_fast.nll(model_path=model_path, data_dir=data, num_samples=num_samples, batch_size=batch_size,
                              timestep_respacing="3", out_dir=str(out), progress=False)
-        assert res["num_images"] == num_samples
+        assert res["num_images"] == -(-num_samples // batch_size) * batch_size
         log = (out / "log.txt").read_text()
-        assert ("num_samples=4 is more than the 2 images" in log) == noted
-        assert ("--num_samples 2 evaluates each once" in log) == noted
+        assert ("evaluates each once" in log) == (note is not None), (num_samples, batch_size)
+        if note:
+            assert f"{note}, more than the 2 that one pass over the 3 images" in log
+            assert "(--num_samples 2 evaluates each once)" in log
 
 
 def test_cli_sample_and_nll(run_dir, tmp_path, capsys):

@@ -279,7 +279,7 @@ def test_resuming_follows_this_runs_flags_and_refuses_another_model(tmp_path, mo
 def test_bad_numeric_options_fail_before_training(tmp_path):
     for bad in (dict(log_interval=0), dict(max_steps=-1), dict(sample_interval=-1), dict(num_samples=-1),
                 dict(lr=-1.0), dict(weight_decay=float("nan")), dict(sample_respacing="25,3"),
-                dict(nll_respacing="11"), dict(num_heads=0)):
+                dict(nll_respacing="11"), dict(num_heads=0)):  # (TINY has attention)
         with pytest.raises(ValueError, match=next(iter(bad))):
             iddpm_fast.train(**dict(TINY, out_dir=str(tmp_path / "x"), **bad))
         assert not os.path.exists(tmp_path / "x")  # refused before the run's folder is made
@@ -409,7 +409,7 @@ def test_train_rejects_unknown_and_contradictory_options():
         iddpm_fast.train(amp="fp8")
 
 
-def test_image_channels_has_one_name_for_every_command():
+def test_image_channels_has_one_name_for_every_command(tmp_path):
     """train's image_channels is also in_channels, the name sample and nll
     use (and they take image_channels too), from Python and on the command
     line; the two names with different values are an error naming both."""
@@ -419,10 +419,17 @@ def test_image_channels_has_one_name_for_every_command():
         resolve_config({"in_channels": 1, "image_channels": 3})
     with pytest.raises(ValueError, match="image_channels=1 and in_channels=3"):
         iddpm_fast.sample(model_path="unused.pt", image_channels=1, in_channels=3)
+    assert resolve_config({"in_channels": "1", "image_channels": 1})["image_channels"] == 1  # (the same value)
     parser = cli.build_parser()
-    assert vars(parser.parse_args(["train", "--in_channels", "1"]))["image_channels"] == 1
+    args = vars(parser.parse_args(["train", "--in_channels", "1"]))
+    assert resolve_config({k: v for k, v in args.items() if k not in ("_run", "command")})["image_channels"] == 1
     for command in ("sample", "nll"):
-        assert vars(parser.parse_args([command, "--image_channels", "1"]))["in_channels"] == 1
+        assert vars(parser.parse_args([command, "--image_channels", "1"]))["image_channels"] == 1
+    # both flags with different values: the same named error, exit status 2, before any work
+    for command, flags in (("train", ["--in_channels", "1", "--image_channels", "3"]),
+                           ("sample", ["--image_channels", "1", "--in_channels", "3"])):
+        assert cli.main([command, "--out_dir", str(tmp_path / command), *flags]) == 2
+        assert not os.path.exists(tmp_path / command)
 
 
 @pytest.mark.parametrize("amp,channels_last", [("bf16", True), ("fp16", False)])
