@@ -269,15 +269,15 @@ _RUN_DEFINING = tuple(k for k in _MODEL_KEYS if k not in ("dropout", "use_checkp
     "channel_mult", "in_channels", "num_classes")
 
 
-def _check_resumed_config(run_config, resume, saved, keys=_RUN_DEFINING, log_changes=True):
+def _check_resumed_config(run_config, resume, saved, keys=_RUN_DEFINING):
     """Refuse to resume a run whose saved config (``sampling._saved_config``'s
-    (config, source) of `resume`) defines another model or diffusion; log the
-    other flags that changed."""
+    (config, source) of `resume`) defines another model or diffusion; return
+    a line for the log naming the other flags that changed, else None."""
     from .sampling import _same
 
     saved, source = saved
     if saved is None:
-        return  # e.g. a checkpoint written by improved-diffusion
+        return None  # e.g. a checkpoint written by improved-diffusion
     bad = [k for k in keys if k in saved and not _same(run_config.get(k), saved[k])]
     if bad:
         diffs = ", ".join(f"{k}={run_config.get(k)!r} (saved: {saved[k]!r})" for k in bad)
@@ -287,8 +287,9 @@ def _check_resumed_config(run_config, resume, saved, keys=_RUN_DEFINING, log_cha
         )
     changed = [k for k in sorted(saved) if k in run_config and k not in ("resume_checkpoint", "out_dir")
                and not _same(run_config[k], saved[k])]
-    if changed and log_changes:
-        logger.log("resuming with changed flags: " + ", ".join(f"{k} {saved[k]!r} -> {run_config[k]!r}" for k in changed))
+    if not changed:
+        return None
+    return "resuming with changed flags: " + ", ".join(f"{k} {saved[k]!r} -> {run_config[k]!r}" for k in changed)
 
 
 def _grid_diffusion(cfg):
@@ -385,7 +386,7 @@ def train(**config):
         # Before the data and the model are built (in_channels and num_classes,
         # which come from the data, are checked once it is loaded).
         early = [k for k in _RUN_DEFINING if k in cfg and k not in ("in_channels", "num_classes")]
-        _check_resumed_config(cfg, resume, saved, early, log_changes=False)
+        _check_resumed_config(cfg, resume, saved, early)
     _seed_everything(int(cfg["seed"]))
 
     # The data and the model before the logger opens (or, resuming, cuts back)
@@ -411,13 +412,11 @@ def train(**config):
     # from every row of the model's class embedding).
     data_classes = getattr(dataset, "num_classes", None) if cfg["class_cond"] else None
     run_config = {**cfg, "in_channels": channels, "num_classes": num_classes, "data_classes": data_classes}
-    if resume:
-        _check_resumed_config(run_config, resume, saved, log_changes=False)
+    changed_note = _check_resumed_config(run_config, resume, saved) if resume else None
     out_dir = _configure_logging(log_dir, start_step if resume else None)
-    if resume_note:
-        logger.log(resume_note)
-    if resume:
-        _check_resumed_config(run_config, resume, saved)  # (logs the flags that changed)
+    for note in (resume_note, changed_note):
+        if note:
+            logger.log(note)
     model.to(device)
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
@@ -443,7 +442,7 @@ def train(**config):
     sample_shape = (int(cfg["num_samples"]), channels, int(cfg["image_size"]), int(cfg["image_size"]))
     # Grid labels: the data's classes (a folder's or an .npz's), not the 1000 of the original's default
     # embedding, most of which this run never trains (sample() draws from the same data_classes).
-    label_count = data_classes or num_classes or getattr(dataset, "num_classes", None) or 1000
+    label_count = data_classes or num_classes or 1000  # (labels are drawn only with class_cond)
 
     def write_samples(loop, step):
         ema_model = _ema_model(loop)
