@@ -48,6 +48,13 @@ def block_size(n):
     return max(16, min(_BLOCK_CAP, next_power_of_2(max(int(n), 1))))
 
 
+def per_sample_total(part, D):
+    """[B] totals of per-sample partials [B, n_chunks] that the kernels have
+    already scaled to the sample's mean (each program's sum times 1 / D);
+    with D = 0, where no program ran, a mean over nothing: NaN."""
+    return part.sum(dim=1) if D else part.sum(dim=1) / D
+
+
 def warps(num_warps):
     """Launch options for a num_warps override (A/B timing): none when it is None, the kernel's default."""
     return {} if num_warps is None else {"num_warps": num_warps}

@@ -19,6 +19,7 @@ from ._common import (
     cdiv,
     check_contiguous_like,
     check_device,
+    per_sample_total,
     warps,
 )
 from ._tl import bin_probability, chunk_offsets
@@ -83,7 +84,7 @@ def discretized_gaussian_nll_bpd(x, means, log_scales, *, block=None, num_warps=
     (elements per program, a power of two) and num_warps override the
     defaults, for A/B timing (bench/profile_gpu.py ab_reduce)."""
     _, part, D = _launch_dgll(x, means, log_scales, True, block, num_warps)
-    return part.sum(dim=1) if D else part.sum(dim=1) / D  # an empty sample: NaN, as a mean over nothing
+    return per_sample_total(part, D)
 
 
 @triton.jit

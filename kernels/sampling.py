@@ -23,6 +23,7 @@ from ._common import (
     cdiv,
     check_contiguous_like,
     check_device,
+    per_sample_total,
 )
 from ._tl import bound_term, chunk_offsets, load_model_output, model_distribution
 
@@ -189,7 +190,7 @@ def vb_terms_bpd(model_output, x_start, x_t, t, tables, model_mean_type, model_v
             LEARNED=model_var_type in ("learned", "learned_range"), CLIP=bool(clip_denoised),
             K=_K, BLOCK=block, **MODEL_ROWS,
         )
-    return (part.sum(dim=1) if D else part.sum(dim=1) / D), pred  # an empty sample: NaN, a mean over nothing
+    return per_sample_total(part, D), pred
 
 
 # Launches by kernel[grid](...) the first time, directly afterwards (see _common.Launcher).
