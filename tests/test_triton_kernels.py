@@ -682,7 +682,6 @@ def _assert_bound_terms(got, want, truth, inputs, t, slack=0.0, **kinds):
     assert ((got.double() - truth).abs() <= allowed).all(), ((got.double() - truth).abs(), allowed)
 
 
-
 @pytest.mark.parametrize("mean,var,clip", SAMPLING_KINDS)
 def test_vb_terms_match_reference(mean, var, clip):
     learned = var in ref.LEARNED_VAR_TYPES

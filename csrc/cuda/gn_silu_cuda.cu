@@ -302,7 +302,7 @@ __global__ void grad_group_coefficients(const double* __restrict__ ds, const dou
 
 // Per c: d weight = sum_n (1 + scale) rstd DS, d bias = sum_n (1 + scale) DB
 // (DS is already centred: sum(dz * (x - mean))), summed in float64 and
-// written as O (float64, or the gradients' own float32: see ParamGrads).
+// written as O (float64, or the gradients' own float32: see param_grad_buffer_dtype).
 template <typename A, typename O>
 __global__ void grad_params(const double* __restrict__ ds, const double* __restrict__ db, const A* __restrict__ mean,
                             const A* __restrict__ rstd, const A* __restrict__ scale, int64_t N, int64_t C, int64_t D,
@@ -990,16 +990,6 @@ inline VecPlan plan_vec_partials(const GnShape& s, int V) {
   return p;
 }
 
-// Whether to try the one-pass kernels (each still checks that it applies).
-// IDDPM_FAST_GN_CUDA_ONEPASS=1: wherever they apply; =0: never;
-// IDDPM_FAST_GN_CUDA_VEC=0 (the per-element kernels, for diagnosis): never.
-// Unset, where an H100 timed them faster than the split kernels
-// (bench/results/h100-20261126, profile_gpu.py ab_gn, device time): groups
-// of at most 2048 elements in every layout and dtype (the 16x16 and 8x8
-// levels of a 128-channel UNet: forward 1.2-2.0x, backward 1.2-4.6x faster,
-// forward + backward 2.8-7.9x stock where the split kernels gave 0.8-5.6x),
-// and float32 NCHW (32x32 levels: forward 1.6x, backward 1.2-1.3x); bf16 and
-// channels-last 32x32 levels stay on the split kernels, which were faster there.
 // f(d weight, d bias) with the pointers typed as the buffers are
 // (param_grad_buffer_dtype: float32 or float64).
 template <typename F>
@@ -1011,6 +1001,16 @@ inline void with_param_grads(const at::Tensor& gw, const at::Tensor& gb, F f) {
   }
 }
 
+// Whether to try the one-pass kernels (each still checks that it applies).
+// IDDPM_FAST_GN_CUDA_ONEPASS=1: wherever they apply; =0: never;
+// IDDPM_FAST_GN_CUDA_VEC=0 (the per-element kernels, for diagnosis): never.
+// Unset, where an H100 timed them faster than the split kernels
+// (bench/results/h100-20261126, profile_gpu.py ab_gn, device time): groups
+// of at most 2048 elements in every layout and dtype (the 16x16 and 8x8
+// levels of a 128-channel UNet: forward 1.2-2.0x, backward 1.2-4.6x faster,
+// forward + backward 2.8-7.9x stock where the split kernels gave 0.8-5.6x),
+// and float32 NCHW (32x32 levels: forward 1.6x, backward 1.2-1.3x); bf16 and
+// channels-last 32x32 levels stay on the split kernels, which were faster there.
 template <typename T>
 inline bool onepass_wanted(const GnShape& s) {
   if (cuda_vec::switched_off("IDDPM_FAST_GN_CUDA_VEC") || cuda_vec::switched_off("IDDPM_FAST_GN_CUDA_ONEPASS")) {
