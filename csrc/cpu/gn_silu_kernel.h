@@ -310,12 +310,14 @@ void rows_moment(const T* x, int64_t m, int64_t C, const acc_t<T>* center, doubl
 // before scaling keeps the error at ulp((x - mean) * rstd) even when
 // |mean| * rstd is large.
 template <bool Act, bool PerElem, typename T>
-void forward_row(T* y, const T* x, int64_t n, const acc_t<T>* m, const acc_t<T>* a, const acc_t<T>* b) {
+void forward_row(T* y, const T* x, int64_t n, const acc_t<T>* m, const acc_t<T>* a, const acc_t<T>* b,
+                 int64_t pf = 0) {
   using A = acc_t<T>;
   int64_t j = 0;
   if constexpr (kVectorised<T>) {
     const Vec m0(PerElem ? 0.f : m[0]), a0(PerElem ? 0.f : a[0]), b0(PerElem ? 0.f : b[0]);
     for (; j + kV <= n; j += kV) {
+      if (pf) __builtin_prefetch(x + j + pf, 0, 3);
       Vec mv = PerElem ? Vec::loadu(m + j) : m0;
       Vec av = PerElem ? Vec::loadu(a + j) : a0;
       Vec bv = PerElem ? Vec::loadu(b + j) : b0;
@@ -345,12 +347,17 @@ void forward_row(T* y, const T* x, int64_t n, const acc_t<T>* m, const acc_t<T>*
 // independent chains per iteration keep the FMA units busy where one row per
 // call had left them waiting.
 template <bool Act, typename T>
-void forward_group(T* y, const T* x, int64_t D, int64_t L, acc_t<T> m, const acc_t<T>* a, const acc_t<T>* b) {
+void forward_group(T* y, const T* x, int64_t D, int64_t L, acc_t<T> m, const acc_t<T>* a, const acc_t<T>* b,
+                   int64_t pf) {
   int64_t d = 0;
   if constexpr (kVectorised<T>) {
     if (L == kV) {
       const Vec mv(m);
       for (; d + 2 <= D; d += 2) {
+        if (pf) {
+          __builtin_prefetch(x + d * L + pf, 0, 3);
+          __builtin_prefetch(x + (d + 1) * L + pf, 0, 3);
+        }
         const Vec z0 = at::vec::fmadd(vload(x + d * L) - mv, Vec(a[d]), Vec(b[d]));
         const Vec z1 = at::vec::fmadd(vload(x + (d + 1) * L) - mv, Vec(a[d + 1]), Vec(b[d + 1]));
         vstore(y + d * L, Act ? z0 * vsigmoid(z0) : z0);
@@ -359,7 +366,7 @@ void forward_group(T* y, const T* x, int64_t D, int64_t L, acc_t<T> m, const acc
     }
   }
   for (; d < D; ++d) {
-    forward_row<Act, false>(y + d * L, x + d * L, L, &m, a + d, b + d);
+    forward_row<Act, false>(y + d * L, x + d * L, L, &m, a + d, b + d, pf);
   }
 }
 
@@ -377,14 +384,31 @@ inline __attribute__((always_inline)) Vec vdz(const Vec& dy, const Vec& xc, cons
   }
 }
 
+// Software prefetch in the contiguous layout's passes. Groups are a few KiB
+// to a few hundred KiB, and the hardware prefetcher, which stops at 4 KiB
+// page boundaries and idles while a pass computes from the cache, left the
+// first pass over each group waiting on memory:
+// - the backward's first pass fetches x and dy kBackwardPrefetch elements
+//   ahead, and the lines of dx it will write in its second pass (a group of
+//   at most kPrefetchOutputBytes, so that its four streams stay in L2): with
+//   the lines owned before the stores, dx is written without a read for
+//   ownership stalling each store;
+// - the forward's output pass fetches the next batch of groups' x.
+// On one core the backward went 1.1-1.45x faster from 8x8 to 64x64 maps,
+// the forward 1.05-1.5x (A/B of builds, float32).
+constexpr int64_t kBackwardPrefetch = 256;
+constexpr int64_t kPrefetchOutputBytes = 128 * 1024;
 // dz = dy * SiLU'(z) (dz = dy unless Act), z = (x - m) a + b, over the
 // elements [j, stop) (vectors, the last one zero-padded), into dz; adds the
 // lane-wise sums of dz * (x - m) and of dz into as, ab.
 template <bool Act, typename T>
 inline __attribute__((always_inline)) void backward_block_vec(float* dz, const T* dy, const T* x, int64_t j,
                                                               int64_t stop, const Vec& mv, const Vec& av,
-                                                              const Vec& bv, Vec& as, Vec& ab) {
+                                                              const Vec& bv, Vec& as, Vec& ab, T* dxw = nullptr) {
   for (; j + kV <= stop; j += kV) {
+    __builtin_prefetch(x + j + kBackwardPrefetch, 0, 3);
+    __builtin_prefetch(dy + j + kBackwardPrefetch, 0, 3);
+    if (dxw) __builtin_prefetch(dxw + j, 1, 3);
     const Vec xc = vload(x + j) - mv;
     const Vec d = vdz<Act>(vload(dy + j), xc, av, bv);
     d.store(dz + j);
@@ -460,8 +484,9 @@ inline void reduce_lanes(const Vec* v, float* out) {
 // m, a, b, into dz[0:n]; adds sum(dz * (x - m)) and sum(dz) into ds, db
 // (float64, flushed every kFlush elements).
 template <bool Act, typename T>
-inline __attribute__((always_inline)) void backward_row_scalar(acc_t<T>* dz, const T* dy, const T* x, int64_t n, acc_t<T> m, acc_t<T> a, acc_t<T> b,
-                         double& ds, double& db) {
+inline __attribute__((always_inline)) void backward_row_scalar(acc_t<T>* dz, const T* dy, const T* x, int64_t n,
+                                                               acc_t<T> m, acc_t<T> a, acc_t<T> b, double& ds,
+                                                               double& db, T* dxw = nullptr) {
   using A = acc_t<T>;
   for (int64_t start = 0; start < n; start += kFlush) {
     const int64_t stop = std::min(n, start + kFlush);
@@ -469,7 +494,7 @@ inline __attribute__((always_inline)) void backward_row_scalar(acc_t<T>* dz, con
     double ps = 0, pb = 0;
     if constexpr (kVectorised<T>) {
       Vec as(0.f), ab(0.f);
-      backward_block_vec<Act>(dz, dy, x, j, stop, Vec(m), Vec(a), Vec(b), as, ab);
+      backward_block_vec<Act>(dz, dy, x, j, stop, Vec(m), Vec(a), Vec(b), as, ab, dxw);
       j = stop;
       // Shuffle-tree horizontal sums: on 8x8 rows (64 elements) a lane-by-
       // lane float64 sum cost about as much as the row.
@@ -501,7 +526,7 @@ inline __attribute__((always_inline)) void backward_row_scalar(acc_t<T>* dz, con
 // [D, L] buffer; ds, db get the D channels' sums.
 template <bool Act, typename T>
 void backward_group_sums(float* dz, const T* dy, const T* x, int64_t D, int64_t L, float m, const float* a,
-                         const float* b, double* ds, double* db) {
+                         const float* b, double* ds, double* db, T* dxw) {
   constexpr int64_t H = kV / 2;
   Vec acc[kV];
   float sums[kV];
@@ -517,7 +542,8 @@ void backward_group_sums(float* dz, const T* dy, const T* x, int64_t D, int64_t 
       // alias anything), which would keep them in memory inside the row loop.
       const int64_t d = d0 + i;
       Vec as(0.f), ab(0.f);
-      backward_block_vec<Act>(dz + d * L, dy + d * L, x + d * L, 0, L, mv, Vec(a[d]), Vec(b[d]), as, ab);
+      backward_block_vec<Act>(dz + d * L, dy + d * L, x + d * L, 0, L, mv, Vec(a[d]), Vec(b[d]), as, ab,
+                              dxw ? dxw + d * L : nullptr);
       acc[i] = as;
       acc[H + i] = ab;
     }
@@ -807,6 +833,9 @@ void forward_impl(const T* X, T* Y, acc_t<T>* MEAN, acc_t<T>* RSTD, const Params
           MEAN[ng] = static_cast<A>(mean);
           RSTD[ng] = static_cast<A>(1.0 / std::sqrt(var + eps));
         }
+        // The next batch's input is fetched while this one's output is
+        // computed (one prefetch per vector written).
+        const int64_t pf = last < end ? (last - first) * D * L : 0;
         for (int64_t ng = first; ng < last; ++ng) {
           const int64_t n = ng / G, g = ng % G;
           const A m = MEAN[ng], rstd = RSTD[ng];
@@ -814,9 +843,9 @@ void forward_impl(const T* X, T* Y, acc_t<T>* MEAN, acc_t<T>* RSTD, const Params
             P.fold(n, g * D + d, rstd, fa[d], fb[d]);
           }
           if (s.silu) {
-            forward_group<true>(Y + ng * D * L, X + ng * D * L, D, L, m, fa.data(), fb.data());
+            forward_group<true>(Y + ng * D * L, X + ng * D * L, D, L, m, fa.data(), fb.data(), pf);
           } else {
-            forward_group<false>(Y + ng * D * L, X + ng * D * L, D, L, m, fa.data(), fb.data());
+            forward_group<false>(Y + ng * D * L, X + ng * D * L, D, L, m, fa.data(), fb.data(), pf);
           }
         }
       }
@@ -892,6 +921,7 @@ void backward_impl(const T* DY, const T* X, T* DX, const acc_t<T>* MEAN, const a
         const A mean = MEAN[ng], rstd = RSTD[ng];
         const T* xg = X + ng * D * L;
         const T* dyg = DY + ng * D * L;
+        T* dxw = D * L * int64_t(sizeof(T)) <= kPrefetchOutputBytes ? DX + ng * D * L : nullptr;
         for (int64_t d = 0; d < D; ++d) {
           P.fold(n, g * D + d, rstd, fa[d], fb[d]);
         }
@@ -899,10 +929,10 @@ void backward_impl(const T* DY, const T* X, T* DX, const acc_t<T>* MEAN, const a
           if (L <= kFlush) {
             if (s.silu) {
               backward_group_sums<true>(dz.data(), dyg, xg, D, L, mean, fa.data(), fb.data(), DS + ng * D,
-                                        DB + ng * D);
+                                        DB + ng * D, dxw);
             } else {
               backward_group_sums<false>(dz.data(), dyg, xg, D, L, mean, fa.data(), fb.data(), DS + ng * D,
-                                         DB + ng * D);
+                                         DB + ng * D, dxw);
             }
           }
         }
@@ -910,10 +940,11 @@ void backward_impl(const T* DY, const T* X, T* DX, const acc_t<T>* MEAN, const a
           for (int64_t d = 0; d < D; ++d) {
             double ds = 0, db = 0;
             if (s.silu) {
-              backward_row_scalar<true>(dz.data() + d * L, dyg + d * L, xg + d * L, L, mean, fa[d], fb[d], ds, db);
+              backward_row_scalar<true>(dz.data() + d * L, dyg + d * L, xg + d * L, L, mean, fa[d], fb[d], ds, db,
+                                        dxw ? dxw + d * L : nullptr);
             } else {
               backward_row_scalar<false>(dz.data() + d * L, dyg + d * L, xg + d * L, L, mean, fa[d], fb[d], ds,
-                                         db);
+                                         db, dxw ? dxw + d * L : nullptr);
             }
             DS[ng * D + d] = ds;
             DB[ng * D + d] = db;
