@@ -661,7 +661,7 @@ constexpr int64_t kTile = 16;
 template <bool Act, int B, typename T>
 inline __attribute__((always_inline)) void forward_channel_block(T* y, const T* x, int64_t l0, int64_t l1, int64_t C,
                                                                  int64_t c, const float* m, const float* a,
-                                                                 const float* b) {
+                                                                 const float* b, int64_t pf) {
   Vec mv[B], av[B], bv[B];
   for (int i = 0; i < B; ++i) {
     mv[i] = Vec::loadu(m + c + i * kV);
@@ -671,6 +671,7 @@ inline __attribute__((always_inline)) void forward_channel_block(T* y, const T* 
   for (int64_t l = l0; l < l1; ++l) {
     const int64_t o = l * C + c;
     for (int i = 0; i < B; ++i) {
+      if (pf) __builtin_prefetch(x + o + i * kV + pf, 0, 3);
       const Vec z = at::vec::fmadd(vload(x + o + i * kV) - mv[i], av[i], bv[i]);
       vstore(y + o + i * kV, Act ? z * vsigmoid(z) : z);
     }
@@ -679,17 +680,19 @@ inline __attribute__((always_inline)) void forward_channel_block(T* y, const T* 
 
 template <bool Act, typename T>
 void forward_channels(T* y, const T* x, int64_t L, int64_t C, const acc_t<T>* m, const acc_t<T>* a,
-                      const acc_t<T>* b) {
+                      const acc_t<T>* b, int64_t pf) {
   for (int64_t l0 = 0; l0 < L; l0 += kTile) {
     const int64_t l1 = std::min(L, l0 + kTile);
     int64_t c = 0;
     if constexpr (kVectorised<T>) {
-      for (; c + kBlock * kV <= C; c += kBlock * kV) forward_channel_block<Act, kBlock>(y, x, l0, l1, C, c, m, a, b);
-      for (; c + kV <= C; c += kV) forward_channel_block<Act, 1>(y, x, l0, l1, C, c, m, a, b);
+      for (; c + kBlock * kV <= C; c += kBlock * kV) {
+        forward_channel_block<Act, kBlock>(y, x, l0, l1, C, c, m, a, b, pf);
+      }
+      for (; c + kV <= C; c += kV) forward_channel_block<Act, 1>(y, x, l0, l1, C, c, m, a, b, pf);
     }
     if (c < C) {
       for (int64_t l = l0; l < l1; ++l) {
-        forward_row<Act, true>(y + l * C + c, x + l * C + c, C - c, m + c, a + c, b + c);
+        forward_row<Act, true>(y + l * C + c, x + l * C + c, C - c, m + c, a + c, b + c, pf);
       }
     }
   }
@@ -701,7 +704,7 @@ template <bool Act, int B, typename T>
 inline __attribute__((always_inline)) void backward_channel_block(float* dz, const T* dy, const T* x, int64_t start,
                                                                   int64_t stop, int64_t C, int64_t c, const float* m,
                                                                   const float* a, const float* b, float* ss,
-                                                                  float* sb, bool first) {
+                                                                  float* sb, bool first, T* dxw) {
   Vec mv[B], av[B], bv[B], as[B], ab[B];
   for (int i = 0; i < B; ++i) {
     mv[i] = Vec::loadu(m + c + i * kV);
@@ -713,6 +716,9 @@ inline __attribute__((always_inline)) void backward_channel_block(float* dz, con
   for (int64_t l = start; l < stop; ++l) {
     const int64_t o = l * C + c;
     for (int i = 0; i < B; ++i) {
+      __builtin_prefetch(x + o + i * kV + kTile * C, 0, 3);
+      __builtin_prefetch(dy + o + i * kV + kTile * C, 0, 3);
+      if (dxw) __builtin_prefetch(dxw + o + i * kV, 1, 3);
       const Vec xc = vload(x + o + i * kV) - mv[i];
       const Vec d = vdz<Act>(vload(dy + o + i * kV), xc, av[i], bv[i]);
       d.store(dz + o + i * kV);
@@ -730,7 +736,8 @@ inline __attribute__((always_inline)) void backward_channel_block(float* dz, con
 // dz into dz[l * C + c], the window's sums into ss, sb (overwritten).
 template <bool Act, typename T>
 void backward_channels(acc_t<T>* dz, const T* dy, const T* x, int64_t start, int64_t stop, int64_t C,
-                       const acc_t<T>* m, const acc_t<T>* a, const acc_t<T>* b, acc_t<T>* ss, acc_t<T>* sb) {
+                       const acc_t<T>* m, const acc_t<T>* a, const acc_t<T>* b, acc_t<T>* ss, acc_t<T>* sb,
+                       T* dxw) {
   // Channels [0, tail) go in blocks (each block's first tile of the window
   // sets its sums), [tail, C) through the row function, whose sums are
   // zeroed here once per window: one boundary for both.
@@ -745,9 +752,11 @@ void backward_channels(acc_t<T>* dz, const T* dy, const T* x, int64_t start, int
     int64_t c = 0;
     if constexpr (kVectorised<T> && kBlockedBackward) {
       for (; c + kBlock * kV <= tail; c += kBlock * kV) {
-        backward_channel_block<Act, kBlock>(dz, dy, x, l0, l1, C, c, m, a, b, ss, sb, l0 == start);
+        backward_channel_block<Act, kBlock>(dz, dy, x, l0, l1, C, c, m, a, b, ss, sb, l0 == start, dxw);
       }
-      for (; c < tail; c += kV) backward_channel_block<Act, 1>(dz, dy, x, l0, l1, C, c, m, a, b, ss, sb, l0 == start);
+      for (; c < tail; c += kV) {
+        backward_channel_block<Act, 1>(dz, dy, x, l0, l1, C, c, m, a, b, ss, sb, l0 == start, dxw);
+      }
     }
     for (int64_t l = l0; l < l1 && tail < C; ++l) {
       backward_row_channels<Act>(dz + l * C + tail, dy + l * C + tail, x + l * C + tail, C - tail, m + tail,
@@ -933,10 +942,14 @@ void forward_impl(const T* X, T* Y, acc_t<T>* MEAN, acc_t<T>* RSTD, const Params
           center[c] = MEAN[n * G + g];
         }
       }
+      // The next sample's input is fetched while this one's output is
+      // computed: the statistics' passes walk it column block by column
+      // block, which the hardware prefetcher does not follow.
+      const int64_t pf = n + 1 < end ? L * C : 0;
       if (s.silu) {
-        forward_channels<true>(Y + n * L * C, xn, L, C, center.data(), a.data(), b.data());
+        forward_channels<true>(Y + n * L * C, xn, L, C, center.data(), a.data(), b.data(), pf);
       } else {
-        forward_channels<false>(Y + n * L * C, xn, L, C, center.data(), a.data(), b.data());
+        forward_channels<false>(Y + n * L * C, xn, L, C, center.data(), a.data(), b.data(), pf);
       }
     }
   });
@@ -1025,14 +1038,18 @@ void backward_impl(const T* DY, const T* X, T* DX, const acc_t<T>* MEAN, const a
       std::fill(DB + n * C, DB + (n + 1) * C, 0.0);
       const T* xn = X + n * L * C;
       const T* dyn = DY + n * L * C;
+      // As in the contiguous layout: the first pass fetches the next tile's
+      // x and dy (the hardware prefetcher does not follow its column-block
+      // walk) and the lines of dx (samples up to kPrefetchOutputBytes).
+      T* dxw = L * C * int64_t(sizeof(T)) <= kPrefetchOutputBytes ? DX + n * L * C : nullptr;
       for (int64_t start = 0; start < L; start += kFlushPositions) {
         const int64_t stop = std::min(L, start + kFlushPositions);
         if (s.silu) {
           backward_channels<true>(dz.data(), dyn, xn, start, stop, C, m.data(), a.data(), b.data(), ss.data(),
-                                  sb.data());
+                                  sb.data(), dxw);
         } else {
           backward_channels<false>(dz.data(), dyn, xn, start, stop, C, m.data(), a.data(), b.data(), ss.data(),
-                                   sb.data());
+                                   sb.data(), dxw);
         }
         for (int64_t c = 0; c < C; ++c) {
           DS[n * C + c] += ss[c];
