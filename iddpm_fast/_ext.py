@@ -64,15 +64,22 @@ def headers():
     return found
 
 
-def _cpu_reason():
-    """Why this CPU cannot run the AVX2-compiled kernels, or None."""
+def cpu_flags():
+    """This x86 CPU's feature flags from /proc/cpuinfo, or None where they are unknown."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return None
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
     except OSError:
-        flags = None
+        return None
+
+
+def _cpu_reason():
+    """Why this CPU cannot run the AVX2-compiled kernels, or None."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    flags = cpu_flags()
     if flags is None:
         capability = torch.backends.cpu.get_cpu_capability()
         return None if capability in ("AVX2", "AVX512") else f"this CPU reports capability {capability}, not AVX2"

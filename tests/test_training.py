@@ -465,6 +465,40 @@ def _loop(tmp_path, model, diffusion, **kw):
     return TrainLoop(**args)
 
 
+def test_bf16_note_names_cpus_without_native_bfloat16():
+    from iddpm_fast import train_util
+
+    note = train_util._cpu_bf16_note(["fpu", "avx2", "avx512f"])
+    assert "AMX-BF16" in note and "amp='none'" in note
+    assert train_util._cpu_bf16_note(["avx512f", "amx_bf16"]) is None
+    assert train_util._cpu_bf16_note(["avx512f", "avx512_bf16"]) is None
+    assert train_util._cpu_bf16_note(None) is None  # flags unknown: no claim
+
+
+@pytest.mark.parametrize("flags", [["avx2", "avx512f"], ["avx2", "avx512f", "amx_bf16"]])
+def test_bf16_training_on_a_cpu_without_native_bfloat16_warns_once(tmp_path, monkeypatch, flags):
+    """amp='bf16' on a CPU whose convolutions have no bf16 instructions is
+    slower than float32: TrainLoop says so once per process (and in the
+    log); with AMX-BF16, or with amp='none', it says nothing."""
+    import warnings
+
+    from iddpm_fast import _ext, train_util
+
+    monkeypatch.setattr(_ext, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(train_util, "_bf16_warned", False)
+    logged = []
+    monkeypatch.setattr(train_util.logger, "log", lambda *args, **kw: logged.append(" ".join(map(str, args))))
+    model, diffusion = _tiny_model_and_diffusion()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _loop(tmp_path / "none", model, diffusion, amp="none", max_steps=1)
+        _loop(tmp_path / "a", model, diffusion, amp="bf16", max_steps=1)
+        _loop(tmp_path / "b", model, diffusion, amp="bf16", max_steps=1)
+    notes = [str(c.message) for c in caught if "AMX-BF16" in str(c.message)]
+    assert len(notes) == (0 if "amx_bf16" in flags else 1), notes
+    assert sum("AMX-BF16" in line for line in logged) == len(notes), logged
+
+
 def test_microbatch_gradients_are_averaged(tmp_path):
     results = []
     for micro in (-1, 8):
