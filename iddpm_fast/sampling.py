@@ -27,6 +27,7 @@ from .script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
+from .train_util import _warn_if_slow_bf16
 
 __all__ = ["sample", "nll", "load_model_and_diffusion", "SAMPLE_DEFAULTS", "NLL_DEFAULTS"]
 
@@ -214,6 +215,7 @@ def sample(**config):
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     model, diffusion, channels_last = _load_for_eval(cfg, device)
     _open_log(cfg)
+    _warn_if_slow_bf16(cfg.get("amp"), device)
     if cfg.get("amp") == "bf16":  # the casts autocast would make at every step, made once: same numbers
         fp16_util.cast_autocast_weights(model, torch.bfloat16)
     channels = int(cfg.get("in_channels") or 3)
@@ -329,6 +331,7 @@ def nll(**config):
     data = image_datasets.load_data(**source, batch_size=int(cfg["batch_size"]), deterministic=True)
     available = len(image_datasets.load_dataset(**source))
     _open_log(cfg)  # (the data's own errors came first)
+    _warn_if_slow_bf16(cfg.get("amp"), device)
     torch.manual_seed(int(cfg["seed"]) + rank)
     total, batch = int(cfg["num_samples"]), int(cfg["batch_size"])
     # Images a pass over the data gives before it starts again (each rank's

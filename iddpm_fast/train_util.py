@@ -123,6 +123,19 @@ def _cpu_bf16_note(flags):
 _bf16_warned = False
 
 
+def _warn_if_slow_bf16(amp, device):
+    """Warn once per process, and log, when amp="bf16" runs on a CPU that
+    _cpu_bf16_note names (TrainLoop, sample() and nll() call this)."""
+    global _bf16_warned
+    if amp != "bf16" or th.device(device).type != "cpu" or _bf16_warned:
+        return
+    note = _cpu_bf16_note(_ext.cpu_flags())
+    if note:
+        _bf16_warned = True
+        warnings.warn(note, RuntimeWarning, stacklevel=3)
+        logger.log(f"note: {note}")
+
+
 class TrainLoop:
     def __init__(
         self,
@@ -199,7 +212,7 @@ class TrainLoop:
         self.device = next(model.parameters()).device
         if self.device.type == "cpu":
             cpu_memory.retain_freed_memory()  # no page faults re-zeroing last step's activations
-            self._warn_slow_bf16()
+        _warn_if_slow_bf16(self.amp, self.device)
         self.sync_cuda = th.cuda.is_available()
         self._nonfinite_run = 0
         self._last_saved_step = None
@@ -556,14 +569,6 @@ class TrainLoop:
                 loss = th.nan_to_num(losses["loss"], 0.0, 0.0, 0.0).sum() * 0.0
             self.scaler.scale(loss).backward()
         return finite
-
-    def _warn_slow_bf16(self):
-        global _bf16_warned
-        note = _cpu_bf16_note(_ext.cpu_flags()) if self.amp == "bf16" and not _bf16_warned else None
-        if note:
-            _bf16_warned = True
-            warnings.warn(note, RuntimeWarning, stacklevel=3)
-            logger.log(f"note: {note}")
 
     def _autocast(self):
         if self.amp == "none":

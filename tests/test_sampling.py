@@ -1,6 +1,7 @@
 """iddpm_fast.sample / nll and their CLI commands."""
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -211,6 +212,27 @@ def test_nll_under_bf16_autocast_and_a_bad_amp(run_dir, tmp_path):
     assert bf16 != full and abs(bf16 - full) < 0.05 * full
     with pytest.raises(ValueError, match="amp"):
         iddpm_fast.nll(**kw, amp="fp8", out_dir=str(tmp_path / "bad"))
+
+
+def test_bf16_sample_and_nll_on_a_cpu_without_native_bfloat16_warn_and_log(run_dir, tmp_path, monkeypatch):
+    """As TrainLoop does: amp='bf16' on a CPU without AMX-BF16/AVX512-BF16
+    (simulated flags) warns once per process and says so in the call's log."""
+    from iddpm_fast import _ext, train_util
+
+    monkeypatch.setattr(_ext, "cpu_flags", lambda: ["avx2", "avx512f"])
+    kw = dict(model_path=os.path.join(run_dir, "model000002.pt"), num_samples=2, batch_size=2,
+              timestep_respacing="5", progress=False)
+    for call in (iddpm_fast.nll, lambda **k: iddpm_fast.sample(**k, grid=False)):
+        monkeypatch.setattr(train_util, "_bf16_warned", False)
+        out = tmp_path / str(len(os.listdir(tmp_path)))
+        with pytest.warns(RuntimeWarning, match="without AMX-BF16 or AVX512-BF16"):
+            call(**kw, amp="bf16", out_dir=str(out))
+        assert "without AMX-BF16 or AVX512-BF16" in (out / "log.txt").read_text()
+    monkeypatch.setattr(_ext, "cpu_flags", lambda: ["avx2", "avx512f", "amx_bf16"])
+    monkeypatch.setattr(train_util, "_bf16_warned", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        iddpm_fast.nll(**kw, amp="bf16", out_dir=str(tmp_path / "amx"))
 
 
 def test_a_checkpoint_that_is_not_a_state_dict_is_named(run_dir, tmp_path):
